@@ -1,0 +1,271 @@
+"""Typed, frozen run configuration with YAML files and ``--set a.b=value`` overrides.
+
+Modelled on tensorflow/models' config dataclasses: every run writes its resolved
+config (``config.yaml``) next to its outputs so that it can be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how it is split."""
+
+    format: str = "synthetic"  # synthetic | movielens | tables | tfds
+    data_dir: str | None = None  # movielens folder, or folder with interactions/users/items tables
+    schema: str | None = None  # schema YAML for `tables`
+    tfds_name: str = "movielens/100k-ratings"
+    synthetic_users: int = 2000
+    synthetic_items: int = 1000
+    synthetic_interactions: int = 60_000
+    synthetic_seed: int = 0
+    split_seed: int = 42
+    cold_item_frac: float = 0.2
+    cold_user_frac: float = 0.2
+    warm_test_frac: float = 0.1
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """Sizes of one two-tower model (both towers share them)."""
+
+    id_dim: int = 64  # 0 disables ID embeddings
+    feature_dim: int = 32  # embedding width of each categorical/text/multi-hot feature
+    hidden: tuple[int, ...] = (256,)
+    output_dim: int = 64
+    dropout: float = 0.0
+    text_max_tokens: int = 20_000
+    multi_hot_max_tokens: int = 50_000
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Teacher: IDs plus content, in-batch softmax with log-Q correction."""
+
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    temperature: float = 0.05
+    logq_correction: bool = True
+    remove_accidental_hits: bool = True
+    learning_rate: float = 0.005
+    batch_size: int = 1024
+    epochs: int = 40
+    patience: int = 4
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Student: content-only towers distilled from the teacher."""
+
+    tower: TowerConfig = field(
+        default_factory=lambda: TowerConfig(id_dim=0, feature_dim=16, hidden=(64,), output_dim=32)
+    )
+    temperature: float = 0.05
+    logq_correction: bool = True
+    remove_accidental_hits: bool = True
+    distill_lambda: float = 1.0  # weight of the KL term; 0 = no distillation (the ablation)
+    distill_temperature: float = 2.0  # T in the KL term
+    align_weight: float = 0.0  # optional embedding-alignment term
+    distill_sides: str = "auto"  # auto | both | user | item: which sides get a content-only tower
+    learning_rate: float = 0.005
+    batch_size: int = 1024
+    epochs: int = 40
+    patience: int = 4
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: tuple[int, ...] = (10, 20, 50)
+    headline_k: int = 20
+    batch_size: int = 4096
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    base_dir: str = "export"
+    index: str = "scann"  # scann | brute-force
+    k: int = 100
+    student_name: str = "student"
+    teacher_name: str = "teacher"
+    item_encoder_name: str = "student_items"
+    ann_recall_gate: float = 0.95
+    scann_num_leaves: int | None = None  # None: about sqrt(n_items)
+    scann_leaves_to_search: int | None = None
+    scann_reorder: int | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one `tfrs-coldstart run` needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    seed: int = 0
+    output_dir: str = "runs/latest"
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data form of a config (tuples become lists so YAML stays readable)."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into the field's declared type, or say why not."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>" or (
+        origin is not None and type(None) in args and origin is not tuple
+    ):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config key '{key}' expects {getattr(tp, '__name__', tp)}, got {value!r}"
+        ) from None
+    return value
+
+
+def _build(cls: Any, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key '{where}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, v in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(v, hints[name], key)
+    base = cls()
+    return dataclasses.replace(base, **kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"teacher.tower.id_dim=32"`` -> nested dict ``{"teacher": {"tower": {"id_dim": 32}}}``."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: RunConfig | None = None,
+) -> RunConfig:
+    """Defaults (or ``base``), then a YAML file, then ``key=value`` overrides, in that order."""
+    values: dict[str, Any] = to_dict(base or RunConfig())
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        values = _merge(values, loaded)
+    for o in overrides:
+        values = _merge(values, parse_override(o))
+    return _build(RunConfig, values)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file so that readers never see it half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_from_yaml_dict(cls: Any, values: dict[str, Any]) -> Any:
+    """Rebuild a saved config (e.g. a run's ``config.yaml``)."""
+    return _build(cls, values)

@@ -1,0 +1,255 @@
+"""Cold-start metrics (DESIGN.md protocol), the popularity baseline, and reports.
+
+Ranking sets: warm ranks all warm items minus the user's training items;
+cold-item and cold-both rank the cold items; cold-user ranks the warm items.
+Recall@K = hits / |relevant|; NDCG@K with binary gains; averaged over users
+with at least one relevant item.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tfrs_coldstart.config import atomic_write_text
+from tfrs_coldstart.data.split import ColdStartSplit
+
+SEGMENTS = ("warm", "cold_item", "cold_user", "cold_both")
+SEGMENT_TITLES = {"warm": "warm", "cold_item": "cold-item", "cold_user": "cold-user",
+                  "cold_both": "cold-both"}
+
+# score_fn(user_rows [n_u], item_rows [n_c]) -> scores float [n_u, n_c]; rows index the
+# dataset's users / items tables.
+ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class SegmentTask:
+    """What one segment ranks: its users, candidate items, relevant and excluded items."""
+
+    name: str
+    user_rows: np.ndarray  # [n_users] rows of the users table
+    candidate_rows: np.ndarray  # [n_candidates] rows of the items table
+    relevant: list[np.ndarray]  # per user: positions in candidate_rows
+    excluded: list[np.ndarray]  # per user: positions in candidate_rows never ranked
+
+
+def segment_tasks(split: ColdStartSplit, users: pd.DataFrame,
+                  items: pd.DataFrame) -> dict[str, SegmentTask]:
+    """The four ranking tasks of the protocol for one split."""
+    u_index = pd.Index(users["user_id"].astype(str))
+    i_index = pd.Index(items["item_id"].astype(str))
+    warm_items = np.sort(i_index.get_indexer(list(split.warm_items)))
+    cold_items = np.sort(i_index.get_indexer(list(split.cold_items)))
+    train_by_user = split.train.groupby("user_id")["item_id"].apply(list).to_dict()
+    tasks = {}
+    for name, frame in split.segments().items():
+        cand = cold_items if name in ("cold_item", "cold_both") else warm_items
+        pos = pd.Series(np.arange(len(cand)), index=i_index[cand])
+        grouped = frame.groupby("user_id", sort=True)["item_id"].apply(list)
+        user_rows, relevant, excluded = [], [], []
+        for uid, its in grouped.items():
+            rel = np.unique(pos.reindex(its).dropna().to_numpy(dtype=np.int64))
+            if not len(rel):
+                continue
+            user_rows.append(u_index.get_loc(uid))
+            relevant.append(rel)
+            if name == "warm":
+                ex = pos.reindex(train_by_user.get(uid, [])).dropna().to_numpy(dtype=np.int64)
+                excluded.append(np.setdiff1d(ex, rel))
+            else:
+                excluded.append(np.zeros(0, np.int64))
+        tasks[name] = SegmentTask(name, np.asarray(user_rows, np.int64), cand, relevant, excluded)
+    return tasks
+
+
+def rank_metrics(task: SegmentTask, score_fn: ScoreFn, ks: Sequence[int]) -> dict[str, float]:
+    """Recall@K and NDCG@K for one segment, averaged over its users."""
+    n_users, n_cand = len(task.user_rows), len(task.candidate_rows)
+    out: dict[str, float] = {}
+    if n_users == 0 or n_cand == 0:
+        for k in ks:
+            out[f"recall@{k}"] = 0.0
+            out[f"ndcg@{k}"] = 0.0
+        out["users"] = n_users
+        return out
+    kmax = min(max(ks), n_cand)
+    recall = {k: 0.0 for k in ks}
+    ndcg = {k: 0.0 for k in ks}
+    discounts = 1.0 / np.log2(np.arange(2, kmax + 2))
+    chunk = max(1, min(1024, (1 << 25) // max(n_cand, 1)))
+    for start in range(0, n_users, chunk):
+        rows = task.user_rows[start:start + chunk]
+        scores = np.asarray(score_fn(rows, task.candidate_rows), dtype=np.float32).copy()
+        for j in range(len(rows)):
+            ex = task.excluded[start + j]
+            if len(ex):
+                scores[j, ex] = -np.inf
+        if kmax < n_cand:
+            top = np.argpartition(-scores, kmax - 1, axis=1)[:, :kmax]
+        else:
+            top = np.tile(np.arange(n_cand), (len(rows), 1))
+        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        for j in range(len(rows)):
+            rel = task.relevant[start + j]
+            hit = np.isin(top[j], rel)
+            for k in ks:
+                kk = min(k, kmax)
+                recall[k] += hit[:kk].sum() / len(rel)
+                ideal = discounts[: min(len(rel), kk)].sum()
+                ndcg[k] += (hit[:kk] * discounts[:kk]).sum() / ideal
+    for k in ks:
+        out[f"recall@{k}"] = float(recall[k] / n_users)
+        out[f"ndcg@{k}"] = float(ndcg[k] / n_users)
+    out["users"] = n_users
+    return out
+
+
+def embedding_score_fn(user_emb: np.ndarray, item_emb: np.ndarray) -> ScoreFn:
+    """Dot-product scores from precomputed embeddings (rows aligned with the tables)."""
+    return lambda u, i: user_emb[u] @ item_emb[i].T
+
+
+def popularity_score_fn(train: pd.DataFrame, items: pd.DataFrame, seed: int = 0) -> ScoreFn:
+    """Training-count scores; ties (all cold items) are broken by a fixed random order."""
+    counts = items["item_id"].astype(str).map(train["item_id"].value_counts()).fillna(0)
+    tie = np.random.default_rng(seed).random(len(items)) * 1e-3
+    pop = counts.to_numpy(dtype=np.float64) + tie
+    return lambda u, i: np.broadcast_to(pop[i], (len(u), len(i)))
+
+
+def evaluate_scores(tasks: dict[str, SegmentTask], score_fns: dict[str, ScoreFn | None],
+                    ks: Sequence[int], fallback: ScoreFn | None = None) -> dict[str, dict]:
+    """Metrics for each segment; a segment whose score_fn is None uses ``fallback`` and is marked."""
+    out = {}
+    for name, task in tasks.items():
+        fn = score_fns.get(name)
+        if fn is None:
+            if fallback is None:
+                continue
+            out[name] = {**rank_metrics(task, fallback, ks), "fallback": "popularity"}
+        else:
+            out[name] = rank_metrics(task, fn, ks)
+    return out
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, headline_k: int = 20) -> dict:
+    """Write ``report.json``, ``report.md`` and ``report.png`` atomically; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md",
+             "png": out_dir / "report.png"}
+    atomic_write_text(paths["json"], json.dumps(report, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(paths["md"], report_markdown(report, headline_k))
+    plot_report(report, paths["png"], headline_k)
+    return paths
+
+
+def _fmt(seg: dict[str, Any], key: str) -> str:
+    v = seg.get(key)
+    if v is None:
+        return "n/a"
+    s = f"{v:.3f}"
+    if "std" in seg and key in seg["std"]:
+        s += f" ± {seg['std'][key]:.3f}"
+    if seg.get("fallback"):
+        s += "†"
+    return s
+
+
+def metrics_table(report: dict[str, Any], headline_k: int = 20) -> str:
+    """Markdown table: one row per model, Recall@K and NDCG@K per segment."""
+    models = report["models"]
+    head = ["model"] + [f"{SEGMENT_TITLES[s]} R@{headline_k}" for s in SEGMENTS] + [
+        f"{SEGMENT_TITLES[s]} N@{headline_k}" for s in SEGMENTS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, segs in models.items():
+        cells = [name]
+        for metric in ("recall", "ndcg"):
+            for s in SEGMENTS:
+                seg = segs.get(s, {})
+                cells.append(_fmt(seg, f"{metric}@{headline_k}") if seg else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(report: dict[str, Any], headline_k: int = 20) -> str:
+    proto = report.get("protocol", {})
+    users = {s: next((m[s]["users"] for m in report["models"].values() if s in m), 0)
+             for s in SEGMENTS}
+    lines = [f"# Cold-start report: {report.get('dataset', '?')}", "",
+             f"Protocol: {json.dumps(proto)}", "",
+             "Users per segment: " + ", ".join(f"{SEGMENT_TITLES[s]} {users[s]}" for s in SEGMENTS),
+             "", f"## Recall@{headline_k} and NDCG@{headline_k}", "",
+             metrics_table(report, headline_k)]
+    if any(seg.get("fallback") for m in report["models"].values() for seg in m.values()
+           if isinstance(seg, dict)):
+        lines.append("† this side has no content features: unseen entities fall back to "
+                     "popularity.\n")
+    ks = sorted({int(k.split("@")[1]) for m in report["models"].values() for seg in m.values()
+                 if isinstance(seg, dict) for k in seg if k.startswith("recall@")})
+    lines += ["## All cut-offs", "", "| model | segment | " + " | ".join(
+        f"R@{k} | N@{k}" for k in ks) + " | users |", "|" + "---|" * (3 + 2 * len(ks))]
+    for name, segs in report["models"].items():
+        for s in SEGMENTS:
+            if s in segs:
+                seg = segs[s]
+                vals = " | ".join(f"{seg[f'recall@{k}']:.3f} | {seg[f'ndcg@{k}']:.3f}" for k in ks)
+                lines.append(f"| {name} | {SEGMENT_TITLES[s]} | {vals} | {seg['users']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict[str, Any], path: str | Path, headline_k: int = 20) -> None:
+    """Grouped bar chart of Recall@K per segment and model, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(report["models"])
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for j, name in enumerate(models):
+        vals = [report["models"][name].get(s, {}).get(f"recall@{headline_k}", math.nan)
+                for s in SEGMENTS]
+        errs = [report["models"][name].get(s, {}).get("std", {}).get(f"recall@{headline_k}", 0.0)
+                for s in SEGMENTS]
+        ax.bar(np.arange(len(SEGMENTS)) + j * width, vals, width, yerr=errs, label=name)
+    ax.set_xticks(np.arange(len(SEGMENTS)) + width * (len(models) - 1) / 2)
+    ax.set_xticklabels([SEGMENT_TITLES[s] for s in SEGMENTS])
+    ax.set_ylabel(f"Recall@{headline_k}")
+    ax.set_title(f"{report.get('dataset', '')}: Recall@{headline_k} by segment")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def aggregate(reports: list[dict[str, dict]]) -> dict[str, dict]:
+    """Mean and standard deviation over seeds of ``{model: {segment: metrics}}``."""
+    out: dict[str, dict] = {}
+    for model in reports[0]:
+        out[model] = {}
+        for seg in reports[0][model]:
+            keys = [k for k, v in reports[0][model][seg].items()
+                    if isinstance(v, float) and "@" in k]
+            vals = {k: [r[model][seg][k] for r in reports] for k in keys}
+            entry: dict[str, Any] = {k: float(np.mean(v)) for k, v in vals.items()}
+            entry["std"] = {k: float(np.std(v)) for k, v in vals.items()}
+            entry["users"] = reports[0][model][seg]["users"]
+            entry["seeds"] = len(reports)
+            if reports[0][model][seg].get("fallback"):
+                entry["fallback"] = reports[0][model][seg]["fallback"]
+            out[model][seg] = entry
+    return out

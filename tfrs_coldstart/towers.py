@@ -1,0 +1,47 @@
+"""One tower: raw features -> MLP -> L2-normalised embedding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tfrs_coldstart.config import TowerConfig
+from tfrs_coldstart.features import FeatureEncoder
+
+
+class Tower(tf.keras.Model):
+    """``dict[name -> tensor [batch, ...]]`` -> ``float32 [batch, cfg.output_dim]``, unit L2 norm.
+
+    ``state`` comes from :func:`tfrs_coldstart.features.build_state`; whether the
+    tower uses IDs is decided there (an ``__id__`` entry), so a content-only tower
+    has no ID lookup at all.
+    """
+
+    def __init__(self, state: dict[str, Any], cfg: TowerConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cfg = cfg
+        self.encoder = FeatureEncoder(state, cfg)
+        layers: list[tf.keras.layers.Layer] = []
+        for width in cfg.hidden:
+            layers.append(tf.keras.layers.Dense(width, activation="relu"))
+            if cfg.dropout:
+                layers.append(tf.keras.layers.Dropout(cfg.dropout))
+        layers.append(tf.keras.layers.Dense(cfg.output_dim))
+        self.mlp = tf.keras.Sequential(layers)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Raw input keys this tower reads (its serving signature's inputs)."""
+        return self.encoder.feature_names
+
+    @property
+    def uses_ids(self) -> bool:
+        return any(st["type"] == "id" for st in self.encoder.state.values())
+
+    def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        return tf.math.l2_normalize(self.mlp(self.encoder(inputs), training=training), axis=1)
+
+    def param_count(self) -> int:
+        return int(sum(np.prod(v.shape) for v in self.trainable_variables))

@@ -1,0 +1,300 @@
+"""Fit the teacher, distil the student: callbacks, checkpoints, TensorBoard, resume.
+
+Run folder layout (``RUN_DIR``)::
+
+    config.yaml  schema.yaml  split.json
+    teacher/ preprocessing.json  weights/  checkpoints/  backup/  history.json
+    student/ ...same...
+    logs/<model>/            TensorBoard
+    report.json report.md report.png
+
+Validation never touches the test segments: the protocol is applied again to the
+training interactions (:func:`validation_split`) to get held-out warm
+interactions and pseudo-cold users and items.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from tfrs_coldstart.config import (
+    RunConfig,
+    StudentConfig,
+    TeacherConfig,
+    atomic_write_text,
+    config_from_yaml_dict,
+    save_config,
+)
+from tfrs_coldstart.data import (
+    ColdStartSplit,
+    Dataset,
+    Schema,
+    check_no_leakage,
+    cold_start_split,
+    load_dataset,
+    validation_split,
+)
+from tfrs_coldstart.data.pipeline import interaction_dataset, item_probabilities
+from tfrs_coldstart.evaluate import (
+    SegmentTask,
+    embedding_score_fn,
+    evaluate_scores,
+    popularity_score_fn,
+    rank_metrics,
+    segment_tasks,
+)
+from tfrs_coldstart.features import dummy_inputs
+from tfrs_coldstart.models import (
+    SIDES,
+    StudentModel,
+    TeacherModel,
+    TwoTowerModel,
+    build_student,
+    build_teacher,
+    student_sides,
+    student_states,
+    teacher_states,
+)
+
+
+class RunError(ValueError):
+    """A run folder is missing or does not hold what is asked for."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A dataset with its test split, validation split and ranking tasks."""
+
+    dataset: Dataset
+    split: ColdStartSplit
+    val: ColdStartSplit
+    tasks: dict[str, SegmentTask]
+    val_tasks: dict[str, SegmentTask]
+
+
+def load_data(cfg: RunConfig) -> Dataset:
+    d = cfg.data
+    if d.format == "synthetic":
+        return load_dataset("synthetic", n_users=d.synthetic_users, n_items=d.synthetic_items,
+                            n_interactions=d.synthetic_interactions, seed=d.synthetic_seed)
+    if d.format == "tfds":
+        return load_dataset("tfds", name=d.tfds_name, data_dir=d.data_dir)
+    return load_dataset(d.format, data_dir=d.data_dir, schema_path=d.schema)
+
+
+def prepare(dataset: Dataset, cfg: RunConfig) -> Prepared:
+    """Cold-start split (with the leakage guard) and the validation split carved from training."""
+    d = cfg.data
+    split = cold_start_split(dataset.interactions, dataset.users["user_id"],
+                             dataset.items["item_id"], seed=d.split_seed,
+                             cold_item_frac=d.cold_item_frac, cold_user_frac=d.cold_user_frac,
+                             warm_test_frac=d.warm_test_frac)
+    check_no_leakage(split)
+    val = validation_split(split)
+    return Prepared(dataset, split, val,
+                    segment_tasks(split, dataset.users, dataset.items),
+                    segment_tasks(val, dataset.users, dataset.items))
+
+
+def _entities(table: pd.DataFrame, side: str, interactions: pd.DataFrame) -> pd.DataFrame:
+    """Rows of an entity table that occur in ``interactions`` (what preprocessing may see)."""
+    key = f"{side}_id"
+    return table[table[key].astype(str).isin(set(interactions[key].astype(str)))]
+
+
+class ValidationRecall(tf.keras.callbacks.Callback):
+    """Adds ``val_recall@K`` (mean over the given validation segments) to the epoch logs."""
+
+    def __init__(self, tasks: dict[str, SegmentTask], segments: tuple[str, ...],
+                 prep: Prepared, k: int = 20) -> None:
+        super().__init__()
+        self.tasks = {s: tasks[s] for s in segments if len(tasks[s].user_rows)}
+        self.prep = prep
+        self.k = k
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        model: TwoTowerModel = self.model  # type: ignore[assignment]
+        schema = self.prep.dataset.schema
+        fn = embedding_score_fn(model.embed("user", self.prep.dataset.users, schema),
+                                model.embed("item", self.prep.dataset.items, schema))
+        vals = {s: rank_metrics(t, fn, (self.k,))[f"recall@{self.k}"]
+                for s, t in self.tasks.items()}
+        if logs is not None:
+            logs[f"val_recall@{self.k}"] = float(np.mean(list(vals.values()))) if vals else 0.0
+            for s, v in vals.items():
+                logs[f"val_{s}_recall@{self.k}"] = v
+
+
+def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float,
+         batch_size: int, epochs: int, patience: int, val_segments: tuple[str, ...],
+         out: Path, log_dir: Path, seed: int, verbose: int | str = "auto") -> dict[str, Any]:
+    """Keras fit with validation recall, early stopping, checkpoints, TensorBoard and resume."""
+    ds = prep.dataset
+    prob = item_probabilities(train_df, ds.items["item_id"].astype(str))
+    data = interaction_dataset(train_df, ds.users, ds.items, ds.schema.user_features,
+                               ds.schema.item_features, batch_size, shuffle=True, seed=seed,
+                               item_prob=prob)
+    for side in SIDES:  # create the variables now: BackupAndRestore needs a built model
+        tower = model.tower(side)
+        tower(dummy_inputs(tower.encoder.state))
+    model.built = True
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=lr))
+    callbacks: list[tf.keras.callbacks.Callback] = [
+        ValidationRecall(prep.val_tasks, val_segments, prep),
+        tf.keras.callbacks.EarlyStopping(monitor="val_recall@20", mode="max", patience=patience,
+                                         restore_best_weights=True),
+        tf.keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "epoch-{epoch:03d}"),
+                                           save_weights_only=True),
+        tf.keras.callbacks.BackupAndRestore(str(out / "backup")),
+        tf.keras.callbacks.TensorBoard(str(log_dir), update_freq="epoch"),
+    ]
+    start = time.time()
+    hist = model.fit(data, epochs=epochs, callbacks=callbacks, verbose=verbose)
+    h = {k: [float(x) for x in v] for k, v in hist.history.items()}
+    best = int(np.argmax(h["val_recall@20"])) if h.get("val_recall@20") else len(h["loss"]) - 1
+    return {"history": h, "best_epoch": best + 1, "epochs_run": len(h["loss"]),
+            "seconds": time.time() - start}
+
+
+def _save(model: TwoTowerModel, states: dict[str, Any], out: Path, info: dict[str, Any]) -> None:
+    weights = out / "weights"
+    tmp = out / ".weights.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_weights(str(tmp / "model"))
+    shutil.rmtree(weights, ignore_errors=True)
+    tmp.rename(weights)
+    atomic_write_text(out / "preprocessing.json", json.dumps(states))
+    atomic_write_text(out / "history.json", json.dumps(info, indent=1))
+
+
+def fit_teacher(prep: Prepared, cfg: TeacherConfig, run_dir: Path, seed: int = 0,
+                verbose: int | str = "auto") -> TeacherModel:
+    """Teacher on training minus held-out warm validation; early stopping on validation warm recall."""
+    tf.keras.utils.set_random_seed(seed)
+    v = prep.val
+    train_df = pd.concat([v.train, v.cold_item, v.cold_user, v.cold_both])
+    ds = prep.dataset
+    states = teacher_states(ds.schema, _entities(ds.users, "user", train_df),
+                            _entities(ds.items, "item", train_df), cfg.tower)
+    model = build_teacher(states, cfg)
+    out = run_dir / "teacher"
+    info = _fit(model, train_df, prep, cfg.learning_rate, cfg.batch_size, cfg.epochs,
+                cfg.patience, ("warm",), out, run_dir / "logs" / "teacher", seed, verbose)
+    _save(model, states, out, info)
+    return model
+
+
+def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig, run_dir: Path,
+                seed: int = 0, verbose: int | str = "auto", name: str = "student") -> StudentModel:
+    """Content-only student distilled from ``teacher``; early stopping on pseudo-cold validation.
+
+    Trains on the validation split's training part, so the pseudo-cold users and items
+    of the validation split are truly unseen when choosing the epoch.
+    """
+    tf.keras.utils.set_random_seed(seed + 1000)
+    ds = prep.dataset
+    sides = student_sides(ds.schema, cfg.distill_sides)
+    train_df = prep.val.train
+    states = student_states(ds.schema, _entities(ds.users, "user", train_df),
+                            _entities(ds.items, "item", train_df), cfg.tower, sides)
+    model = build_student(states, cfg, teacher)
+    val_segments = tuple(s for s in ("cold_item", "cold_user", "cold_both")
+                         if _servable(s, sides)) or ("warm",)
+    out = run_dir / name
+    info = _fit(model, train_df, prep, cfg.learning_rate, cfg.batch_size, cfg.epochs,
+                cfg.patience, val_segments, out, run_dir / "logs" / name, seed, verbose)
+    info["sides"] = list(sides)
+    _save(model, states, out, info)
+    return model
+
+
+def _servable(segment: str, sides: tuple[str, ...]) -> bool:
+    """Whether a content-only student can embed the unseen entities of a segment."""
+    need = {"warm": (), "cold_item": ("item",), "cold_user": ("user",),
+            "cold_both": ("user", "item")}[segment]
+    return all(s in sides for s in need)
+
+
+def evaluate_model(prep: Prepared, model: TwoTowerModel, ks: tuple[int, ...],
+                   sides: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Test-segment metrics; segments a one-sided student cannot serve use popularity (marked)."""
+    ds = prep.dataset
+    fn = embedding_score_fn(model.embed("user", ds.users, ds.schema),
+                            model.embed("item", ds.items, ds.schema))
+    fns = {s: (fn if sides is None or _servable(s, sides) else None) for s in prep.tasks}
+    return evaluate_scores(prep.tasks, fns, ks, popularity_score_fn(prep.split.train, ds.items))
+
+
+def evaluate_popularity(prep: Prepared, ks: tuple[int, ...]) -> dict[str, dict]:
+    fn = popularity_score_fn(prep.split.train, prep.dataset.items)
+    return evaluate_scores(prep.tasks, dict.fromkeys(prep.tasks, fn), ks)
+
+
+def protocol(cfg: RunConfig, prep: Prepared) -> dict[str, Any]:
+    d = cfg.data
+    return {"split_seed": d.split_seed, "cold_item_frac": d.cold_item_frac,
+            "cold_user_frac": d.cold_user_frac, "warm_test_frac": d.warm_test_frac,
+            "ks": list(cfg.eval.ks), "segments": prep.split.summary()}
+
+
+def save_run_metadata(cfg: RunConfig, prep: Prepared, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    prep.dataset.schema.to_yaml(run_dir / "schema.yaml")
+    atomic_write_text(run_dir / "split.json", json.dumps(
+        {"seed": prep.split.seed, "cold_users": list(prep.split.cold_users),
+         "cold_items": list(prep.split.cold_items)}))
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a run folder (no config.yaml); "
+                       "create one with `tfrs-coldstart train` or `tfrs-coldstart run`")
+    return config_from_yaml_dict(RunConfig, yaml.safe_load(path.read_text()))
+
+
+def load_model(run_dir: str | Path, which: str = "student") -> TwoTowerModel:
+    """Rebuild a trained teacher or student from its run folder, weights restored.
+
+    The result is a compiled-ready Keras model: ``compile`` and ``fit`` continue training.
+    """
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if which not in ("teacher", "student") and not (run_dir / which).is_dir():
+        raise RunError(f"unknown model {which!r}: use teacher or student")
+    out = run_dir / which
+    if not (out / "preprocessing.json").is_file() or not (out / "weights").is_dir():
+        raise RunError(f"{out} holds no trained {which}; train it first "
+                       f"(`tfrs-coldstart {'train' if which == 'teacher' else 'distill'}`)")
+    states = json.loads((out / "preprocessing.json").read_text())
+    if which == "teacher":
+        model: TwoTowerModel = build_teacher(states, cfg.teacher)
+    else:
+        teacher = load_model(run_dir, "teacher") if (run_dir / "teacher").is_dir() else None
+        model = build_student(states, cfg.student, teacher)
+    for side in SIDES:
+        tower = model.tower(side)
+        tower(dummy_inputs(tower.encoder.state))
+    model.load_weights(str(out / "weights" / "model")).expect_partial()
+    return model
+
+
+def load_schema(run_dir: str | Path) -> Schema:
+    return Schema.from_yaml(Path(run_dir) / "schema.yaml")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
