@@ -1,4 +1,4 @@
-"""``tfrs-coldstart`` command line: run | train | distill | evaluate | export | serve | recommend | ...
+"""``tfrs-coldstart`` command line: run | train | distill | evaluate | export | serve | ...
 
 Every failure the user can fix prints one line, ``error: ...``, and exits 2.
 """
@@ -22,7 +22,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["synthetic", "movielens", "tables", "tfds"],
                    help="data format (default: synthetic, the embedded default)")
     p.add_argument("--schema", help="schema YAML for --format tables")
-    p.add_argument("--output", "-o", help="run folder (default: runs/<format>; rerunning an interrupted run resumes it)")
+    p.add_argument("--output", "-o",
+                   help="run folder (default: runs/<format>; rerun an interrupted run to resume)")
     p.add_argument("--quiet", action="store_true", help="no Keras progress bars")
 
 

@@ -81,6 +81,7 @@ class StudentConfig:
     distill_temperature: float = 2.0  # T in the KL term
     align_weight: float = 0.0  # optional embedding-alignment term
     distill_sides: str = "auto"  # auto | both | user | item: which sides get a content-only tower
+    refit: bool = True  # after choosing the epoch count on pseudo-cold validation, refit on all
     learning_rate: float = 0.005
     batch_size: int = 1024
     epochs: int = 40
@@ -145,9 +146,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>" or (
         origin is not None and type(None) in args and origin is not tuple
     ):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
     if origin is tuple:

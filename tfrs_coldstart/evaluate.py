@@ -128,7 +128,7 @@ def popularity_score_fn(train: pd.DataFrame, items: pd.DataFrame, seed: int = 0)
 
 def evaluate_scores(tasks: dict[str, SegmentTask], score_fns: dict[str, ScoreFn | None],
                     ks: Sequence[int], fallback: ScoreFn | None = None) -> dict[str, dict]:
-    """Metrics for each segment; a segment whose score_fn is None uses ``fallback`` and is marked."""
+    """Metrics per segment; one whose score_fn is None uses ``fallback`` and is marked so."""
     out = {}
     for name, task in tasks.items():
         fn = score_fns.get(name)

@@ -174,7 +174,8 @@ class FeatureEncoder(tf.keras.layers.Layer):
             elif kind == "dense_vector":
                 outs.append(part["proj"](tf.cast(inputs[name], tf.float32)))
         if not outs:
-            raise ValueError("a tower needs at least one input: this side has no features and no IDs")
+            raise ValueError("a tower needs at least one input: this side has no features "
+                             "and no IDs")
         return tf.concat(outs, axis=1)
 
 

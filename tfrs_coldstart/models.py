@@ -48,7 +48,7 @@ def in_batch_logits(query: tf.Tensor, candidates: tf.Tensor, temperature: float,
 
 def distillation_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor,
                       temperature: float) -> tf.Tensor:
-    """Mean over rows of ``KL(softmax(t / T) || softmax(s / T))``; inputs ``[batch, n]``, output scalar.
+    """Mean over rows of ``KL(softmax(t / T) || softmax(s / T))``: ``[batch, n]`` -> scalar.
 
     Multiply by ``T**2`` (as the caller does) to keep gradient scale independent of T.
     """
@@ -169,7 +169,8 @@ def student_sides(schema: Schema, override: str = "auto") -> tuple[str, ...]:
     elif override in SIDES:
         sides = (override,)
     else:
-        raise ValueError(f"student.distill_sides must be auto, both, user or item, not {override!r}")
+        raise ValueError(
+            f"student.distill_sides must be auto, both, user or item, not {override!r}")
     for s in sides:
         if not schema.side(s):
             raise ValueError(
@@ -199,9 +200,14 @@ def build_student(states: dict[str, dict[str, Any]], cfg: StudentConfig,
                   teacher: TeacherModel | None) -> StudentModel:
     """Content-only towers for the sides in ``states``; the teacher's ID tower for the others."""
     towers = {}
+    tower_cfg = cfg.tower
+    if teacher is not None and len(states) < len(SIDES):
+        # The ID side is the teacher's: the content side must embed into the same space size.
+        other = next(s for s in SIDES if s not in states)
+        tower_cfg = dataclasses.replace(cfg.tower, output_dim=teacher.tower(other).cfg.output_dim)
     for side in SIDES:
         if side in states:
-            towers[side] = Tower(states[side], cfg.tower, name=f"{side}_tower")
+            towers[side] = Tower(states[side], tower_cfg, name=f"{side}_tower")
         elif teacher is not None:
             towers[side] = teacher.tower(side)
         else:

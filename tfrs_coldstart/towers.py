@@ -44,4 +44,4 @@ class Tower(tf.keras.Model):
         return tf.math.l2_normalize(self.mlp(self.encoder(inputs), training=training), axis=1)
 
     def param_count(self) -> int:
-        return int(sum(np.prod(v.shape) for v in self.trainable_variables))
+        return int(sum(np.prod(v.shape) for v in self.weights))  # frozen ones count too

@@ -149,10 +149,13 @@ def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float
         tower(dummy_inputs(tower.encoder.state))
     model.built = True
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=lr))
-    callbacks: list[tf.keras.callbacks.Callback] = [
-        ValidationRecall(prep.val_tasks, val_segments, prep),
-        tf.keras.callbacks.EarlyStopping(monitor="val_recall@20", mode="max", patience=patience,
-                                         restore_best_weights=True),
+    callbacks: list[tf.keras.callbacks.Callback] = []
+    if val_segments:  # no segments: a refit for a fixed number of epochs
+        callbacks += [
+            ValidationRecall(prep.val_tasks, val_segments, prep),
+            tf.keras.callbacks.EarlyStopping(monitor="val_recall@20", mode="max",
+                                             patience=patience, restore_best_weights=True)]
+    callbacks += [
         tf.keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "epoch-{epoch:03d}"),
                                            save_weights_only=True),
         tf.keras.callbacks.BackupAndRestore(str(out / "backup")),
@@ -179,7 +182,7 @@ def _save(model: TwoTowerModel, states: dict[str, Any], out: Path, info: dict[st
 
 def fit_teacher(prep: Prepared, cfg: TeacherConfig, run_dir: Path, seed: int = 0,
                 verbose: int | str = "auto") -> TeacherModel:
-    """Teacher on training minus held-out warm validation; early stopping on validation warm recall."""
+    """Teacher on training minus held-out warm validation; early stopping on its recall."""
     tf.keras.utils.set_random_seed(seed)
     v = prep.val
     train_df = pd.concat([v.train, v.cold_item, v.cold_user, v.cold_both])
@@ -214,6 +217,18 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
     info = _fit(model, train_df, prep, cfg.learning_rate, cfg.batch_size, cfg.epochs,
                 cfg.patience, val_segments, out, run_dir / "logs" / name, seed, verbose)
     info["sides"] = list(sides)
+    if cfg.refit:
+        # The epoch count is chosen; now use the pseudo-cold entities' data too (as the teacher).
+        v = prep.val
+        full = pd.concat([v.train, v.cold_item, v.cold_user, v.cold_both])
+        tf.keras.utils.set_random_seed(seed + 2000)
+        states = student_states(ds.schema, _entities(ds.users, "user", full),
+                                _entities(ds.items, "item", full), cfg.tower, sides)
+        model = build_student(states, cfg, teacher)
+        shutil.rmtree(out / "backup", ignore_errors=True)
+        info["refit"] = _fit(model, full, prep, cfg.learning_rate, cfg.batch_size,
+                             info["best_epoch"], 0, (), out / "refit",
+                             run_dir / "logs" / f"{name}-refit", seed, verbose)
     _save(model, states, out, info)
     return model
 
