@@ -152,11 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a run's models; writes report.json/md/png")
     e.add_argument("run_dir")
     e.add_argument("--output", "-o", help="report folder (default: the run folder)")
+    for name, (_, _, text) in DELEGATED.items():
+        sub.add_parser(name, help=f"{text} (see `tfrs-coldstart {name} --help`)", add_help=False)
     return p
+
+
+# Commands whose module owns its argument parser: (module, function, help).
+DELEGATED = {
+    "export": ("tfrs_coldstart.export", "export_main",
+               "export a run as TF Serving SavedModels (recommend + item encoder)"),
+    "serve": ("tfrs_coldstart.devserver", "main",
+              "local server with TF Serving's REST and gRPC APIs (production: TF Serving)"),
+    "recommend": ("tfrs_coldstart.client", "recommend_main",
+                  "ask a TF Serving (or `serve`) server for one user's recommendations"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module, func, _ = DELEGATED[argv[0]]
+        try:
+            return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+        except (ValueError, FileNotFoundError, PermissionError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"run": cmd_run, "train": lambda a: cmd_run(a, student=False),
