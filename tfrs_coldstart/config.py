@@ -82,6 +82,7 @@ class StudentConfig:
     align_weight: float = 0.0  # optional embedding-alignment term
     distill_sides: str = "auto"  # auto | both | user | item: which sides get a content-only tower
     refit: bool = True  # after choosing the epoch count on pseudo-cold validation, refit on all
+    popularity_prior: float | None = None  # weight of log(1+count) in ranking; None: tune on val
     learning_rate: float = 0.005
     batch_size: int = 1024
     epochs: int = 40

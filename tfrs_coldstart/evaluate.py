@@ -113,9 +113,12 @@ def rank_metrics(task: SegmentTask, score_fn: ScoreFn, ks: Sequence[int]) -> dic
     return out
 
 
-def embedding_score_fn(user_emb: np.ndarray, item_emb: np.ndarray) -> ScoreFn:
-    """Dot-product scores from precomputed embeddings (rows aligned with the tables)."""
-    return lambda u, i: user_emb[u] @ item_emb[i].T
+def embedding_score_fn(user_emb: np.ndarray, item_emb: np.ndarray,
+                       item_bias: np.ndarray | None = None) -> ScoreFn:
+    """Dot-product scores plus an optional per-item bias; rows aligned with the tables."""
+    if item_bias is None or not np.any(item_bias):
+        return lambda u, i: user_emb[u] @ item_emb[i].T
+    return lambda u, i: user_emb[u] @ item_emb[i].T + item_bias[i][None, :]
 
 
 def popularity_score_fn(train: pd.DataFrame, items: pd.DataFrame, seed: int = 0) -> ScoreFn:

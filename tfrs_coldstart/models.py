@@ -72,6 +72,9 @@ class TwoTowerModel(tfrs.Model):
         self.remove_hits = remove_accidental_hits
         self.task = tfrs.tasks.Retrieval(temperature=temperature,
                                          remove_accidental_hits=remove_accidental_hits)
+        # Ranking adds ``popularity_prior * log(1 + training count)`` to ``u.i / temperature``;
+        # chosen on validation (students) since content alone under-predicts popularity.
+        self.popularity_prior = 0.0
 
     def tower(self, side: str) -> Tower:
         return self.user_tower if side == "user" else self.item_tower

@@ -44,8 +44,10 @@ from tfrs_coldstart.data import (
     load_dataset,
     validation_split,
 )
-from tfrs_coldstart.data.pipeline import interaction_dataset, item_probabilities
+from tfrs_coldstart.data.pipeline import interaction_dataset, item_log_counts, item_probabilities
 from tfrs_coldstart.evaluate import (
+    SEGMENTS,
+    ScoreFn,
     SegmentTask,
     embedding_score_fn,
     evaluate_scores,
@@ -124,9 +126,7 @@ class ValidationRecall(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         model: TwoTowerModel = self.model  # type: ignore[assignment]
-        schema = self.prep.dataset.schema
-        fn = embedding_score_fn(model.embed("user", self.prep.dataset.users, schema),
-                                model.embed("item", self.prep.dataset.items, schema))
+        fn = model_score_fn(model, self.prep.dataset, self.prep.val.train)
         vals = {s: rank_metrics(t, fn, (self.k,))[f"recall@{self.k}"]
                 for s, t in self.tasks.items()}
         if logs is not None:
@@ -211,12 +211,15 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
     states = student_states(ds.schema, _entities(ds.users, "user", train_df),
                             _entities(ds.items, "item", train_df), cfg.tower, sides)
     model = build_student(states, cfg, teacher)
-    val_segments = tuple(s for s in ("cold_item", "cold_user", "cold_both")
-                         if _servable(s, sides)) or ("warm",)
+    val_segments = tuple(s for s in SEGMENTS if _servable(s, sides))
     out = run_dir / name
     info = _fit(model, train_df, prep, cfg.learning_rate, cfg.batch_size, cfg.epochs,
                 cfg.patience, val_segments, out, run_dir / "logs" / name, seed, verbose)
     info["sides"] = list(sides)
+    prior = cfg.popularity_prior
+    if prior is None:
+        prior, info["prior_search"] = tune_popularity_prior(prep, model, val_segments)
+    info["popularity_prior"] = model.popularity_prior = float(prior)
     if cfg.refit:
         # The epoch count is chosen; now use the pseudo-cold entities' data too (as the teacher).
         v = prep.val
@@ -225,6 +228,7 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
         states = student_states(ds.schema, _entities(ds.users, "user", full),
                                 _entities(ds.items, "item", full), cfg.tower, sides)
         model = build_student(states, cfg, teacher)
+        model.popularity_prior = float(prior)
         shutil.rmtree(out / "backup", ignore_errors=True)
         info["refit"] = _fit(model, full, prep, cfg.learning_rate, cfg.batch_size,
                              info["best_epoch"], 0, (), out / "refit",
@@ -240,12 +244,35 @@ def _servable(segment: str, sides: tuple[str, ...]) -> bool:
     return all(s in sides for s in need)
 
 
+def model_score_fn(model: TwoTowerModel, ds: Dataset, train_df: pd.DataFrame) -> ScoreFn:
+    """The served ranking score: ``u.i / temperature + prior * log(1 + training count)``."""
+    bias = model.popularity_prior * item_log_counts(train_df, ds.items)
+    return embedding_score_fn(model.embed("user", ds.users, ds.schema) / model.temperature,
+                              model.embed("item", ds.items, ds.schema), bias)
+
+
+def tune_popularity_prior(prep: Prepared, model: TwoTowerModel, segments: tuple[str, ...],
+                          grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
+                          k: int = 20) -> tuple[float, dict[str, float]]:
+    """Weight of the item popularity prior that maximises mean validation recall@k."""
+    ds = prep.dataset
+    base = model.popularity_prior
+    search = {}
+    for w in grid:
+        model.popularity_prior = w
+        fn = model_score_fn(model, ds, prep.val.train)
+        search[str(w)] = float(np.mean([rank_metrics(prep.val_tasks[s], fn, (k,))[f"recall@{k}"]
+                                        for s in segments]))
+    model.popularity_prior = base
+    best = max(grid, key=lambda w: search[str(w)])
+    return best, search
+
+
 def evaluate_model(prep: Prepared, model: TwoTowerModel, ks: tuple[int, ...],
                    sides: tuple[str, ...] | None = None) -> dict[str, dict]:
     """Test-segment metrics; segments a one-sided student cannot serve use popularity (marked)."""
     ds = prep.dataset
-    fn = embedding_score_fn(model.embed("user", ds.users, ds.schema),
-                            model.embed("item", ds.items, ds.schema))
+    fn = model_score_fn(model, ds, prep.split.train)
     fns = {s: (fn if sides is None or _servable(s, sides) else None) for s in prep.tasks}
     return evaluate_scores(prep.tasks, fns, ks, popularity_score_fn(prep.split.train, ds.items))
 
@@ -304,6 +331,8 @@ def load_model(run_dir: str | Path, which: str = "student") -> TwoTowerModel:
         tower = model.tower(side)
         tower(dummy_inputs(tower.encoder.state))
     model.load_weights(str(out / "weights" / "model")).expect_partial()
+    info = json.loads((out / "history.json").read_text())
+    model.popularity_prior = float(info.get("popularity_prior", 0.0))
     return model
 
 

@@ -48,6 +48,12 @@ def item_probabilities(train: pd.DataFrame, item_ids: pd.Series) -> np.ndarray:
     return (freq / max(len(train), 1)).astype(np.float32)
 
 
+def item_log_counts(train: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
+    """``log(1 + training count)`` per row of ``items``: the popularity prior's feature."""
+    counts = items["item_id"].astype(str).map(train["item_id"].value_counts()).fillna(0)
+    return np.log1p(counts.to_numpy(dtype=np.float64)).astype(np.float32)
+
+
 def interaction_dataset(
     interactions: pd.DataFrame,
     users: pd.DataFrame,
