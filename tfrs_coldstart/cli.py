@@ -31,14 +31,14 @@ def _resolve_config(args: argparse.Namespace) -> Any:
     from tfrs_coldstart.config import load_config
 
     overrides = list(args.overrides)
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
+    if args.data_dir:  # absolute, so the saved config works from any folder
+        overrides.append(f"data.data_dir={Path(args.data_dir).expanduser().resolve()}")
         if not args.format:
             overrides.append("data.format=movielens")
     if args.format:
         overrides.append(f"data.format={args.format}")
     if args.schema:
-        overrides.append(f"data.schema={args.schema}")
+        overrides.append(f"data.schema={Path(args.schema).expanduser().resolve()}")
     cfg = load_config(args.config, overrides)
     if cfg.data.format in ("movielens", "tables") and not cfg.data.data_dir:
         raise ValueError(f"--format {cfg.data.format} needs --data-dir")

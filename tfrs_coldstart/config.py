@@ -72,7 +72,8 @@ class StudentConfig:
     """Student: content-only towers distilled from the teacher."""
 
     tower: TowerConfig = field(
-        default_factory=lambda: TowerConfig(id_dim=0, feature_dim=16, hidden=(64,), output_dim=32)
+        default_factory=lambda: TowerConfig(id_dim=0, feature_dim=16, hidden=(64,), output_dim=32,
+                                            dropout=0.3)
     )
     temperature: float = 0.05
     logq_correction: bool = True
@@ -80,6 +81,10 @@ class StudentConfig:
     distill_lambda: float = 1.0  # weight of the KL term; 0 = no distillation (the ablation)
     distill_temperature: float = 2.0  # T in the KL term
     align_weight: float = 0.0  # optional embedding-alignment term
+    # Whether the teacher sees IDs when it scores a batch for the KL term: without them it
+    # gives its content-only (cold-start) view, the part of its knowledge content can carry.
+    distill_user_ids: bool = True
+    distill_item_ids: bool = True
     distill_sides: str = "auto"  # auto | both | user | item: which sides get a content-only tower
     refit: bool = True  # after choosing the epoch count on pseudo-cold validation, refit on all
     popularity_prior: float | None = None  # weight of log(1+count) in ranking; None: tune on val

@@ -132,14 +132,25 @@ class StudentModel(TwoTowerModel):
             self.align_item = tf.keras.layers.Dense(teacher.item_tower.cfg.output_dim,
                                                     use_bias=False)
 
+    @staticmethod
+    def _teacher_view(inputs: dict[str, tf.Tensor], id_key: str, keep_ids: bool) -> dict:
+        """The teacher's input; without IDs it scores from content alone (its cold-start view)."""
+        if keep_ids or id_key not in inputs:
+            return inputs
+        return {**inputs, id_key: tf.fill(tf.shape(inputs[id_key]), "")}
+
     def compute_loss(self, features: dict[str, Any], training: bool = False) -> tf.Tensor:
         q = self.user_tower(features["user"], training=training)
         c = self.item_tower(features["item"], training=training)
         loss = self.retrieval_loss(q, c, features, training)
         if self.teacher is None or (self.cfg.distill_lambda <= 0 and self.cfg.align_weight <= 0):
             return loss
-        tq = tf.stop_gradient(self.teacher.user_tower(features["user"], training=False))
-        tc = tf.stop_gradient(self.teacher.item_tower(features["item"], training=False))
+        tq = tf.stop_gradient(self.teacher.user_tower(
+            self._teacher_view(features["user"], "user_id", self.cfg.distill_user_ids),
+            training=False))
+        tc = tf.stop_gradient(self.teacher.item_tower(
+            self._teacher_view(features["item"], "item_id", self.cfg.distill_item_ids),
+            training=False))
         prob = features["item_prob"] if self.logq_correction else None
         ids = features["item"]["item_id"] if self.remove_hits else None
         if self.cfg.distill_lambda > 0:

@@ -1,0 +1,87 @@
+# TF Serving images holding the models exported by `tfrs-coldstart export` (see export/README.md).
+#
+#   docker build -t tfrs-coldstart-serving .                  # default: TF Serving 2.20 + ScaNN ops
+#   docker build --target stock -t tfrs-coldstart-serving:stock .   # official image, brute-force only
+#
+# The default target compiles TF Serving from source with ScaNN's TensorFlow ops linked in (stock TF
+# Serving lacks them, and the last ready-made image with them, google/tf-serving-scann, is 2.11).
+# The build takes hours and tens of GB; it has not been run on the machine this project was
+# written on (no Docker engine there). Build context: the repository root, after an export
+# (export/<name>/<version>/ must exist for every model named in serving/models*.config).
+
+ARG TF_SERVING_VERSION=2.20.0
+ARG TF_SERVING_DEVEL_IMAGE=tensorflow/serving:${TF_SERVING_VERSION}-devel
+ARG TF_SERVING_RUNTIME_IMAGE=tensorflow/serving:${TF_SERVING_VERSION}
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: TF Serving model server with ScaNN's ops (the devel image holds the TF Serving
+# sources at /tensorflow-serving and the Bazel version they need).
+FROM ${TF_SERVING_DEVEL_IMAGE} AS scann-build
+
+# ScaNN sources: pin SCANN_COMMIT to the google-research commit of the ScaNN release whose
+# Python wheel exported the models (setup.cfg pins scann 1.4.2); the op definitions and the
+# serialized searcher format must match.
+ARG SCANN_REPO=https://github.com/google-research/google-research.git
+ARG SCANN_COMMIT=master
+RUN git clone --filter=blob:none --no-checkout "${SCANN_REPO}" /tmp/google-research && \
+    cd /tmp/google-research && \
+    git sparse-checkout init --cone && \
+    git sparse-checkout set scann && \
+    git checkout "${SCANN_COMMIT}" && \
+    mv /tmp/google-research/scann /scann && \
+    rm -rf /tmp/google-research
+
+# Make ScaNN an external repository of the TF Serving workspace and add its op + kernel
+# libraries to SUPPORTED_TENSORFLOW_OPS (what google-research's scann/tf_serving patch did).
+COPY serving/scann/patch_tf_serving.py /tmp/patch_tf_serving.py
+RUN python3 /tmp/patch_tf_serving.py /scann /tensorflow-serving
+
+WORKDIR /tensorflow-serving
+# ScaNN's kernels are built for AVX2 + FMA (as the google/tf-serving-scann images were): the
+# image needs an x86-64 CPU from 2013 or later.
+ARG TF_SERVING_BUILD_OPTIONS="--config=release --copt=-mavx2 --copt=-mfma --cxxopt=-std=c++17"
+ARG TF_SERVING_BAZEL_OPTIONS=""
+RUN bazel build --color=yes --curses=no --verbose_failures \
+        ${TF_SERVING_BAZEL_OPTIONS} ${TF_SERVING_BUILD_OPTIONS} \
+        tensorflow_serving/model_servers:tensorflow_model_server && \
+    cp bazel-bin/tensorflow_serving/model_servers/tensorflow_model_server \
+       /usr/local/bin/tensorflow_model_server && \
+    bazel clean --expunge
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2 (`--target stock`): the official image; serves brute-force exports (<name>_bf) and
+# the item encoder, which use stock TensorFlow ops only.
+FROM ${TF_SERVING_RUNTIME_IMAGE} AS stock
+
+COPY export/ /models/
+COPY serving/models.stock.config /config/models.config
+COPY serving/batching.config /config/batching.config
+COPY serving/monitoring.config /config/monitoring.config
+
+EXPOSE 8500 8501
+ENTRYPOINT ["/usr/bin/tensorflow_model_server", "--port=8500", "--rest_api_port=8501", \
+            "--model_config_file=/config/models.config", \
+            "--model_config_file_poll_wait_seconds=60", \
+            "--enable_batching=true", "--batching_parameters_file=/config/batching.config", \
+            "--monitoring_config_file=/config/monitoring.config", \
+            "--enable_model_warmup=true"]
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3 (default, last): the official runtime image with its model server replaced by the
+# ScaNN-enabled build of stage 1 (same TF Serving version and build image, so the same system
+# libraries); serves ScaNN and brute-force exports alike.
+FROM ${TF_SERVING_RUNTIME_IMAGE} AS serving-scann
+
+COPY --from=scann-build /usr/local/bin/tensorflow_model_server /usr/bin/tensorflow_model_server
+COPY export/ /models/
+COPY serving/models.config /config/models.config
+COPY serving/batching.config /config/batching.config
+COPY serving/monitoring.config /config/monitoring.config
+
+EXPOSE 8500 8501
+ENTRYPOINT ["/usr/bin/tensorflow_model_server", "--port=8500", "--rest_api_port=8501", \
+            "--model_config_file=/config/models.config", \
+            "--model_config_file_poll_wait_seconds=60", \
+            "--enable_batching=true", "--batching_parameters_file=/config/batching.config", \
+            "--monitoring_config_file=/config/monitoring.config", \
+            "--enable_model_warmup=true"]

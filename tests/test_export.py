@@ -1,0 +1,743 @@
+"""Export contract tests: what TF Serving would load, loaded the way TF Serving loads it.
+
+One tiny run is trained per session (tables with every feature type, 2 epochs) and exported
+with a ScaNN and a brute-force index. Every SavedModel is then loaded by TensorFlow's
+graph-mode loader in a clean interpreter that has TensorFlow (and, for ScaNN, the ScaNN op
+library) but cannot import this project.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from tfrs_coldstart import train
+from tfrs_coldstart.config import load_config
+from tfrs_coldstart.data import generate
+from tfrs_coldstart.data.pipeline import feature_arrays, item_log_counts
+from tfrs_coldstart.export import (
+    BRUTE_FORCE_SUFFIX,
+    PAD_ID,
+    PAD_SCORE,
+    ExportError,
+    RecommendModule,
+    default_names,
+    export_main,
+    export_run,
+    input_specs,
+)
+from tfrs_coldstart.index import AnnRecallError, ExactIndex, ann_recall, build_index, scann_params
+
+REPO = Path(__file__).resolve().parents[1]
+K = 20
+N_ROWS = 3  # real rows per request
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures: one trained run, exported twice
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained teacher + student on tables holding every feature type (dense vector too)."""
+    root = tmp_path_factory.mktemp("export_run")
+    data = root / "data"
+    data.mkdir()
+    ds = generate(n_users=240, n_items=150, n_interactions=3600, seed=3, dense_dim=4)
+    ds.interactions.to_parquet(data / "interactions.parquet")
+    ds.users.to_parquet(data / "users.parquet")
+    ds.items.to_parquet(data / "items.parquet")
+    ds.schema.to_yaml(data / "schema.yaml")
+    run = root / "run"
+    cfg = load_config(overrides=[
+        "data.format=tables", f"data.data_dir={data}", f"output_dir={run}",
+        "teacher.epochs=2", "teacher.batch_size=512", "teacher.tower.id_dim=16",
+        "teacher.tower.feature_dim=8", "teacher.tower.hidden=[32]", "teacher.tower.output_dim=16",
+        "student.epochs=2", "student.batch_size=512", "student.refit=false",
+        "student.popularity_prior=0.5",
+        "student.tower.feature_dim=8", "student.tower.hidden=[16]", "student.tower.output_dim=8",
+        "eval.ks=[10,20]"])
+    dataset = train.load_data(cfg)
+    prep = train.prepare(dataset, cfg)
+    train.save_run_metadata(cfg, prep, run)
+    teacher = train.fit_teacher(prep, cfg.teacher, run, cfg.seed, verbose=0)
+    student = train.fit_student(prep, teacher, cfg.student, run, cfg.seed, verbose=0)
+    report = {"dataset": dataset.name, "models": {
+        "student": train.evaluate_model(prep, student, cfg.eval.ks)}}
+    (run / "report.json").write_text(json.dumps(report))
+    return run
+
+
+@pytest.fixture(scope="session")
+def context(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the Docker build context: Dockerfile, .dockerignore, serving/ (+ export/)."""
+    ctx = tmp_path_factory.mktemp("docker_context")
+    shutil.copy(REPO / "Dockerfile", ctx / "Dockerfile")
+    shutil.copy(REPO / ".dockerignore", ctx / ".dockerignore")
+    shutil.copytree(REPO / "serving", ctx / "serving")
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def exports(run_dir: Path, context: Path) -> dict[str, Any]:
+    base = context / "export"
+    dataset = train.load_data(train.load_run_config(run_dir))
+    scann = export_run(run_dir, base, index="scann", k=K, dataset=dataset, log=lambda m: None)
+    bf = export_run(run_dir, base, index="brute-force", k=K, dataset=dataset,
+                    log=lambda m: None)
+    return {"base": base, "dataset": dataset,
+            "scann": {m.name: m for m in scann}, "bf": {m.name: m for m in bf}}
+
+
+def _jsonable(rows: dict[str, np.ndarray]) -> dict[str, list]:
+    return {k: [x.tolist() if isinstance(x, np.ndarray) else
+                (str(x) if isinstance(x, str) else float(x)) for x in v] for k, v in rows.items()}
+
+
+def _unseen(specs: dict[str, Any], n: int = 2) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for key, s in specs.items():
+        if s.dtype.name == "string":
+            out[key] = [f"never-seen-{key}-{i}" for i in range(n)]
+        elif s.shape.rank == 2:
+            out[key] = [[1e3] * int(s.shape[1])] * n
+        else:
+            out[key] = [123456.0, -5e4][:n]
+    return out
+
+
+def _requests(m: Any, ds: Any) -> dict[str, tuple[str, dict[str, list]]]:
+    specs = m.module.specs
+    if m.kind == "recommend":
+        rows = feature_arrays(ds.users.iloc[:N_ROWS], ds.schema.user_features, "user_id")
+        real = _jsonable({k: rows[k] for k in specs})
+        return {"real": ("serving_default", real), "unseen": ("serving_default", _unseen(specs)),
+                "embed": ("embed_user", real)}
+    rows = feature_arrays(ds.items.iloc[:N_ROWS], ds.schema.item_features, "item_id")
+    return {"items": ("serving_default", _jsonable({k: rows[k] for k in specs}))}
+
+
+CLEAN_LOADER = r'''
+import json, os, sys
+spec = json.load(open(sys.argv[1]))
+sys.path.extend(spec["site_packages"])  # no .pth processing: an editable install stays invisible
+out = {"sys_path": list(sys.path)}
+try:
+    import tfrs_coldstart  # noqa: F401
+    out["project_importable"] = True
+except ImportError:
+    out["project_importable"] = False
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.framework import op_def_registry
+from tensorflow_serving.apis import prediction_log_pb2
+
+
+def graph_ops(path):
+    sm = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        sm.ParseFromString(f.read())
+    ops = set()
+    for mg in sm.meta_graphs:
+        ops |= {n.op for n in mg.graph_def.node}
+        for fn in mg.graph_def.library.function:
+            ops |= {n.op for n in fn.node_def}
+    return ops
+
+
+models = spec["models"]
+for m in models:  # before ScaNN is imported: TensorFlow's own registry only
+    ops = graph_ops(m["path"])
+    m["ops"] = sorted(ops)
+    m["not_tensorflow_ops"] = sorted(o for o in ops if op_def_registry.get(o) is None)
+if spec["import_scann"]:
+    import scann  # noqa: F401  (registers Scann>* as a TF Serving build with them linked does)
+out["scann_imported"] = "scann" in sys.modules
+
+
+def sig_info(sd):
+    def t(v):
+        return [tf.dtypes.as_dtype(v.dtype).name, [d.size for d in v.tensor_shape.dim]]
+    return {"method": sd.method_name, "inputs": {k: t(v) for k, v in sd.inputs.items()},
+            "outputs": {k: t(v) for k, v in sd.outputs.items()}}
+
+
+def plain(v):
+    return v.astype(str).tolist() if v.dtype == object else v.tolist()
+
+
+for m in models:
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        mg = tf.compat.v1.saved_model.loader.load(sess, ["serve"], m["path"])
+        m["signatures"] = {k: sig_info(sd) for k, sd in mg.signature_def.items()
+                           if not k.startswith("__")}
+
+        def run(sig, feats):
+            sd = mg.signature_def[sig]
+            feed = {sd.inputs[k].name: np.asarray(
+                v, dtype=object if sd.inputs[k].dtype == tf.string.as_datatype_enum
+                else np.float32) for k, v in feats.items()}
+            res = sess.run({k: v.name for k, v in sd.outputs.items()}, feed_dict=feed)
+            return {k: plain(v) for k, v in res.items()}
+
+        m["results"] = {key: run(sig, feats) for key, (sig, feats) in m["requests"].items()}
+        warm = []
+        path = os.path.join(m["path"], "assets.extra", "tf_serving_warmup_requests")
+        for rec in tf.compat.v1.io.tf_record_iterator(path):
+            req = prediction_log_pb2.PredictionLog.FromString(rec).predict_log.request
+            feats = {k: tf.make_ndarray(v) for k, v in req.inputs.items()}
+            res = run(req.model_spec.signature_name, feats)
+            warm.append({"model": req.model_spec.name, "signature": req.model_spec.signature_name,
+                         "inputs": sorted(feats), "batch": len(next(iter(feats.values()))),
+                         "outputs": {k: np.shape(v) for k, v in res.items()}})
+        m["warmup"] = warm
+out["models"] = models
+with open(spec["out"], "w") as f:
+    json.dump(out, f)
+'''
+
+
+def _clean_load(tmp: Path, models: list[Any], ds: Any, import_scann: bool) -> dict[str, Any]:
+    # the interpreter's site-packages only (TensorFlow, ScaNN, TF Serving API), never the repo
+    site_packages = [p for p in site.getsitepackages() if Path(p).name in ("site-packages",
+                                                                           "dist-packages")]
+    spec = {"site_packages": site_packages, "import_scann": import_scann,
+            "out": str(tmp / "result.json"),
+            "models": [{"name": m.name, "kind": m.kind, "path": str(m.path),
+                        "requests": _requests(m, ds)} for m in models]}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", CLEAN_LOADER, str(tmp / "spec.json")],
+                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((tmp / "result.json").read_text())
+    out["models"] = {m["name"]: m for m in out["models"]}
+    return out
+
+
+@pytest.fixture(scope="session")
+def loaded(exports: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Both variants loaded by TF's graph-mode loader in clean processes."""
+    ds = exports["dataset"]
+    return {"scann": _clean_load(tmp_path_factory.mktemp("clean_scann"),
+                                 list(exports["scann"].values()), ds, import_scann=True),
+            "bf": _clean_load(tmp_path_factory.mktemp("clean_bf"),
+                              list(exports["bf"].values()), ds, import_scann=False)}
+
+
+# --------------------------------------------------------------------------------------------
+# the servable contract
+
+
+def test_names_versions_and_layout(exports: dict[str, Any], run_dir: Path) -> None:
+    cfg = train.load_run_config(run_dir)
+    sc, bf = exports["scann"], exports["bf"]
+    assert set(sc) == {"student", "teacher", "student_items"}
+    assert set(bf) == {"student" + BRUTE_FORCE_SUFFIX, "teacher" + BRUTE_FORCE_SUFFIX,
+                       "student_items"}
+    assert set(default_names(cfg, "scann").values()) == set(sc)
+    assert {m.version for m in sc.values()} == {1}
+    assert {m.version for m in bf.values()} == {2}  # one version per export: next free
+    for m in [*sc.values(), *bf.values()]:
+        assert m.path == exports["base"] / m.name / str(m.version)
+        assert (m.path / "saved_model.pb").is_file()
+        assert (m.path / "assets.extra" / "tf_serving_warmup_requests").is_file()
+    leftovers = [p for p in exports["base"].rglob(".tmp-*")]
+    assert leftovers == []
+
+
+def test_clean_process_cannot_import_the_project(loaded: dict[str, Any]) -> None:
+    for variant in ("scann", "bf"):
+        assert loaded[variant]["project_importable"] is False
+        assert not any(str(REPO) == p.rstrip("/") for p in loaded[variant]["sys_path"])
+    assert loaded["scann"]["scann_imported"] is True
+    assert loaded["bf"]["scann_imported"] is False
+
+
+def _spec_entry(s: Any) -> list:
+    return [s.dtype.name, [-1 if d is None else int(d) for d in s.shape]]
+
+
+def test_signatures_match_the_contract(exports: dict[str, Any], loaded: dict[str, Any]) -> None:
+    for variant in ("scann", "bf"):
+        for name, m in exports[variant].items():
+            sigs = loaded[variant]["models"][name]["signatures"]
+            want_inputs = {k: _spec_entry(s) for k, s in m.module.specs.items()}
+            if m.kind == "recommend":
+                assert set(sigs) == {"serving_default", "embed_user"}
+                assert want_inputs == {k: _spec_entry(s)
+                                       for k, s in input_specs(m.module.user_tower).items()}
+                sd = sigs["serving_default"]
+                assert sd["method"] == "tensorflow/serving/predict"
+                assert sd["inputs"] == want_inputs
+                assert sd["outputs"] == {"item_ids": ["string", [-1, K]],
+                                         "scores": ["float32", [-1, K]]}
+                dim = m.manifest["embedding_dim"]
+                assert sigs["embed_user"]["inputs"] == want_inputs
+                assert sigs["embed_user"]["outputs"] == {"embedding": ["float32", [-1, dim]]}
+                # the teacher reads the user ID, the content-only student does not
+                assert ("user_id" in sd["inputs"]) == (m.model == "teacher")
+                assert m.manifest["signatures"]["serving_default"]["inputs"] == {
+                    k: {"dtype": v[0], "shape": v[1]} for k, v in want_inputs.items()}
+            else:
+                assert set(sigs) == {"serving_default"}
+                assert sigs["serving_default"]["inputs"] == want_inputs
+                assert want_inputs["embedding"] == ["float32", [-1, 4]]  # the dense_vector
+                assert want_inputs["price"] == ["float32", [-1]]
+                assert want_inputs["title"] == ["string", [-1]]
+                assert "item_id" not in want_inputs
+                assert sigs["serving_default"]["outputs"] == {
+                    "embedding": ["float32", [-1, m.manifest["embedding_dim"]]]}
+
+
+def test_top_k_equals_the_in_process_model(exports: dict[str, Any],
+                                           loaded: dict[str, Any]) -> None:
+    ds = exports["dataset"]
+    for variant in ("scann", "bf"):
+        for name, m in exports[variant].items():
+            res = loaded[variant]["models"][name]["results"]
+            for key, (sig, feats) in _requests(m, ds).items():
+                if sig == "serving_default" and m.kind == "recommend":
+                    want = m.module(feats)
+                    assert res[key]["item_ids"] == want["item_ids"].numpy().astype(str).tolist()
+                    np.testing.assert_allclose(res[key]["scores"], want["scores"].numpy(),
+                                               rtol=1e-5, atol=1e-6)
+                else:
+                    want = (m.module.embed_user(feats) if m.kind == "recommend"
+                            else m.module(feats))
+                    np.testing.assert_allclose(res[key]["embedding"], want["embedding"].numpy(),
+                                               rtol=1e-5, atol=1e-6)
+
+
+def test_index_is_the_whole_catalogue_and_brute_force_is_exact(
+        exports: dict[str, Any], loaded: dict[str, Any], run_dir: Path) -> None:
+    """The served brute-force top-k equals exact search over the item encoder's embeddings of
+    every item, cold ones included; ScaNN reaches the gate against the same reference."""
+    ds = exports["dataset"]
+    enc = exports["scann"]["student_items"].module
+    items = feature_arrays(ds.items, ds.schema.item_features, "item_id")
+    item_emb = enc({k: items[k] for k in enc.specs})["embedding"].numpy()
+    users = feature_arrays(ds.users, ds.schema.user_features, "user_id")
+    # The ranking score adds the student's popularity prior: u.i / T + prior * log(1 + count).
+    split = json.loads((run_dir / "split.json").read_text())
+    cfg = train.load_run_config(run_dir)
+    train_df = train.prepare(ds, cfg).split.train
+    assert set(train_df["item_id"]).isdisjoint(split["cold_items"])
+    student = exports["scann"]["student"].manifest
+    assert student["popularity_prior"] == 0.5
+    bias = student["popularity_prior"] * item_log_counts(train_df, ds.items)
+    exact = ExactIndex(ds.items["item_id"].astype(str).to_numpy(),
+                       np.concatenate([item_emb, bias[:, None]], axis=1))
+    for variant in ("scann", "bf"):
+        name = "student" if variant == "scann" else "student" + BRUTE_FORCE_SUFFIX
+        m = exports[variant][name]
+        feats = {k: users[k] for k in m.module.specs}
+        q = m.module.embed_user(feats)["embedding"].numpy() / m.manifest["temperature"]
+        q = np.concatenate([q, np.ones((len(q), 1), np.float32)], axis=1)
+        ids = m.module(feats)["item_ids"].numpy()
+        recall = ann_recall(lambda _q, ids=ids: (None, ids), exact, q, K)
+        assert recall >= (0.999 if variant == "bf" else 0.95), variant
+        assert m.manifest["catalogue_size"] == len(ds.items)
+    cold = set(json.loads((run_dir / "split.json").read_text())["cold_items"])
+    served = {i for row in ids.astype(str) for i in row}
+    assert cold & served, "cold items never retrieved: are they in the index?"
+
+
+def test_graph_ops_are_tensorflow_own(loaded: dict[str, Any]) -> None:
+    for name, m in loaded["scann"]["models"].items():
+        if m["kind"] == "recommend":
+            assert m["not_tensorflow_ops"], name
+            assert all(o.startswith("Scann>") for o in m["not_tensorflow_ops"]), m[
+                "not_tensorflow_ops"]
+            assert "Scann>ScannSearchBatched" in m["ops"]
+        else:
+            assert m["not_tensorflow_ops"] == [], name
+    for name, m in loaded["bf"]["models"].items():
+        assert m["not_tensorflow_ops"] == [], name
+        assert not [o for o in m["ops"] if "scann" in o.lower()], name
+
+
+def test_warmup_records_parse_and_run(exports: dict[str, Any], loaded: dict[str, Any]) -> None:
+    for variant in ("scann", "bf"):
+        for name, m in exports[variant].items():
+            warm = loaded[variant]["models"][name]["warmup"]
+            sigs = {"serving_default", "embed_user"} if m.kind == "recommend" else {
+                "serving_default"}
+            assert {w["signature"] for w in warm} == sigs
+            assert {w["model"] for w in warm} == {name}
+            assert all(w["inputs"] == sorted(m.module.specs) for w in warm)
+            assert {w["batch"] for w in warm} == {1, 4}
+            for w in warm:
+                if w["signature"] == "serving_default" and m.kind == "recommend":
+                    assert w["outputs"]["item_ids"] == [w["batch"], K]
+
+
+def test_unseen_feature_values_still_get_k_results(exports: dict[str, Any],
+                                                   loaded: dict[str, Any]) -> None:
+    for variant in ("scann", "bf"):
+        for name, m in exports[variant].items():
+            if m.kind != "recommend":
+                continue
+            res = loaded[variant]["models"][name]["results"]["unseen"]
+            assert np.shape(res["item_ids"]) == (2, K)
+            assert all(i != PAD_ID for row in res["item_ids"] for i in row)
+            assert len(set(res["item_ids"][0])) == K
+            assert np.isfinite(res["scores"]).all() and np.min(res["scores"]) > PAD_SCORE
+
+
+def test_manifest(exports: dict[str, Any], run_dir: Path) -> None:
+    cfg = train.load_run_config(run_dir)
+    for variant in ("scann", "bf"):
+        for m in exports[variant].values():
+            man = json.loads((m.path / "manifest.json").read_text())
+            assert man["name"] == m.name and man["version"] == m.version
+            assert man["schema"] == exports["dataset"].schema.to_dict()
+            assert man["config"]["teacher"]["tower"]["output_dim"] == cfg.teacher.tower.output_dim
+            assert man["created"] and man["libraries"]["tensorflow"]
+            assert "signatures" in man
+            if m.model == "student":
+                assert man["metrics"]["cold_item"]["recall@20"] >= 0  # from report.json
+            if m.kind != "recommend":
+                continue
+            assert man["k"] == K and man["catalogue_size"] == len(exports["dataset"].items)
+            if variant == "scann":
+                p = man["index_params"]
+                assert p["num_leaves"] == round(len(exports["dataset"].items) ** 0.5)
+                assert p["dimensions_per_block"] == 2
+                assert man["ann_recall"]["recall"] >= man["ann_recall"]["gate"] == 0.95
+                assert man["ann_recall"]["queries"] == len(exports["dataset"].users)
+            else:
+                assert man["ann_recall"] == {"recall": 1.0, "exact": True, "k": K}
+
+
+def test_short_scann_results_are_padded_to_k(exports: dict[str, Any]) -> None:
+    """An index that cannot fill k slots still answers [batch, k], padded, never crashes."""
+    m = exports["scann"]["student"]
+    ds = exports["dataset"]
+    enc = exports["scann"]["student_items"].module
+    items = feature_arrays(ds.items, ds.schema.item_features, "item_id")
+    emb = enc({k: items[k] for k in enc.specs})["embedding"].numpy()
+    p = scann_params(len(emb), emb.shape[1], K, num_leaves=100, num_leaves_to_search=1,
+                     num_reordering_candidates=K)
+    layer = build_index(None, ds.items["item_id"].astype(str).to_numpy(), emb, K, "scann", p)
+    module = RecommendModule(m.module.user_tower, layer, K)
+    users = feature_arrays(ds.users.iloc[:8], ds.schema.user_features, "user_id")
+    out = module({k: users[k] for k in module.specs})
+    ids, scores = out["item_ids"].numpy().astype(str), out["scores"].numpy()
+    assert ids.shape == scores.shape == (8, K)
+    assert (ids == PAD_ID).any()
+    assert np.all((ids == PAD_ID) == (scores == np.float32(PAD_SCORE)))
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one clear error, nothing left behind
+
+
+def _snapshot(base: Path) -> list[str]:
+    return sorted(str(p.relative_to(base)) for p in base.rglob("*")) if base.exists() else []
+
+
+def test_existing_version_is_never_overwritten(exports: dict[str, Any], run_dir: Path) -> None:
+    base = exports["base"]
+    before = _snapshot(base)
+    mtime = (base / "student" / "1" / "saved_model.pb").stat().st_mtime_ns
+    with pytest.raises(ExportError, match=r"version 1 already exists at .*student/1"):
+        export_run(run_dir, base, version=1, k=K, dataset=exports["dataset"],
+                   log=lambda m: None)
+    assert _snapshot(base) == before
+    assert (base / "student" / "1" / "saved_model.pb").stat().st_mtime_ns == mtime
+
+
+def test_missing_and_incompatible_runs(run_dir: Path, tmp_path: Path) -> None:
+    base = tmp_path / "export"
+    with pytest.raises(ExportError, match="does not exist"):
+        export_run(tmp_path / "nope", base)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="no config.yaml"):
+        export_run(tmp_path / "empty", base)
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    for f in ("config.yaml", "schema.yaml", "split.json"):
+        shutil.copy(run_dir / f, untrained / f)
+    with pytest.raises(ExportError, match="holds no trained"):
+        export_run(untrained, base, index="brute-force")
+    changed = tmp_path / "changed"
+    shutil.copytree(run_dir, changed, ignore=shutil.ignore_patterns("logs", "checkpoints"))
+    schema = (changed / "schema.yaml").read_text().replace("name: price", "name: cost")
+    (changed / "schema.yaml").write_text(schema)
+    with pytest.raises(ExportError, match="another schema"):
+        export_run(changed, base, index="brute-force")
+    assert not base.exists()
+
+
+def test_empty_catalogue(run_dir: Path, exports: dict[str, Any], tmp_path: Path) -> None:
+    import dataclasses
+
+    ds = exports["dataset"]
+    empty = dataclasses.replace(ds, items=ds.items.iloc[:0])
+    with pytest.raises(ExportError, match="catalogue .* is empty"):
+        export_run(run_dir, tmp_path / "export", dataset=empty)
+    assert not (tmp_path / "export").exists()
+
+
+def test_recall_gate_failure_leaves_nothing(run_dir: Path, exports: dict[str, Any],
+                                            tmp_path: Path) -> None:
+    base = tmp_path / "export"
+    with pytest.raises(AnnRecallError, match=r"student: ANN recall@20 of the ScaNN index is "
+                                             r"[01]\.\d+ .* below the gate 1\.01") as e:
+        export_run(run_dir, base, models=("student",), k=K, ann_recall_gate=1.01,
+                   dataset=exports["dataset"], log=lambda m: None)
+    assert "scann_leaves_to_search" in str(e.value)
+    assert not base.exists()
+
+
+def test_failed_publish_rolls_back(run_dir: Path, exports: dict[str, Any],
+                                   tmp_path: Path) -> None:
+    """The second model cannot be written: the first, already saved, must not appear either."""
+    base = tmp_path / "export"
+    base.mkdir()
+    (base / "student_items").write_text("a file where a model folder should be")
+    with pytest.raises(ExportError, match="cannot write student_items"):
+        export_run(run_dir, base, models=("student",), index="brute-force", k=K,
+                   dataset=exports["dataset"], log=lambda m: None)
+    assert _snapshot(base) == ["student_items"]
+
+
+def test_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_main([str(tmp_path / "missing")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert export_main([str(run_dir), "--models", "student,oops"]) == 2
+    assert "subset of" in capsys.readouterr().err
+    base = tmp_path / "export"
+    assert export_main([str(run_dir), "--base-dir", str(base), "--index", "brute-force",
+                        "--models", "teacher", "--k", "5", "--version", "7"]) == 0
+    assert "teacher_bf" in capsys.readouterr().out
+    assert _snapshot(base) and (base / "teacher_bf" / "7" / "saved_model.pb").is_file()
+    assert json.loads((base / "teacher_bf" / "7" / "manifest.json").read_text())["k"] == 5
+
+
+# --------------------------------------------------------------------------------------------
+# packaging: Dockerfile, TF Serving configs, the ScaNN patch script
+
+DOCKER_INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY",
+                       "ENTRYPOINT", "VOLUME", "USER", "WORKDIR", "ARG", "ONBUILD",
+                       "STOPSIGNAL", "HEALTHCHECK", "SHELL", "MAINTAINER"}
+
+
+def parse_dockerfile(text: str) -> list[tuple[str, str, int]]:
+    """``(INSTRUCTION, arguments, line)`` with continuations joined and comments dropped."""
+    out: list[tuple[str, str, int]] = []
+    buf, start = "", 0
+    for no, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if buf and line.startswith("#"):
+            continue
+        if not buf:
+            start = no
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        word, _, rest = buf.partition(" ")
+        out.append((word.upper(), rest.strip(), start))
+        buf = ""
+    assert not buf, "Dockerfile ends inside a line continuation"
+    return out
+
+
+def _expand(s: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), ""), s)
+
+
+def test_dockerfile_parses_and_every_copy_source_exists(context: Path,
+                                                        exports: dict[str, Any]) -> None:
+    instrs = parse_dockerfile((context / "Dockerfile").read_text())
+    assert {i for i, _, _ in instrs} <= DOCKER_INSTRUCTIONS
+    global_args: dict[str, str] = {}
+    for ins, rest, _ in instrs:  # ARGs before the first FROM set the image names
+        if ins == "FROM":
+            break
+        assert ins == "ARG"
+        name, _, default = rest.partition("=")
+        global_args[name] = _expand(default, global_args)
+    stages: list[tuple[str, str]] = []
+    copies: list[tuple[str, list[str], str | None]] = []
+    for ins, rest, line in instrs:
+        if ins == "FROM":
+            m = re.fullmatch(r"(\S+)\s+AS\s+([a-z][a-z0-9_.-]*)", rest, re.I)
+            assert m, f"line {line}: every stage must be named (FROM image AS name)"
+            stages.append((_expand(m.group(1), global_args), m.group(2)))
+        elif ins == "COPY":
+            parts = rest.split()
+            frm = next((p.split("=", 1)[1] for p in parts if p.startswith("--from=")), None)
+            srcs = [p for p in parts if not p.startswith("--")][:-1]
+            assert srcs, f"line {line}: COPY needs a source and a destination"
+            copies.append((stages[-1][1], srcs, frm))
+        elif ins in ("ENTRYPOINT", "CMD") and rest.startswith("["):
+            assert all(isinstance(a, str) for a in json.loads(rest)), f"line {line}"
+    names = [n for _, n in stages]
+    assert len(names) == len(set(names))
+    assert names[-1] == "serving-scann"  # `docker build .` builds the ScaNN image
+    images = dict((n, img) for img, n in stages)
+    assert images["scann-build"] == "tensorflow/serving:2.20.0-devel"
+    assert images["stock"] == images["serving-scann"] == "tensorflow/serving:2.20.0"
+    ignore = (context / ".dockerignore").read_text().split()
+    for stage, srcs, frm in copies:
+        if frm is not None:
+            assert frm in names[:names.index(stage)], f"COPY --from={frm} before it is built"
+            continue
+        for src in srcs:
+            assert (context / src).exists(), f"{stage}: COPY source {src} missing after export"
+            top = src.strip("/").split("/")[0]
+            verdict = None
+            for pat in ignore:  # last matching .dockerignore pattern wins
+                neg = pat.startswith("!")
+                if re.fullmatch(pat.lstrip("!").rstrip("/").replace("*", "[^/]*"), top):
+                    verdict = not neg
+            assert not verdict, f"{src} is excluded from the build context by .dockerignore"
+
+
+def _parse_text_proto(path: Path, message: Any) -> Any:
+    from google.protobuf import text_format
+
+    return text_format.Parse(path.read_text(), message)
+
+
+def test_models_configs_name_exported_models(context: Path, exports: dict[str, Any]) -> None:
+    from tensorflow_serving.config import model_server_config_pb2
+
+    for cfg_file, variant in (("models.config", "scann"), ("models.stock.config", "bf")):
+        cfg = _parse_text_proto(context / "serving" / cfg_file,
+                                model_server_config_pb2.ModelServerConfig())
+        names = [c.name for c in cfg.model_config_list.config]
+        assert set(names) == set(exports[variant]), cfg_file
+        for c in cfg.model_config_list.config:
+            assert c.base_path == f"/models/{c.name}" and c.model_platform == "tensorflow"
+            assert c.model_version_policy.latest.num_versions == 2
+            local = exports["base"] / c.name  # the image copies export/ to /models
+            assert any((v / "saved_model.pb").is_file() for v in local.iterdir()
+                       if v.name.isdigit()), f"{cfg_file}: no version of {c.name}"
+
+
+def _serving_protos() -> dict[str, Any]:
+    """TF Serving's BatchingParameters and MonitoringConfig (not in the pip package), rebuilt
+    from their .proto definitions so the config files are checked field by field."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+
+    F = descriptor_pb2.FieldDescriptorProto
+    pool = descriptor_pool.DescriptorPool()
+    wrappers = descriptor_pb2.FileDescriptorProto()
+    wrappers_pb2.DESCRIPTOR.CopyToProto(wrappers)
+    pool.Add(wrappers)
+    fd = descriptor_pb2.FileDescriptorProto(name="tfs_configs.proto", package="tensorflow.serving",
+                                            syntax="proto3",
+                                            dependency=["google/protobuf/wrappers.proto"])
+    b = fd.message_type.add(name="BatchingParameters")
+    for num, name, wrapper in ((1, "max_batch_size", "Int64Value"),
+                               (2, "batch_timeout_micros", "Int64Value"),
+                               (3, "max_enqueued_batches", "Int64Value"),
+                               (4, "num_batch_threads", "Int64Value"),
+                               (5, "thread_pool_name", "StringValue")):
+        b.field.add(name=name, number=num, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                    type_name=f".google.protobuf.{wrapper}")
+    b.field.add(name="allowed_batch_sizes", number=6, type=F.TYPE_INT64, label=F.LABEL_REPEATED)
+    b.field.add(name="pad_variable_length_inputs", number=7, type=F.TYPE_BOOL,
+                label=F.LABEL_OPTIONAL)
+    p = fd.message_type.add(name="PrometheusConfig")
+    p.field.add(name="enable", number=1, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
+    p.field.add(name="path", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    mc = fd.message_type.add(name="MonitoringConfig")
+    mc.field.add(name="prometheus_config", number=1, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                 type_name=".tensorflow.serving.PrometheusConfig")
+    pool.Add(fd)
+    return {n: message_factory.GetMessageClass(
+        pool.FindMessageTypeByName(f"tensorflow.serving.{n}"))
+        for n in ("BatchingParameters", "MonitoringConfig")}
+
+
+def test_batching_and_monitoring_configs_parse() -> None:
+    protos = _serving_protos()
+    batching = _parse_text_proto(REPO / "serving" / "batching.config",
+                                 protos["BatchingParameters"]())
+    assert batching.max_batch_size.value >= 1 and batching.num_batch_threads.value >= 1
+    assert batching.batch_timeout_micros.value > 0
+    mon = _parse_text_proto(REPO / "serving" / "monitoring.config", protos["MonitoringConfig"]())
+    assert mon.prometheus_config.enable
+    assert mon.prometheus_config.path == "/monitoring/prometheus/metrics"
+
+
+def test_compose_file_builds_both_targets() -> None:
+    import yaml
+
+    compose = yaml.safe_load((REPO / "serving" / "docker-compose.yml").read_text())
+    targets = {s["build"]["target"] for s in compose["services"].values()}
+    stages = {m.group(1) for m in re.finditer(r"^FROM\s+\S+\s+AS\s+(\S+)",
+                                              (REPO / "Dockerfile").read_text(), re.M)}
+    assert targets == {"serving-scann", "stock"} and targets <= stages
+    for s in compose["services"].values():
+        assert (REPO / "serving" / s["build"]["context"] / s["build"]["dockerfile"]).is_file()
+        assert {"8500:8500", "8501:8501"} <= set(s["ports"])
+
+
+def test_scann_patch_script(tmp_path: Path) -> None:
+    """The TF Serving patch step, on miniature ScaNN and TF Serving trees."""
+    scann = tmp_path / "scann"
+    (scann / "scann" / "scann_ops" / "cc").mkdir(parents=True)
+    (scann / "MODULE.bazel").write_text(
+        'bazel_dep(name = "highway", version = "9.9.9", repo_name = "com_google_highway")\n'
+        'git_repository(\n  name = "cnpy",\n  remote = "https://github.com/x/cnpy.git",\n'
+        '  commit = "abc123",\n)\n')
+    build = scann / "scann" / "scann_ops" / "cc" / "BUILD.bazel"
+    build.write_text(
+        'load("@pybind11_bazel//:build_defs.bzl", "pybind_library")\n\n'
+        'cc_library(\n    name = "scann_ops",\n    deps = [\n'
+        '        "@local_config_tf//:libtensorflow_framework",\n'
+        '        "@local_config_tf//:tf_header_lib",\n        "@eigen",\n    ],\n'
+        '    alwayslink = 1,\n)\n\n'
+        'pybind_library(\n    name = "scann_npy",\n    srcs = ["scann_npy.cc"],\n'
+        '    copts = ["-DX=\\")\\""],\n)\n')
+    serving = tmp_path / "serving"
+    (serving / "tensorflow_serving" / "model_servers").mkdir(parents=True)
+    (serving / "WORKSPACE").write_text('workspace(name = "tf_serving")\n')
+    ops = serving / "tensorflow_serving" / "model_servers" / "BUILD"
+    ops.write_text('SUPPORTED_TENSORFLOW_OPS = if_v2([]) + [\n    "@x//y:z",\n]\n')
+    script = REPO / "serving" / "scann" / "patch_tf_serving.py"
+    for _ in range(2):  # idempotent
+        proc = subprocess.run([sys.executable, str(script), str(scann), str(serving)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    text = build.read_text()
+    assert "local_config_tf" not in text and "pybind" not in text
+    assert '"@org_tensorflow//tensorflow/core:framework"' in text
+    assert '"@eigen_archive//:eigen3"' in text and 'name = "scann_ops"' in text
+    ws = (serving / "WORKSPACE").read_text()
+    assert ws.count('name = "com_google_scann"') == 1 and f'path = "{scann}"' in ws
+    assert "cnpy-abc123" in ws and "highway-9.9.9" in ws
+    assert (scann / "WORKSPACE").is_file()
+    ops_text = ops.read_text()
+    assert ops_text.count("@com_google_scann//scann/scann_ops/cc:scann_ops_kernels") == 1
+    namespace: dict[str, Any] = {"if_v2": lambda x: x}
+    exec(ops_text, namespace)  # still valid Starlark/Python: a list of labels
+    assert "@com_google_scann//scann/scann_ops/cc:scann_ops" in namespace[
+        "SUPPORTED_TENSORFLOW_OPS"]
+    bad = tmp_path / "not_serving"
+    bad.mkdir()
+    proc = subprocess.run([sys.executable, str(script), str(scann), str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "not a TF Serving source tree" in proc.stderr

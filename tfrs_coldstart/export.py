@@ -1,0 +1,658 @@
+"""SavedModels for TF Serving: ``recommend`` (user features -> top-k items) and ``item_encoder``.
+
+What is written (DESIGN.md, serving contract)::
+
+    <base_dir>/<name>/<version>/        one SavedModel per version, never overwritten
+        saved_model.pb  variables/  fingerprint.pb
+        assets.extra/tf_serving_warmup_requests   PredictionLog records of real rows
+        manifest.json                              schema, config, metrics, index, recall
+
+Names (defaults from the run's ``export`` config): ``student`` and ``teacher`` for the
+``recommend`` models with a ScaNN index; ``student_bf`` and ``teacher_bf`` with a
+brute-force index (so a stock TF Serving never meets a ScaNN version under the same
+name); ``student_items`` for the student's item encoder. Explicit ``names`` are used
+as given.
+
+Each version is written to a hidden temporary folder beside its final place and renamed
+into place once every model of the export is complete, so TF Serving (which only loads
+folders named by an integer) never sees half a model, and a failed export leaves nothing.
+The models hold only TensorFlow ops (plus ScaNN's ``Scann>*`` ops in the ScaNN variant):
+nothing of this project is needed to serve them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from tfrs_coldstart.config import RunConfig, to_dict
+from tfrs_coldstart.data.pipeline import feature_arrays, item_log_counts
+from tfrs_coldstart.index import (
+    INDEX_KINDS,
+    GatedIndex,
+    IndexBuildError,
+    build_gated_index,
+    scann_params,
+)
+
+MODELS = ("student", "teacher")
+BRUTE_FORCE_SUFFIX = "_bf"
+WARMUP_FILE = "tf_serving_warmup_requests"
+MANIFEST_FILE = "manifest.json"
+#: What fills result slots an approximate search could not fill (never seen in practice
+#: once the recall gate passed, but the output shape is always ``[batch, k]``).
+PAD_ID = ""
+PAD_SCORE = float(np.finfo(np.float32).min)
+_SAVE_OPTIONS = {"scann": tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]),
+                 "brute-force": tf.saved_model.SaveOptions()}
+
+
+class ExportError(ValueError):
+    """An export cannot be made; the message names the run, model or path and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# signatures and modules
+
+
+def input_specs(tower: tf.keras.Model) -> dict[str, tf.TensorSpec]:
+    """The raw inputs a tower reads, by name, batch first (``features.py`` dtypes).
+
+    ``categorical``/``text``/``multi_hot`` and IDs: ``tf.string [None]``; ``numeric``:
+    ``tf.float32 [None]``; ``dense_vector``: ``tf.float32 [None, dim]``.
+    """
+    specs: dict[str, tf.TensorSpec] = {}
+    for name, st in tower.encoder.state.items():
+        kind = st["type"]
+        key = str(st["column"] if kind == "id" else name)
+        if not key.isidentifier():
+            raise ExportError(
+                f"feature '{key}' cannot be a TF Serving signature input name; rename the "
+                "column (letters, digits and underscores, not starting with a digit) in the "
+                "data and schema, and retrain")
+        if kind == "numeric":
+            specs[key] = tf.TensorSpec([None], tf.float32, name=key)
+        elif kind == "dense_vector":
+            specs[key] = tf.TensorSpec([None, int(st["dim"])], tf.float32, name=key)
+        else:
+            specs[key] = tf.TensorSpec([None], tf.string, name=key)
+    return specs
+
+
+def _describe(fn: Any) -> dict[str, Any]:
+    """Input and output names, dtypes and shapes of a concrete function (for the manifest)."""
+    def spec(s: Any) -> dict[str, Any]:
+        return {"dtype": s.dtype.name, "shape": [-1 if d is None else int(d) for d in s.shape]}
+
+    return {"inputs": {k: spec(s) for k, s in sorted(fn.structured_input_signature[1].items())},
+            "outputs": {k: spec(s) for k, s in sorted(fn.structured_outputs.items())}}
+
+
+class RecommendModule(tf.Module):
+    """User tower + top-k index over the whole catalogue.
+
+    Signatures: ``serving_default`` (user features -> ``item_ids`` string ``[batch, k]``,
+    ``scores`` float32 ``[batch, k]``, best first) and ``embed_user`` (-> ``embedding``).
+    Calling the module in Python runs the same concrete functions.
+    """
+
+    def __init__(self, user_tower: tf.keras.Model, index: tf.keras.Model, k: int,
+                 query_scale: float | None = None) -> None:
+        super().__init__(name="recommend")
+        self.user_tower = user_tower
+        self.index = index
+        self.k = k
+        self.specs = input_specs(user_tower)
+        # With a popularity prior the index holds [item_emb, prior * log(1 + count)], so the
+        # query is [user_emb / temperature, 1] and scores are the model's ranking scores.
+        self.query_scale = query_scale
+
+        def query(features: dict[str, tf.Tensor]) -> tf.Tensor:
+            q = self.user_tower(features, training=False)
+            if self.query_scale is None:
+                return q
+            return tf.concat([q * self.query_scale, tf.ones_like(q[:, :1])], axis=1)
+
+        def serve(**features: tf.Tensor) -> dict[str, tf.Tensor]:
+            scores, ids = self.index(query(features), k=self.k)
+            ok = tf.math.is_finite(scores)  # ScaNN marks slots it could not fill with NaN
+            ids = tf.where(ok, ids, PAD_ID)
+            scores = tf.where(ok, scores, PAD_SCORE)
+            short = [[0, 0], [0, self.k - tf.shape(ids)[1]]]
+            ids = tf.ensure_shape(tf.pad(ids, short, constant_values=PAD_ID), [None, self.k])
+            scores = tf.ensure_shape(tf.pad(scores, short, constant_values=PAD_SCORE),
+                                     [None, self.k])
+            return {"item_ids": ids, "scores": scores}
+
+        def embed(**features: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"embedding": self.user_tower(features, training=False)}
+
+        self._serve = tf.function(serve).get_concrete_function(**self.specs)
+        self._embed = tf.function(embed).get_concrete_function(**self.specs)
+
+    def signatures(self) -> dict[str, Any]:
+        return {"serving_default": self._serve, "embed_user": self._embed}
+
+    def __call__(self, features: dict[str, Any]) -> dict[str, tf.Tensor]:
+        return self._serve(**_as_tensors(features, self.specs))
+
+    def embed_user(self, features: dict[str, Any]) -> dict[str, tf.Tensor]:
+        return self._embed(**_as_tensors(features, self.specs))
+
+
+class ItemEncoderModule(tf.Module):
+    """Item tower alone: ``serving_default`` maps item features to ``embedding``, for indexing
+    new items without re-exporting."""
+
+    def __init__(self, item_tower: tf.keras.Model) -> None:
+        super().__init__(name="item_encoder")
+        self.item_tower = item_tower
+        self.specs = input_specs(item_tower)
+
+        def encode(**features: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"embedding": self.item_tower(features, training=False)}
+
+        self._encode = tf.function(encode).get_concrete_function(**self.specs)
+
+    def signatures(self) -> dict[str, Any]:
+        return {"serving_default": self._encode}
+
+    def __call__(self, features: dict[str, Any]) -> dict[str, tf.Tensor]:
+        return self._encode(**_as_tensors(features, self.specs))
+
+
+def _as_tensors(features: dict[str, Any], specs: dict[str, tf.TensorSpec]) -> dict[str, tf.Tensor]:
+    missing = [k for k in specs if k not in features]
+    if missing:
+        raise ExportError(f"missing input feature(s) {missing}; the model takes {list(specs)}")
+    return {k: tf.convert_to_tensor(np.asarray(features[k]) if s.dtype != tf.string
+                                    else np.asarray(features[k], dtype=object), s.dtype)
+            for k, s in specs.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# warm-up records and manifest
+
+
+def warmup_records(name: str, specs: dict[str, tf.TensorSpec], rows: dict[str, np.ndarray],
+                   signature_names: Sequence[str],
+                   batch_sizes: Sequence[int] = (1, 4)) -> list[bytes]:
+    """Serialized ``PredictionLog`` records: one request per signature and batch size.
+
+    TF Serving replays them at load (``--enable_model_warmup``, on by default) so the first
+    real request does not pay for graph initialisation and the ScaNN searcher build.
+    """
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    n = len(next(iter(rows.values())))
+    out = []
+    for sig in signature_names:
+        for b in sorted({min(max(1, b), n) for b in batch_sizes}):
+            req = predict_pb2.PredictRequest()
+            req.model_spec.name = name
+            req.model_spec.signature_name = sig
+            for key, spec in specs.items():
+                req.inputs[key].CopyFrom(tf.make_tensor_proto(rows[key][:b], dtype=spec.dtype))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=req))
+            out.append(log.SerializeToString())
+    return out
+
+
+def _rows(table: pd.DataFrame, ds: Any, side: str,
+          specs: dict[str, tf.TensorSpec]) -> dict[str, np.ndarray]:
+    arrays = feature_arrays(table, ds.schema.side(side), f"{side}_id")
+    return {k: arrays[k] for k in specs}
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if hasattr(o, "items"):
+        return dict(o.items())
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    return str(o)
+
+
+def _versions(library: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"tensorflow": tf.__version__}
+    for dist in ("tensorflow-recommenders", "scann", "tfrs-coldstart"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[dist] = version(dist)
+    out.setdefault("tfrs-coldstart", library)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the export
+
+
+@dataclass
+class ExportedModel:
+    """One published SavedModel; ``module`` is the in-process object that was saved."""
+
+    name: str
+    version: int
+    path: Path
+    kind: str  # recommend | item_encoder
+    model: str  # student | teacher
+    index: str | None
+    manifest: dict[str, Any]
+    module: tf.Module | None = dataclasses.field(default=None, repr=False)
+
+
+@dataclass
+class _Planned:
+    name: str
+    kind: str
+    model: str
+    module: tf.Module
+    manifest: dict[str, Any]
+    warmup: list[bytes]
+    tmp: Path | None = None
+    final: Path | None = None
+
+
+def default_names(cfg: RunConfig, index: str) -> dict[str, str]:
+    """Model names by role (``student``, ``teacher``, ``student_items``) for one index kind."""
+    e = cfg.export
+    suffix = BRUTE_FORCE_SUFFIX if index == "brute-force" else ""
+    return {"student": e.student_name + suffix, "teacher": e.teacher_name + suffix,
+            "student_items": e.item_encoder_name}
+
+
+def existing_versions(model_dir: Path) -> list[int]:
+    """Integer version folders under ``<base>/<name>`` (what TF Serving would see)."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _load_run(run_dir: Path) -> tuple[RunConfig, Any]:
+    from tfrs_coldstart import train
+
+    if not run_dir.is_dir():
+        raise ExportError(f"run folder {run_dir} does not exist; train one with "
+                          "`tfrs-coldstart run --output RUN_DIR` first")
+    try:
+        return train.load_run_config(run_dir), train
+    except ValueError as e:
+        raise ExportError(f"cannot export {run_dir}: {e}") from None
+
+
+def _load_model(train: Any, run_dir: Path, which: str) -> Any:
+    try:
+        return train.load_model(run_dir, which)
+    except ExportError:
+        raise
+    except (ValueError, KeyError, TypeError, OSError, json.JSONDecodeError,
+            tf.errors.OpError) as e:
+        raise ExportError(
+            f"cannot export the {which} of {run_dir}: its saved model does not match its "
+            f"config/preprocessing ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+            f"retrain it") from None
+
+
+def _check_dataset(ds: Any, run_dir: Path, train: Any) -> None:
+    try:
+        saved = train.load_schema(run_dir).to_dict()
+    except ValueError as e:
+        raise ExportError(f"cannot export {run_dir}: {e}") from None
+    if saved != ds.schema.to_dict():
+        raise ExportError(
+            f"the dataset named by {run_dir}/config.yaml has another schema than the run was "
+            f"trained on ({run_dir}/schema.yaml): trained on {saved}, found "
+            f"{ds.schema.to_dict()}; point data.* back at the training data or retrain")
+    if len(ds.items) == 0:
+        raise ExportError(f"the item catalogue of {run_dir} is empty: there is nothing to "
+                          "index; check the items table")
+    if len(ds.users) == 0:
+        raise ExportError(f"the users table of {run_dir} is empty: no real queries to check "
+                          "the index with or to warm the server up with")
+
+
+def _check_inputs(tower: Any, table: pd.DataFrame, side: str,
+                  which: str) -> dict[str, tf.TensorSpec]:
+    specs = input_specs(tower)
+    cols = set(table.columns)
+    missing = [k for k in specs if k not in cols]
+    if missing:
+        raise ExportError(f"the {which}'s {side} tower reads {missing}, which the {side}s "
+                          f"table lacks (columns: {sorted(cols)}); export with the training data")
+    return specs
+
+
+def export_run(
+    run_dir: str | os.PathLike[str],
+    base_dir: str | os.PathLike[str] | None = None,
+    models: Sequence[str] = MODELS,
+    index: str | None = None,
+    k: int | None = None,
+    version: int | None = None,
+    names: dict[str, str] | None = None,
+    ann_recall_gate: float | None = None,
+    scann: dict[str, int | None] | None = None,
+    item_encoder: bool = True,
+    n_queries: int = 1000,
+    dataset: Any = None,
+    log: Any = None,
+) -> list[ExportedModel]:
+    """Export a trained run's ``recommend`` models (and the student's item encoder).
+
+    ``None`` arguments come from the run's ``export`` config (``base_dir``, ``index``,
+    ``k``, ``ann_recall_gate``; ``scann`` keys ``num_leaves``, ``num_leaves_to_search``,
+    ``num_reordering_candidates`` override ``scann_*``). ``version``: the integer version
+    for every model of this export (default: one more than the highest existing version
+    of any of them). ``dataset``: the run's data, already loaded (default: loaded from
+    the run's config). Raises :class:`ExportError` (or the index's ``AnnRecallError``)
+    and leaves nothing behind on any failure.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    run_dir = Path(run_dir)
+    cfg, train = _load_run(run_dir)
+    e = cfg.export
+    base = Path(base_dir if base_dir is not None else e.base_dir)
+    index = index or e.index
+    k = int(k if k is not None else e.k)
+    gate = float(ann_recall_gate if ann_recall_gate is not None else e.ann_recall_gate)
+    models = tuple(models)
+    if index not in INDEX_KINDS:
+        raise ExportError(f"unknown index {index!r}; use one of {', '.join(INDEX_KINDS)}")
+    if not models or any(m not in MODELS for m in models) or len(set(models)) != len(models):
+        raise ExportError(f"models must be a non-empty subset of {list(MODELS)}, got "
+                          f"{list(models)}")
+    if k < 1:
+        raise ExportError(f"k must be at least 1, got {k}")
+    if version is not None and (isinstance(version, bool) or int(version) < 1):
+        raise ExportError(f"version must be a positive integer, got {version!r}")
+    unknown = sorted(set(names or {}) - {*MODELS, "student_items"})
+    if unknown:
+        raise ExportError(f"unknown model role(s) {unknown} in names; roles are student, "
+                          "teacher and student_items")
+    role_names = {**default_names(cfg, index), **(names or {})}
+    roles = [m for m in models] + (["student_items"] if item_encoder and "student" in models
+                                   else [])
+    chosen = {r: role_names[r] for r in roles}
+    if len(set(chosen.values())) != len(chosen):
+        raise ExportError(f"two models of this export share a name: {chosen}")
+    for r, n in chosen.items():
+        if not n or not all(c.isalnum() or c in "_-." for c in n) or n.startswith("."):
+            raise ExportError(f"model name {n!r} (for {r}) must be letters, digits, '_', '-', "
+                              "'.' and not start with '.'")
+    taken = {n: existing_versions(base / n) for n in chosen.values()}
+    if version is None:
+        version = 1 + max([v for vs in taken.values() for v in vs], default=0)
+    version = int(version)
+    clash = [str(base / n / str(version)) for n, vs in taken.items() if version in vs]
+    if clash:
+        raise ExportError(f"version {version} already exists at {', '.join(clash)}; versions are "
+                          "never overwritten: pass another --version or omit it for the next "
+                          "free one")
+
+    if dataset is None:
+        log(f"loading the run's data ({cfg.data.format}) ...")
+        try:
+            dataset = train.load_data(cfg)
+        except ValueError as err:
+            raise ExportError(f"cannot load the data {run_dir} was trained on: {err}") from None
+    _check_dataset(dataset, run_dir, train)
+    ds = dataset
+    scann_over = {"num_leaves": e.scann_num_leaves, "num_leaves_to_search":
+                  e.scann_leaves_to_search, "num_reordering_candidates": e.scann_reorder,
+                  **(scann or {})}
+    rng = np.random.default_rng(0)
+    q_rows = np.sort(rng.choice(len(ds.users), size=min(n_queries, len(ds.users)),
+                                replace=False))
+    w_rows = np.sort(rng.choice(len(ds.users), size=min(4, len(ds.users)), replace=False))
+    report = _read_report(run_dir)
+    item_ids = ds.items["item_id"].astype(str).to_numpy()
+    created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    common = {"format_version": 1, "created": created, "run_dir": str(run_dir.resolve()),
+              "version": version, "schema": ds.schema.to_dict(), "config": to_dict(cfg),
+              "dataset": ds.summary(), "libraries": _versions(_library_version())}
+
+    planned: list[_Planned] = []
+    train_df = None
+    for which in models:
+        model = _load_model(train, run_dir, which)
+        name = chosen[which]
+        u_specs = _check_inputs(model.user_tower, ds.users, "user", which)
+        _check_inputs(model.item_tower, ds.items, "item", which)
+        log(f"{which}: embedding {len(item_ids)} catalogue items ...")
+        item_emb = model.embed("item", ds.items, ds.schema)
+        queries = model.embed("user", ds.users.iloc[q_rows], ds.schema)
+        query_scale = None
+        prior = float(getattr(model, "popularity_prior", 0.0))
+        if prior:  # rank by u.i / temperature + prior * log(1 + training count), as evaluated
+            if train_df is None:
+                train_df = train.prepare(ds, cfg).split.train
+            bias = prior * item_log_counts(train_df, ds.items)
+            query_scale = 1.0 / model.temperature
+            index_emb = np.concatenate([item_emb, bias[:, None]], axis=1).astype(np.float32)
+            index_queries = np.concatenate(
+                [queries * query_scale, np.ones((len(queries), 1), np.float32)], axis=1)
+        else:
+            index_emb, index_queries = item_emb, queries
+        params = None
+        if index == "scann":
+            try:
+                params = scann_params(len(item_ids), index_emb.shape[1], k, **{
+                    kk: (int(v) if v is not None else None) for kk, v in scann_over.items()})
+            except TypeError as err:
+                raise ExportError(f"unknown ScaNN parameter: {err}") from None
+        log(f"{which}: building the {index} index (k={min(k, len(item_ids))}) ...")
+        try:
+            gated = build_gated_index(item_ids, index_emb, index_queries, k, index, gate,
+                                      params)
+        except IndexBuildError as err:
+            raise type(err)(f"{name}: {err}") from None
+        if gated.recall is not None:
+            log(f"{which}: ANN recall@{gated.k} = {gated.recall:.4f} (gate {gate})")
+        module = RecommendModule(model.user_tower, gated.layer, gated.k, query_scale)
+        manifest = {**common, "name": name, "kind": "recommend", "model": which,
+                    "popularity_prior": prior, "temperature": float(model.temperature),
+                    "index": index, "k": gated.k, "k_requested": k,
+                    "catalogue_size": int(len(item_ids)),
+                    "embedding_dim": int(item_emb.shape[1]),
+                    "index_params": gated.params, "ann_recall": _recall_info(gated),
+                    "serving": _serving_note(index),
+                    "signatures": {s: _describe(f) for s, f in module.signatures().items()},
+                    "metrics": (report.get("models", {}).get(which) if report else None),
+                    "pad": {"item_id": PAD_ID, "score": PAD_SCORE}}
+        rows = _rows(ds.users.iloc[w_rows], ds, "user", u_specs)
+        planned.append(_Planned(name, "recommend", which, module, manifest,
+                                warmup_records(name, u_specs, rows, list(module.signatures()))))
+        if which == "student" and "student_items" in chosen:
+            enc = ItemEncoderModule(model.item_tower)
+            iname = chosen["student_items"]
+            i_rows = _rows(ds.items.iloc[:4], ds, "item", enc.specs)
+            planned.append(_Planned(iname, "item_encoder", which, enc, {
+                **common, "name": iname, "kind": "item_encoder", "model": which, "index": None,
+                "embedding_dim": int(item_emb.shape[1]), "serving": _serving_note("brute-force"),
+                "signatures": {s: _describe(f) for s, f in enc.signatures().items()},
+                "metrics": (report.get("models", {}).get(which) if report else None)},
+                warmup_records(iname, enc.specs, i_rows, ["serving_default"])))
+    return _publish(planned, base, version, index, log)
+
+
+def _recall_info(g: GatedIndex) -> dict[str, Any] | None:
+    if g.recall is None:
+        return {"recall": 1.0, "exact": True, "k": g.k}
+    return {"recall": g.recall, "exact": False, "k": g.k, "gate": g.gate,
+            "queries": g.n_queries, "query_source": "sampled rows of the users table",
+            "trials": g.trials}
+
+
+def _serving_note(index: str) -> str:
+    if index == "scann":
+        return ("needs TF Serving built with the ScaNN ops (Dockerfile default target); in "
+                "Python, `import scann` before loading")
+    return "stock TF Serving (tensorflow/serving:2.20.0); stock TensorFlow ops only"
+
+
+def _library_version() -> str:
+    from tfrs_coldstart import __version__
+
+    return __version__
+
+
+def _read_report(run_dir: Path) -> dict[str, Any] | None:
+    p = run_dir / "report.json"
+    try:
+        return json.loads(p.read_text()) if p.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _save_quietly(module: Any, path: Path, options: tf.saved_model.SaveOptions) -> None:
+    """``tf.saved_model.save`` without Keras's warnings about the towers' constructor args
+    (the SavedModel's signatures never rebuild the Keras objects)."""
+    tf_logger = logging.getLogger("tensorflow")
+    level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)
+    try:
+        tf.saved_model.save(module, str(path), signatures=module.signatures(), options=options)
+    finally:
+        tf_logger.setLevel(level)
+
+
+def _publish(planned: list[_Planned], base: Path, version: int, index: str,
+             log: Any) -> list[ExportedModel]:
+    """Write every model to a temporary folder, then rename them all into place."""
+    created_dirs: list[Path] = []
+    for d in [base] + [base / p.name for p in planned]:
+        if not d.exists():
+            created_dirs.append(d)
+    published: list[_Planned] = []
+    try:
+        for p in planned:
+            model_dir = base / p.name
+            p.tmp = model_dir / f".tmp-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            p.final = model_dir / str(version)
+            log(f"writing {p.name} ({p.kind}) ...")
+            try:
+                model_dir.mkdir(parents=True, exist_ok=True)
+                _save_quietly(p.module, p.tmp,
+                              _SAVE_OPTIONS[index if p.kind == "recommend" else "brute-force"])
+                extra = p.tmp / "assets.extra"
+                extra.mkdir(exist_ok=True)
+                with tf.io.TFRecordWriter(str(extra / WARMUP_FILE)) as w:
+                    for rec in p.warmup:
+                        w.write(rec)
+                (p.tmp / MANIFEST_FILE).write_text(
+                    json.dumps(p.manifest, indent=1, default=_json_default))
+            except (OSError, tf.errors.OpError) as err:
+                raise ExportError(f"cannot write {p.name} under {model_dir}: {err}; nothing was "
+                                  "published") from None
+        for p in planned:
+            assert p.tmp is not None and p.final is not None
+            try:
+                if p.final.exists():
+                    raise FileExistsError(p.final)
+                os.rename(p.tmp, p.final)
+            except OSError:
+                raise ExportError(f"{p.final} appeared while exporting (another export?); "
+                                  "versions are never overwritten, nothing was published: "
+                                  "export again") from None
+            published.append(p)
+    except BaseException:
+        for p in published:
+            shutil.rmtree(p.final, ignore_errors=True)  # type: ignore[arg-type]
+        for p in planned:
+            if p.tmp is not None:
+                shutil.rmtree(p.tmp, ignore_errors=True)
+        for d in reversed(created_dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    out = []
+    for p in planned:
+        assert p.final is not None
+        log(f"published {p.final}")
+        out.append(ExportedModel(p.name, version, p.final, p.kind, p.model,
+                                 index if p.kind == "recommend" else None, p.manifest, p.module))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``tfrs-coldstart export`` (for the main CLI to reuse)."""
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run folder")
+    p.add_argument("--index", choices=INDEX_KINDS, default=None,
+                   help="scann (needs TF Serving with ScaNN ops) or brute-force (stock TF "
+                        "Serving); default: the run's export.index (scann)")
+    p.add_argument("--base-dir", default=None,
+                   help="model base path; models go to BASE/<name>/<version> (default: export)")
+    p.add_argument("--k", type=int, default=None, help="results per query (default 100)")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="comma-separated: student,teacher (default both)")
+    p.add_argument("--version", type=int, default=None,
+                   help="integer version (default: next free); existing ones are never replaced")
+    p.add_argument("--ann-recall-gate", type=float, default=None,
+                   help="minimum recall@k of ScaNN against exact search (default 0.95)")
+    p.add_argument("--scann-num-leaves", type=int, default=None)
+    p.add_argument("--scann-leaves-to-search", type=int, default=None)
+    p.add_argument("--scann-reorder", type=int, default=None)
+    p.add_argument("--no-item-encoder", action="store_true",
+                   help="skip the student's item encoder")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    scann = {k: v for k, v in (("num_leaves", args.scann_num_leaves),
+                               ("num_leaves_to_search", args.scann_leaves_to_search),
+                               ("num_reordering_candidates", args.scann_reorder))
+             if v is not None}
+    done = export_run(args.run_dir, base_dir=args.base_dir,
+                      models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+                      index=args.index, k=args.k, version=args.version,
+                      ann_recall_gate=args.ann_recall_gate, scann=scann or None,
+                      item_encoder=not args.no_item_encoder)
+    for m in done:
+        rec = m.manifest.get("ann_recall") or {}
+        extra = (f"  recall@{rec['k']}={rec['recall']:.3f}" if m.kind == "recommend" and rec
+                 else "")
+        print(f"{m.name:<16} v{m.version}  {m.kind:<12} {m.path}{extra}")
+    return 0
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``tfrs-coldstart export RUN_DIR [...]``: one line ``error: ...`` and exit 2 on bad input."""
+    p = argparse.ArgumentParser(prog="tfrs-coldstart export",
+                                description="export a run as TF Serving SavedModels")
+    add_export_arguments(p)
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return cmd_export(args)
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(export_main())
