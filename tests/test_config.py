@@ -17,7 +17,8 @@ from tfrs_coldstart.config import (
 
 def test_file_then_overrides_in_order(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("teacher:\n  epochs: 7\n  tower:\n    hidden: [32, 16]\nstudent:\n  distill_lambda: 2\n")
+    f.write_text("teacher:\n  epochs: 7\n  tower:\n    hidden: [32, 16]\n"
+                 "student:\n  distill_lambda: 2\n")
     cfg = load_config(f, ["teacher.epochs=3", "data.data_dir=null", "student.popularity_prior=0.5"])
     assert cfg.teacher.epochs == 3
     assert cfg.teacher.tower.hidden == (32, 16)

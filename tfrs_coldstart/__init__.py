@@ -10,3 +10,13 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
+
+__all__ = ["load_model", "__version__"]
+
+
+def __getattr__(name: str):  # lazy: importing the package must not import TensorFlow yet
+    if name == "load_model":
+        from tfrs_coldstart.train import load_model
+
+        return load_model
+    raise AttributeError(f"module 'tfrs_coldstart' has no attribute {name!r}")

@@ -165,6 +165,12 @@ DELEGATED = {
               "local server with TF Serving's REST and gRPC APIs (production: TF Serving)"),
     "recommend": ("tfrs_coldstart.client", "recommend_main",
                   "ask a TF Serving (or `serve`) server for one user's recommendations"),
+    "batch": ("tfrs_coldstart.batch", "batch_main",
+              "offline top-k for a users table (CSV/Parquet) -> Parquet; in-process or Beam"),
+    "add-items": ("tfrs_coldstart.batch", "add_items_main",
+                  "embed new items and publish a new version with them in the index"),
+    "finetune": ("tfrs_coldstart.finetune", "finetune_main",
+                 "continue training a run on new interactions (then `export`)"),
 }
 
 

@@ -435,7 +435,7 @@ def export_run(
               "dataset": ds.summary(), "libraries": _versions(_library_version())}
 
     planned: list[_Planned] = []
-    train_df = None
+    log_counts = None
     for which in models:
         model = _load_model(train, run_dir, which)
         name = chosen[which]
@@ -447,9 +447,11 @@ def export_run(
         query_scale = None
         prior = float(getattr(model, "popularity_prior", 0.0))
         if prior:  # rank by u.i / temperature + prior * log(1 + training count), as evaluated
-            if train_df is None:
-                train_df = train.prepare(ds, cfg).split.train
-            bias = prior * item_log_counts(train_df, ds.items)
+            if log_counts is None:  # counts saved with the run, so new items count 0
+                log_counts = train.run_item_log_counts(run_dir, ds.items)
+            if log_counts is None:  # a run saved before counts were recorded
+                log_counts = item_log_counts(train.prepare(ds, cfg).split.train, ds.items)
+            bias = prior * log_counts
             query_scale = 1.0 / model.temperature
             index_emb = np.concatenate([item_emb, bias[:, None]], axis=1).astype(np.float32)
             index_queries = np.concatenate(

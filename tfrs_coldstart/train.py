@@ -147,6 +147,8 @@ def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float
     for side in SIDES:  # create the variables now: BackupAndRestore needs a built model
         tower = model.tower(side)
         tower(dummy_inputs(tower.encoder.state))
+    if isinstance(model, StudentModel):
+        model.build_extras()
     model.built = True
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=lr))
     callbacks: list[tf.keras.callbacks.Callback] = []
@@ -210,7 +212,7 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
     train_df = prep.val.train
     states = student_states(ds.schema, _entities(ds.users, "user", train_df),
                             _entities(ds.items, "item", train_df), cfg.tower, sides)
-    model = build_student(states, cfg, teacher)
+    model = build_student(states, cfg, teacher, _residual_ids(cfg, train_df))
     val_segments = tuple(s for s in SEGMENTS if _servable(s, sides))
     out = run_dir / name
     info = _fit(model, train_df, prep, cfg.learning_rate, cfg.batch_size, cfg.epochs,
@@ -227,7 +229,7 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
         tf.keras.utils.set_random_seed(seed + 2000)
         states = student_states(ds.schema, _entities(ds.users, "user", full),
                                 _entities(ds.items, "item", full), cfg.tower, sides)
-        model = build_student(states, cfg, teacher)
+        model = build_student(states, cfg, teacher, _residual_ids(cfg, full))
         model.popularity_prior = float(prior)
         shutil.rmtree(out / "backup", ignore_errors=True)
         info["refit"] = _fit(model, full, prep, cfg.learning_rate, cfg.batch_size,
@@ -235,6 +237,14 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
                              run_dir / "logs" / f"{name}-refit", seed, verbose)
     _save(model, states, out, info)
     return model
+
+
+def _residual_ids(cfg: StudentConfig, train_df: pd.DataFrame) -> dict[str, list[str]]:
+    sides = {"none": (), "both": SIDES}.get(cfg.id_residual, (cfg.id_residual,))
+    if any(s not in SIDES for s in sides):
+        raise ValueError(f"student.id_residual must be none, user, item or both, "
+                         f"not {cfg.id_residual!r}")
+    return {s: sorted(train_df[f"{s}_id"].astype(str).unique()) for s in sides}
 
 
 def _servable(segment: str, sides: tuple[str, ...]) -> bool:
@@ -293,9 +303,36 @@ def save_run_metadata(cfg: RunConfig, prep: Prepared, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     prep.dataset.schema.to_yaml(run_dir / "schema.yaml")
+    counts = prep.split.train["item_id"].astype(str).value_counts()
     atomic_write_text(run_dir / "split.json", json.dumps(
         {"seed": prep.split.seed, "cold_users": list(prep.split.cold_users),
-         "cold_items": list(prep.split.cold_items)}))
+         "cold_items": list(prep.split.cold_items),
+         "item_counts": {k: int(v) for k, v in counts.items()}}))
+
+
+def add_item_counts(run_dir: Path, interactions: pd.DataFrame) -> None:
+    """Add new interactions to a run's training item counts (the popularity prior's input)."""
+    path = Path(run_dir) / "split.json"
+    meta = json.loads(path.read_text())
+    counts = meta.get("item_counts", {})
+    for item, n in interactions["item_id"].astype(str).value_counts().items():
+        counts[item] = int(counts.get(item, 0)) + int(n)
+    meta["item_counts"] = counts
+    atomic_write_text(path, json.dumps(meta))
+
+
+def run_item_log_counts(run_dir: Path, items: pd.DataFrame) -> np.ndarray | None:
+    """``log(1 + training count)`` per row of ``items`` from the run's saved counts.
+
+    Items the run never trained on (cold, or added later) count 0. None for runs saved
+    without counts.
+    """
+    path = Path(run_dir) / "split.json"
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    if "item_counts" not in meta:
+        return None
+    counts = items["item_id"].astype(str).map(meta["item_counts"]).fillna(0)
+    return np.log1p(counts.to_numpy(dtype=np.float64)).astype(np.float32)
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:

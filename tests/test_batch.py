@@ -1,0 +1,368 @@
+"""Offline batch retrieval (in-process and Beam DirectRunner) and add-items, on one tiny export.
+
+The reference for every result is the exported SavedModel itself, loaded with TensorFlow's
+SavedModel loader and called directly, as TF Serving would.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from tfrs_coldstart import train
+from tfrs_coldstart.batch import (
+    ADDED_ITEMS_DIR,
+    BatchError,
+    ServedModel,
+    add_items,
+    add_items_main,
+    batch_main,
+    batch_recommend,
+    beam_batch_recommend,
+    resolve_version,
+)
+from tfrs_coldstart.config import load_config
+from tfrs_coldstart.data import DataError, generate
+from tfrs_coldstart.data.pipeline import feature_arrays
+from tfrs_coldstart.export import export_run
+
+K = 20
+HAS_BEAM = importlib.util.find_spec("apache_beam") is not None
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny trained run (tables with a dense item vector) exported with ScaNN, k=20.
+
+    The student ranks by the dot product alone (popularity_prior=0), so an item made from a
+    user's best item ties with it.
+    """
+    root = tmp_path_factory.mktemp("batch")
+    data = root / "data"
+    data.mkdir()
+    ds = generate(n_users=200, n_items=120, n_interactions=3000, seed=5, dense_dim=4)
+    ds.interactions.to_parquet(data / "interactions.parquet")
+    ds.users.to_parquet(data / "users.parquet")
+    ds.items.to_parquet(data / "items.parquet")
+    ds.schema.to_yaml(data / "schema.yaml")
+    run = root / "run"
+    cfg = load_config(overrides=[
+        "data.format=tables", f"data.data_dir={data}", f"output_dir={run}",
+        "teacher.epochs=2", "teacher.batch_size=512", "teacher.tower.id_dim=16",
+        "teacher.tower.feature_dim=8", "teacher.tower.hidden=[32]", "teacher.tower.output_dim=16",
+        "student.epochs=2", "student.batch_size=512", "student.refit=false",
+        "student.popularity_prior=0.0", "student.tower.feature_dim=8",
+        "student.tower.hidden=[16]", "student.tower.output_dim=8"])
+    dataset = train.load_data(cfg)
+    prep = train.prepare(dataset, cfg)
+    train.save_run_metadata(cfg, prep, run)
+    teacher = train.fit_teacher(prep, cfg.teacher, run, cfg.seed, verbose=0)
+    train.fit_student(prep, teacher, cfg.student, run, cfg.seed, verbose=0)
+    base = root / "export"
+    export_run(run, base, index="scann", k=K, dataset=dataset, log=lambda m: None)
+    users_pq = root / "users.parquet"
+    dataset.users.to_parquet(users_pq)
+    return {"root": root, "run": run, "base": base, "ds": dataset, "users": users_pq}
+
+
+def _direct(version_dir: Path, users: pd.DataFrame, schema: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The SavedModel called directly with the whole table: (ids str [n, k], scores)."""
+    import scann  # noqa: F401  (registers the ScaNN ops)
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    specs = fn.structured_input_signature[1]
+    rows = feature_arrays(users, schema.user_features, "user_id")
+    out = fn(**{k: tf.constant(rows[k], dtype=s.dtype) for k, s in specs.items()})
+    ids = np.vectorize(lambda b: b.decode())(out["item_ids"].numpy())
+    return ids, out["scores"].numpy()
+
+
+def _as_matrix(recs: pd.DataFrame, user_ids: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    recs = recs.sort_values(["user_id", "rank"])
+    by_user = {u: g for u, g in recs.groupby("user_id")}
+    ids = np.stack([by_user[u]["item_id"].to_numpy(dtype=object) for u in user_ids])
+    sc = np.stack([by_user[u]["score"].to_numpy() for u in user_ids])
+    assert ids.shape == (len(user_ids), k)
+    return ids, sc
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or "tmp" in p.name
+                  or p.name.startswith("beam-temp"))
+
+
+# --------------------------------------------------------------------------------------------
+# in-process batch retrieval
+
+
+def test_batch_equals_the_served_model(setup: dict[str, Any], tmp_path: Path) -> None:
+    ds = setup["ds"]
+    out = tmp_path / "recs.parquet"
+    # several chunks, several model calls per chunk
+    s = batch_recommend(setup["base"] / "student", setup["users"], out, chunk_rows=70,
+                        batch_size=32, progress=False)
+    assert s.users == len(ds.users) and s.rows == len(ds.users) * K and s.k == K
+    assert s.model_path.endswith("student/1")
+    recs = pd.read_parquet(out)
+    assert list(recs.columns) == ["user_id", "rank", "item_id", "score"]
+    assert str(recs["rank"].dtype) == "int32" and str(recs["score"].dtype) == "float32"
+    user_ids = ds.users["user_id"].astype(str).tolist()
+    assert list(dict.fromkeys(recs["user_id"])) == user_ids  # input order kept
+    ids, sc = _as_matrix(recs, user_ids, K)
+    ref_ids, ref_sc = _direct(setup["base"] / "student" / "1", ds.users, ds.schema)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(sc, ref_sc, rtol=0, atol=1e-5)
+    assert np.all(np.diff(sc, axis=1) <= 1e-6)  # rank 1 is the best
+    assert _leftovers(tmp_path) == []
+
+
+def test_csv_input_teacher_and_k_subset(setup: dict[str, Any], tmp_path: Path) -> None:
+    """CSV read as text (ids like u007 keep their form); the teacher reads user_id itself."""
+    ds = setup["ds"]
+    csv = tmp_path / "users.csv"
+    ds.users.to_csv(csv, index=False)
+    out = tmp_path / "recs.parquet"
+    s = batch_recommend(setup["base"] / "teacher", csv, out, k=5, chunk_rows=64, progress=False)
+    assert s.rows == len(ds.users) * 5
+    recs = pd.read_parquet(out)
+    user_ids = ds.users["user_id"].astype(str).tolist()
+    ids, sc = _as_matrix(recs, user_ids, 5)
+    ref_ids, ref_sc = _direct(setup["base"] / "teacher" / "1", ds.users, ds.schema)
+    np.testing.assert_array_equal(ids, ref_ids[:, :5])
+    np.testing.assert_allclose(sc, ref_sc[:, :5], atol=1e-5)
+
+
+def test_unseen_feature_values_still_get_k_results(setup: dict[str, Any],
+                                                   tmp_path: Path) -> None:
+    users = setup["ds"].users.iloc[:4].copy()
+    users["user_id"] = ["never-seen-1", "never-seen-2", "never-seen-3", "u000"]
+    users["region"] = ["region-on-mars", "region00", "region-zz", "region01"]
+    users["age_bucket"] = ["120+", "??", "18-24", "25-34"]
+    users["interests"] = ["tag-unknown|tag-also-unknown", "tag000", "x|y|z", "tag001"]
+    users["activity"] = [1e6, -3.0, 0.0, 1.0]
+    path = tmp_path / "odd_users.parquet"
+    users.to_parquet(path)
+    for name in ("student", "teacher"):
+        out = tmp_path / f"{name}.parquet"
+        batch_recommend(setup["base"] / name, path, out, progress=False)
+        recs = pd.read_parquet(out)
+        counts = recs.groupby("user_id").size()
+        assert counts.to_dict() == dict.fromkeys(users["user_id"], K)
+        assert np.isfinite(recs["score"]).all()
+        assert recs.groupby("user_id")["item_id"].nunique().eq(K).all()
+
+
+def test_version_resolution(setup: dict[str, Any]) -> None:
+    base = setup["base"]
+    path, name, version = resolve_version(base / "student")
+    assert (name, version) == ("student", 1) and path.endswith("student/1")
+    assert resolve_version(base / "student" / "1")[1:] == ("student", 1)
+    m = ServedModel.load(base / "student")
+    assert m.k == K and m.required_columns[0] == "user_id"
+    assert set(m.required_columns[1:]) == set(setup["ds"].schema.names("user"))
+    with pytest.raises(BatchError, match="does not exist"):
+        resolve_version(base / "nope")
+    with pytest.raises(BatchError, match="no SavedModel version"):
+        resolve_version(setup["root"] / "data")
+    with pytest.raises(BatchError, match="not item_ids and scores"):
+        ServedModel.load(base / "student_items")
+
+
+def test_bad_input_gives_one_clear_error_and_no_output(setup: dict[str, Any],
+                                                       tmp_path: Path) -> None:
+    ds = setup["ds"]
+    model = setup["base"] / "student"
+    out = tmp_path / "recs.parquet"
+
+    def fails(exc: type[Exception], match: str, users: Any, **kw: Any) -> None:
+        with pytest.raises(exc, match=match):
+            batch_recommend(kw.pop("model", model), users, out, progress=False, **kw)
+        assert not out.exists()
+        assert _leftovers(tmp_path) == []
+
+    fails(BatchError, "does not exist", setup["users"], model=tmp_path / "no-model")
+    missing = tmp_path / "missing.csv"
+    ds.users.drop(columns=["region"]).to_csv(missing, index=False)
+    fails(BatchError, r"missing\.csv: missing column\(s\) \['region'\]", missing)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    fails(BatchError, "empty", empty)
+    header = tmp_path / "header.csv"
+    header.write_text(",".join(ds.users.columns) + "\n")
+    fails(BatchError, "no rows", header)
+    empty_pq = tmp_path / "empty.parquet"
+    ds.users.iloc[:0].to_parquet(empty_pq)
+    fails(BatchError, "no rows", empty_pq)
+    fails(BatchError, "not found", tmp_path / "nope.parquet")
+    fails(BatchError, "unknown file type", setup["run"] / "config.yaml")
+    # a bad cell far into the file: found in a later chunk, after output was being written
+    bad = ds.users.copy()
+    bad["activity"] = bad["activity"].astype(object)
+    bad.loc[150, "activity"] = "lots"
+    bad_csv = tmp_path / "bad.csv"
+    bad.to_csv(bad_csv, index=False)
+    fails(DataError, r"bad\.csv: column 'activity', row 150 \(line 152 of the file\)", bad_csv,
+          chunk_rows=50)
+    fails(BatchError, "returns 20 items per user", setup["users"], k=K + 1)
+    with pytest.raises(BatchError, match="is a folder"):
+        batch_recommend(model, setup["users"], tmp_path, progress=False)
+
+
+def test_batch_cli(setup: dict[str, Any], tmp_path: Path,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli.parquet"
+    assert batch_main(["--model", str(setup["base"] / "student"), "--users",
+                       str(setup["users"]), "--out", str(out), "--k", "3",
+                       "--no-progress"]) == 0
+    assert "users/s" in capsys.readouterr().out
+    assert len(pd.read_parquet(out)) == len(setup["ds"].users) * 3
+    out2 = tmp_path / "cli2.parquet"
+    assert batch_main(["--model", str(tmp_path / "nope"), "--users", str(setup["users"]),
+                       "--out", str(out2)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist" in err and not out2.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Apache Beam
+
+
+@pytest.mark.skipif(not HAS_BEAM, reason="apache_beam not installed (extra [beam])")
+def test_beam_direct_runner_matches_in_process(setup: dict[str, Any], tmp_path: Path) -> None:
+    ds = setup["ds"]
+    model = setup["base"] / "student"
+    ref = tmp_path / "ref.parquet"
+    batch_recommend(model, setup["users"], ref, k=10, progress=False)
+    want = pd.read_parquet(ref).sort_values(["user_id", "rank"]).reset_index(drop=True)
+    csv = tmp_path / "users.csv"
+    ds.users.to_csv(csv, index=False)
+    for src in (setup["users"], csv):
+        out = tmp_path / f"beam-{Path(src).suffix[1:]}.parquet"
+        files = beam_batch_recommend(model, src, out, k=10, batch_size=48,
+                                     pipeline_options=["--runner=DirectRunner"])
+        assert files == [str(out)]
+        got = pd.read_parquet(out).sort_values(["user_id", "rank"]).reset_index(drop=True)
+        assert list(got.columns) == list(want.columns) and len(got) == len(want)
+        assert (got["user_id"] == want["user_id"]).all()
+        assert (got["item_id"] == want["item_id"]).all()
+        np.testing.assert_allclose(got["score"], want["score"], atol=1e-5)
+    with pytest.raises(BatchError, match=r"missing column\(s\) \['region'\]"):
+        missing = tmp_path / "missing.parquet"
+        ds.users.drop(columns=["region"]).to_parquet(missing)
+        beam_batch_recommend(model, missing, tmp_path / "never.parquet")
+    with pytest.raises(BatchError, match="does not exist"):
+        beam_batch_recommend(tmp_path / "nope", setup["users"], tmp_path / "never.parquet")
+    assert not (tmp_path / "never.parquet").exists()
+
+
+@pytest.mark.skipif(not HAS_BEAM, reason="apache_beam not installed (extra [beam])")
+def test_beam_bad_cell_fails_without_output(setup: dict[str, Any], tmp_path: Path) -> None:
+    bad = setup["ds"].users.copy()
+    bad["activity"] = bad["activity"].astype(object)
+    bad.loc[7, "activity"] = "lots"
+    src = tmp_path / "bad.csv"
+    bad.to_csv(src, index=False)
+    out = tmp_path / "out" / "recs.parquet"
+    with pytest.raises(Exception, match="activity"):
+        beam_batch_recommend(setup["base"] / "student", src, out)
+    assert not out.exists() and _leftovers(out.parent) == []
+
+
+# --------------------------------------------------------------------------------------------
+# add-items
+
+
+def _as_csv(items: pd.DataFrame, path: Path) -> Path:
+    """Items as a CSV file (dense vectors as space-separated text)."""
+    items = items.copy()
+    items["embedding"] = items["embedding"].map(lambda v: " ".join(f"{x:.8g}" for x in v))
+    items.to_csv(path, index=False)
+    return path
+
+
+def test_add_items_makes_new_items_retrievable_at_once(setup: dict[str, Any],
+                                                       tmp_path: Path) -> None:
+    ds = setup["ds"]
+    base = tmp_path / "export"
+    shutil.copytree(setup["base"] / "student", base / "student")
+    users = ds.users.iloc[:5]
+    old = ServedModel.load(base / "student")
+    _, feats = old.normalise(users, None)
+    old_ids, old_sc = old.recommend(feats)
+    # a new item made to match user 0's taste: the content of that user's best item
+    best = old_ids[0, 0].decode()
+    new = ds.items[ds.items["item_id"] == best].copy()
+    new["item_id"] = "new-taste-match"
+    other = ds.items.iloc[:2].copy()
+    other["item_id"] = ["new-a", "new-b"]
+    src = _as_csv(pd.concat([new, other]), tmp_path / "new_items.csv")
+    m = add_items(base / "student", src, log=lambda msg: None)
+    assert (m.name, m.version) == ("student", 2)
+    assert m.manifest["catalogue_size"] == len(ds.items) + 3
+    assert (base / "student" / ADDED_ITEMS_DIR / "2.parquet").is_file()
+    new_model = ServedModel.load(base / "student")  # the latest version
+    assert new_model.version == 2
+    new_ids, new_sc = new_model.recommend(feats)
+    top = [i.decode() for i in new_ids[0]]
+    assert "new-taste-match" in top[:2]  # ties with the item it was made from
+    # items already there keep their scores (ranking by the same dot products)
+    for j in range(len(users)):
+        before = dict(zip(old_ids[j], old_sc[j], strict=True))
+        after = dict(zip(new_ids[j], new_sc[j], strict=True))
+        common = set(before) & set(after)
+        assert len(common) >= K - 3
+        np.testing.assert_allclose([before[c] for c in common], [after[c] for c in common],
+                                   atol=1e-4)
+    # the old version still serves the old catalogue; batch uses the new one at once
+    out = tmp_path / "recs.parquet"
+    batch_recommend(base / "student", setup["users"], out, progress=False)
+    recs = pd.read_parquet(out)
+    assert "new-taste-match" in set(recs.loc[recs["user_id"] == users["user_id"].iloc[0],
+                                             "item_id"])
+    # a second addition builds on the first: version 3 holds both
+    more = ds.items.iloc[5:6].copy()
+    more["item_id"] = "new-c"
+    m3 = add_items(base / "student", more, log=lambda msg: None)
+    assert m3.version == 3 and m3.manifest["catalogue_size"] == len(ds.items) + 4
+    added = pd.read_parquet(base / "student" / ADDED_ITEMS_DIR / "3.parquet")
+    assert sorted(added["item_id"]) == ["new-a", "new-b", "new-c", "new-taste-match"]
+
+
+def test_add_items_bad_input(setup: dict[str, Any], tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    ds = setup["ds"]
+    base = tmp_path / "export"
+    shutil.copytree(setup["base"] / "student", base / "student")
+    versions = lambda: sorted(p.name for p in (base / "student").iterdir())  # noqa: E731
+
+    def fails(exc: type[Exception], match: str, items: Any, model: Path | None = None) -> None:
+        with pytest.raises(exc, match=match):
+            add_items(model or base / "student", items, log=lambda msg: None)
+        assert versions() == ["1"]
+
+    dup = ds.items.iloc[:2].copy()
+    fails(BatchError, r"row 0: item '.+' is already in the catalogue", dup)
+    fails(DataError, "missing required column", ds.items.drop(columns=["title"]).iloc[:1])
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    fails(DataError, "empty", empty)
+    fails(DataError, "empty", ds.items.iloc[:0])
+    fails(BatchError, "does not exist", ds.items.iloc[:1], tmp_path / "nope")
+    fails(BatchError, "not a `recommend` export", ds.items.iloc[:1],
+          setup["base"] / "student_items")
+    new = ds.items.iloc[:1].copy()
+    new["item_id"] = "fresh"
+    src = _as_csv(new, tmp_path / "fresh.csv")
+    assert add_items_main([str(src), "--model", str(base / "student")]) == 0
+    assert "v2" in capsys.readouterr().out and versions() == [".added_items", "1", "2"]
+    assert add_items_main([str(src), "--model", str(base / "student")]) == 2
+    assert "already in the catalogue" in capsys.readouterr().err
+    assert versions() == [".added_items", "1", "2"]
