@@ -85,7 +85,6 @@ class StudentConfig:
     # gives its content-only (cold-start) view, the part of its knowledge content can carry.
     distill_user_ids: bool = True
     distill_item_ids: bool = True
-    id_residual: str = "none"  # none | item | user | both: training-only ID residuals
     distill_sides: str = "auto"  # auto | both | user | item: which sides get a content-only tower
     refit: bool = True  # after choosing the epoch count on pseudo-cold validation, refit on all
     popularity_prior: float | None = None  # weight of log(1+count) in ranking; None: tune on val

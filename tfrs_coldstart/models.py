@@ -119,27 +119,13 @@ class StudentModel(TwoTowerModel):
     """
 
     def __init__(self, user_tower: Tower, item_tower: Tower, teacher: TeacherModel | None,
-                 cfg: StudentConfig, residual_ids: dict[str, list[str]] | None = None,
-                 **kwargs: Any) -> None:
+                 cfg: StudentConfig, **kwargs: Any) -> None:
         super().__init__(user_tower, item_tower, cfg.temperature, cfg.logq_correction,
                          cfg.remove_accidental_hits, **kwargs)
         self.cfg = cfg
         self.teacher = teacher
         if teacher is not None:
             teacher.trainable = False
-        # Training-only ID residuals (outside the towers, never served): they absorb what is
-        # peculiar to each training entity, so the content towers learn what generalises to
-        # unseen ones -- the effect that makes a teacher's content path good at cold start.
-        self.residual_ids = residual_ids or {}
-        self.residual: dict[str, tuple[tf.keras.layers.Layer, tf.keras.layers.Layer]] = {}
-        for side, ids in self.residual_ids.items():
-            lookup = tf.keras.layers.StringLookup(vocabulary=ids, mask_token=None,
-                                                  num_oov_indices=1)
-            emb = tf.keras.layers.Embedding(lookup.vocabulary_size(),
-                                            self.tower(side).cfg.output_dim,
-                                            embeddings_initializer="zeros",
-                                            name=f"{side}_id_residual")
-            self.residual[side] = (lookup, emb)
         if teacher is not None and cfg.align_weight > 0:
             self.align_user = tf.keras.layers.Dense(teacher.user_tower.cfg.output_dim,
                                                     use_bias=False)
@@ -147,18 +133,10 @@ class StudentModel(TwoTowerModel):
                                                     use_bias=False)
 
     def build_extras(self) -> None:
-        """Create the residual and alignment variables before the optimizer sees the model."""
-        for lookup, table in self.residual.values():
-            table(lookup(tf.constant([""])))
+        """Create the alignment variables before the optimizer sees the model."""
         if hasattr(self, "align_user"):
             self.align_user(tf.zeros([1, self.user_tower.cfg.output_dim]))
             self.align_item(tf.zeros([1, self.item_tower.cfg.output_dim]))
-
-    def _with_residual(self, emb: tf.Tensor, features: dict[str, Any], side: str) -> tf.Tensor:
-        if side not in self.residual:
-            return emb
-        lookup, table = self.residual[side]
-        return tf.math.l2_normalize(emb + table(lookup(features[side][f"{side}_id"])), axis=1)
 
     @staticmethod
     def _teacher_view(inputs: dict[str, tf.Tensor], id_key: str, keep_ids: bool) -> dict:
@@ -170,8 +148,7 @@ class StudentModel(TwoTowerModel):
     def compute_loss(self, features: dict[str, Any], training: bool = False) -> tf.Tensor:
         q = self.user_tower(features["user"], training=training)
         c = self.item_tower(features["item"], training=training)
-        loss = self.retrieval_loss(self._with_residual(q, features, "user"),
-                                   self._with_residual(c, features, "item"), features, training)
+        loss = self.retrieval_loss(q, c, features, training)
         if self.teacher is None or (self.cfg.distill_lambda <= 0 and self.cfg.align_weight <= 0):
             return loss
         tq = tf.stop_gradient(self.teacher.user_tower(
@@ -240,8 +217,7 @@ def build_teacher(states: dict[str, dict[str, Any]], cfg: TeacherConfig) -> Teac
 
 
 def build_student(states: dict[str, dict[str, Any]], cfg: StudentConfig,
-                  teacher: TeacherModel | None,
-                  residual_ids: dict[str, list[str]] | None = None) -> StudentModel:
+                  teacher: TeacherModel | None) -> StudentModel:
     """Content-only towers for the sides in ``states``; the teacher's ID tower for the others."""
     towers = {}
     tower_cfg = cfg.tower
@@ -257,5 +233,4 @@ def build_student(states: dict[str, dict[str, Any]], cfg: StudentConfig,
         else:
             raise ValueError(f"the {side} side has no content features: the student needs the "
                              "teacher's ID tower for it, so pass a teacher")
-    residual_ids = {k: v for k, v in (residual_ids or {}).items() if k in states}
-    return StudentModel(towers["user"], towers["item"], teacher, cfg, residual_ids)
+    return StudentModel(towers["user"], towers["item"], teacher, cfg)

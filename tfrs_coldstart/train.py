@@ -212,7 +212,7 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
     train_df = prep.val.train
     states = student_states(ds.schema, _entities(ds.users, "user", train_df),
                             _entities(ds.items, "item", train_df), cfg.tower, sides)
-    model = build_student(states, cfg, teacher, _residual_ids(cfg, train_df))
+    model = build_student(states, cfg, teacher)
     val_segments = tuple(s for s in SEGMENTS if _servable(s, sides))
     out = run_dir / name
     info = _fit(model, train_df, prep, cfg.learning_rate, cfg.batch_size, cfg.epochs,
@@ -229,7 +229,7 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
         tf.keras.utils.set_random_seed(seed + 2000)
         states = student_states(ds.schema, _entities(ds.users, "user", full),
                                 _entities(ds.items, "item", full), cfg.tower, sides)
-        model = build_student(states, cfg, teacher, _residual_ids(cfg, full))
+        model = build_student(states, cfg, teacher)
         model.popularity_prior = float(prior)
         shutil.rmtree(out / "backup", ignore_errors=True)
         info["refit"] = _fit(model, full, prep, cfg.learning_rate, cfg.batch_size,
@@ -237,14 +237,6 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
                              run_dir / "logs" / f"{name}-refit", seed, verbose)
     _save(model, states, out, info)
     return model
-
-
-def _residual_ids(cfg: StudentConfig, train_df: pd.DataFrame) -> dict[str, list[str]]:
-    sides = {"none": (), "both": SIDES}.get(cfg.id_residual, (cfg.id_residual,))
-    if any(s not in SIDES for s in sides):
-        raise ValueError(f"student.id_residual must be none, user, item or both, "
-                         f"not {cfg.id_residual!r}")
-    return {s: sorted(train_df[f"{s}_id"].astype(str).unique()) for s in sides}
 
 
 def _servable(segment: str, sides: tuple[str, ...]) -> bool:
