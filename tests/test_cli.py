@@ -31,12 +31,18 @@ def test_run_writes_report_and_config(tmp_path, capsys):
     assert (out / "report.png").stat().st_size > 1000
     assert (out / "config.yaml").is_file() and (out / "schema.yaml").is_file()
     assert "teacher:" in (out / "config.yaml").read_text()
+    # distill retrains the student from the saved teacher (here: the lambda = 0 ablation)
+    assert main(["distill", "--teacher", str(out), "--set", "student.distill_lambda=0",
+                 "--set", "student.epochs=1", "--quiet"]) == 0
+    assert "distill_lambda: 0.0" in (out / "config.yaml").read_text()
+    assert json.loads((out / "report.json").read_text())["models"]["student"]["warm"]["users"]
     # evaluate re-reads the run and reproduces the numbers
     assert main(["evaluate", str(out), "--output", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "report.json").read_text())
+    distilled = json.loads((out / "report.json").read_text())
     for m in ("teacher", "student"):
         assert again["models"][m]["warm"]["recall@20"] == pytest.approx(
-            report["models"][m]["warm"]["recall@20"], abs=1e-6)
+            distilled["models"][m]["warm"]["recall@20"], abs=1e-6)
 
 
 @pytest.mark.parametrize(

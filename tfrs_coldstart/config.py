@@ -50,6 +50,7 @@ class TowerConfig:
     dropout: float = 0.0
     text_max_tokens: int = 20_000
     multi_hot_max_tokens: int = 50_000
+    min_count: int = 1  # feature values rarer than this (in training entities) go to OOV
 
 
 @dataclass(frozen=True)

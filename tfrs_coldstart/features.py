@@ -28,10 +28,15 @@ _NUM_BUCKETS = 10
 _TEXT_LEN = 16  # title-like texts; longer texts are truncated
 
 
-def _vocabulary(values: pd.Series, max_tokens: int | None) -> list[str]:
-    """Most frequent first, ties by value, so vocabularies are deterministic."""
+def _vocabulary(values: pd.Series, max_tokens: int | None, min_count: int = 1) -> list[str]:
+    """Most frequent first, ties by value, so vocabularies are deterministic.
+
+    Values seen fewer than ``min_count`` times go to the OOV bucket: a value unique to one
+    entity acts as its ID, which a content-only tower memorises instead of generalising.
+    """
     counts = collections.Counter(v for v in values if v != "")
-    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    ordered = sorted(((k, n) for k, n in counts.items() if n >= min_count),
+                     key=lambda kv: (-kv[1], kv[0]))
     if max_tokens:
         ordered = ordered[:max_tokens]
     return [k for k, _ in ordered]
@@ -41,10 +46,20 @@ def _split_tags(col: pd.Series, sep: str) -> list[str]:
     return [t for cell in col.astype(str) for t in cell.split(sep) if t]
 
 
-def _text_vocabulary(col: pd.Series, max_tokens: int) -> list[str]:
+def _text_vocabulary(col: pd.Series, max_tokens: int, min_count: int = 1) -> list[str]:
+    """TextVectorization's vocabulary; with ``min_count`` > 1 only tokens in that many rows."""
     layer = tf.keras.layers.TextVectorization(max_tokens=max_tokens + 2)
-    layer.adapt(tf.data.Dataset.from_tensor_slices(col.astype(str).to_numpy()).batch(4096))
-    return [t for t in layer.get_vocabulary() if t not in ("", "[UNK]")]
+    texts = tf.data.Dataset.from_tensor_slices(col.astype(str).to_numpy()).batch(4096)
+    layer.adapt(texts)
+    vocab = layer.get_vocabulary()
+    if min_count > 1:  # document frequency of each token, with the layer's own tokenisation
+        df = np.zeros(len(vocab), np.int64)
+        for batch in texts:
+            ids = layer(batch).numpy()
+            for row in ids:
+                df[np.unique(row)] += 1
+        vocab = [t for t, n in zip(vocab, df, strict=True) if n >= min_count]
+    return [t for t in vocab if t not in ("", "[UNK]")]
 
 
 def build_state(
@@ -62,15 +77,15 @@ def build_state(
     for spec in specs:
         col = table[spec.name]
         if spec.type is FeatureType.CATEGORICAL:
-            vocab = _vocabulary(col.astype(str), spec.max_tokens)
+            vocab = _vocabulary(col.astype(str), spec.max_tokens, cfg.min_count)
             state[spec.name] = {"type": spec.type.value, "vocabulary": vocab}
         elif spec.type is FeatureType.MULTI_HOT:
             vocab = _vocabulary(pd.Series(_split_tags(col, spec.separator)),
-                                spec.max_tokens or cfg.multi_hot_max_tokens)
+                                spec.max_tokens or cfg.multi_hot_max_tokens, cfg.min_count)
             state[spec.name] = {"type": spec.type.value, "vocabulary": vocab,
                                 "separator": spec.separator}
         elif spec.type is FeatureType.TEXT:
-            vocab = _text_vocabulary(col, spec.max_tokens or cfg.text_max_tokens)
+            vocab = _text_vocabulary(col, spec.max_tokens or cfg.text_max_tokens, cfg.min_count)
             state[spec.name] = {"type": spec.type.value, "vocabulary": vocab}
         elif spec.type is FeatureType.NUMERIC:
             x = col.to_numpy(dtype=np.float64)
