@@ -28,3 +28,41 @@ def tiny_dataset():
     from tfrs_coldstart.data import generate
 
     return generate(n_users=300, n_items=200, n_interactions=6000, seed=0)
+
+
+TINY_MODEL_OVERRIDES = (
+    "teacher.epochs=2", "teacher.batch_size=512", "teacher.tower.id_dim=16",
+    "teacher.tower.feature_dim=8", "teacher.tower.hidden=[32]", "teacher.tower.output_dim=16",
+    "student.epochs=2", "student.batch_size=512", "student.refit=false",
+    "student.tower.feature_dim=8", "student.tower.hidden=[16]", "student.tower.output_dim=8",
+)
+
+
+def make_tables_run(root: Path, *, n_users: int, n_items: int, n_interactions: int, seed: int,
+                    dense_dim: int = 0, overrides: tuple[str, ...] = ()):
+    """Write a synthetic dataset as Parquet tables under ``root/data`` and train a tiny
+    teacher + student on them (the generic-tables path) into ``root/run``.
+
+    Returns ``(run_dir, dataset, prep)``.
+    """
+    from tfrs_coldstart import train
+    from tfrs_coldstart.config import load_config
+    from tfrs_coldstart.data import generate
+
+    data = root / "data"
+    data.mkdir()
+    ds = generate(n_users=n_users, n_items=n_items, n_interactions=n_interactions, seed=seed,
+                  dense_dim=dense_dim)
+    ds.interactions.to_parquet(data / "interactions.parquet")
+    ds.users.to_parquet(data / "users.parquet")
+    ds.items.to_parquet(data / "items.parquet")
+    ds.schema.to_yaml(data / "schema.yaml")
+    run = root / "run"
+    cfg = load_config(overrides=["data.format=tables", f"data.data_dir={data}",
+                                 f"output_dir={run}", *TINY_MODEL_OVERRIDES, *overrides])
+    dataset = train.load_data(cfg)
+    prep = train.prepare(dataset, cfg)
+    train.save_run_metadata(cfg, prep, run)
+    teacher = train.fit_teacher(prep, cfg.teacher, run, cfg.seed, verbose=0)
+    student = train.fit_student(prep, teacher, cfg.student, run, cfg.seed, verbose=0)
+    return run, dataset, prep, teacher, student

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_tables_run
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from tfrs_coldstart import train
 from tfrs_coldstart.batch import (
     ADDED_ITEMS_DIR,
     BatchError,
@@ -28,8 +28,7 @@ from tfrs_coldstart.batch import (
     beam_batch_recommend,
     resolve_version,
 )
-from tfrs_coldstart.config import load_config
-from tfrs_coldstart.data import DataError, generate
+from tfrs_coldstart.data import DataError
 from tfrs_coldstart.data.pipeline import feature_arrays
 from tfrs_coldstart.export import export_run
 
@@ -45,26 +44,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     user's best item ties with it.
     """
     root = tmp_path_factory.mktemp("batch")
-    data = root / "data"
-    data.mkdir()
-    ds = generate(n_users=200, n_items=120, n_interactions=3000, seed=5, dense_dim=4)
-    ds.interactions.to_parquet(data / "interactions.parquet")
-    ds.users.to_parquet(data / "users.parquet")
-    ds.items.to_parquet(data / "items.parquet")
-    ds.schema.to_yaml(data / "schema.yaml")
-    run = root / "run"
-    cfg = load_config(overrides=[
-        "data.format=tables", f"data.data_dir={data}", f"output_dir={run}",
-        "teacher.epochs=2", "teacher.batch_size=512", "teacher.tower.id_dim=16",
-        "teacher.tower.feature_dim=8", "teacher.tower.hidden=[32]", "teacher.tower.output_dim=16",
-        "student.epochs=2", "student.batch_size=512", "student.refit=false",
-        "student.popularity_prior=0.0", "student.tower.feature_dim=8",
-        "student.tower.hidden=[16]", "student.tower.output_dim=8"])
-    dataset = train.load_data(cfg)
-    prep = train.prepare(dataset, cfg)
-    train.save_run_metadata(cfg, prep, run)
-    teacher = train.fit_teacher(prep, cfg.teacher, run, cfg.seed, verbose=0)
-    train.fit_student(prep, teacher, cfg.student, run, cfg.seed, verbose=0)
+    run, dataset, _, _, _ = make_tables_run(root, n_users=200, n_items=120, n_interactions=3000,
+                                            seed=5, dense_dim=4,
+                                            overrides=("student.popularity_prior=0.0",))
     base = root / "export"
     export_run(run, base, index="scann", k=K, dataset=dataset, log=lambda m: None)
     users_pq = root / "users.parquet"

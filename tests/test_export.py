@@ -20,11 +20,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import make_tables_run
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from tfrs_coldstart import train
-from tfrs_coldstart.config import load_config
-from tfrs_coldstart.data import generate
 from tfrs_coldstart.data.pipeline import feature_arrays, item_log_counts
 from tfrs_coldstart.export import (
     BRUTE_FORCE_SUFFIX,
@@ -52,29 +51,11 @@ N_ROWS = 3  # real rows per request
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trained teacher + student on tables holding every feature type (dense vector too)."""
     root = tmp_path_factory.mktemp("export_run")
-    data = root / "data"
-    data.mkdir()
-    ds = generate(n_users=240, n_items=150, n_interactions=3600, seed=3, dense_dim=4)
-    ds.interactions.to_parquet(data / "interactions.parquet")
-    ds.users.to_parquet(data / "users.parquet")
-    ds.items.to_parquet(data / "items.parquet")
-    ds.schema.to_yaml(data / "schema.yaml")
-    run = root / "run"
-    cfg = load_config(overrides=[
-        "data.format=tables", f"data.data_dir={data}", f"output_dir={run}",
-        "teacher.epochs=2", "teacher.batch_size=512", "teacher.tower.id_dim=16",
-        "teacher.tower.feature_dim=8", "teacher.tower.hidden=[32]", "teacher.tower.output_dim=16",
-        "student.epochs=2", "student.batch_size=512", "student.refit=false",
-        "student.popularity_prior=0.5",
-        "student.tower.feature_dim=8", "student.tower.hidden=[16]", "student.tower.output_dim=8",
-        "eval.ks=[10,20]"])
-    dataset = train.load_data(cfg)
-    prep = train.prepare(dataset, cfg)
-    train.save_run_metadata(cfg, prep, run)
-    teacher = train.fit_teacher(prep, cfg.teacher, run, cfg.seed, verbose=0)
-    student = train.fit_student(prep, teacher, cfg.student, run, cfg.seed, verbose=0)
+    run, dataset, prep, _, student = make_tables_run(
+        root, n_users=240, n_items=150, n_interactions=3600, seed=3, dense_dim=4,
+        overrides=("student.popularity_prior=0.5", "eval.ks=[10,20]"))
     report = {"dataset": dataset.name, "models": {
-        "student": train.evaluate_model(prep, student, cfg.eval.ks)}}
+        "student": train.evaluate_model(prep, student, (10, 20))}}
     (run / "report.json").write_text(json.dumps(report))
     return run
 

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_tables_run
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from tfrs_coldstart import train
-from tfrs_coldstart.config import load_config
-from tfrs_coldstart.data import DataError, generate
+from tfrs_coldstart.data import DataError
 from tfrs_coldstart.finetune import (
     OOV_POLICY,
     FinetuneError,
@@ -33,25 +33,8 @@ QUIET = {"log": lambda msg: None}
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A tiny trained teacher + student on tables (2 epochs each)."""
     root = tmp_path_factory.mktemp("finetune")
-    data = root / "data"
-    data.mkdir()
-    ds = generate(n_users=240, n_items=150, n_interactions=3600, seed=3)
-    ds.interactions.to_parquet(data / "interactions.parquet")
-    ds.users.to_parquet(data / "users.parquet")
-    ds.items.to_parquet(data / "items.parquet")
-    ds.schema.to_yaml(data / "schema.yaml")
-    run_dir = root / "run"
-    cfg = load_config(overrides=[
-        "data.format=tables", f"data.data_dir={data}", f"output_dir={run_dir}",
-        "teacher.epochs=2", "teacher.batch_size=512", "teacher.tower.id_dim=16",
-        "teacher.tower.feature_dim=8", "teacher.tower.hidden=[32]", "teacher.tower.output_dim=16",
-        "student.epochs=2", "student.batch_size=512", "student.refit=false",
-        "student.tower.feature_dim=8", "student.tower.hidden=[16]", "student.tower.output_dim=8"])
-    dataset = train.load_data(cfg)
-    prep = train.prepare(dataset, cfg)
-    train.save_run_metadata(cfg, prep, run_dir)
-    teacher = train.fit_teacher(prep, cfg.teacher, run_dir, cfg.seed, verbose=0)
-    train.fit_student(prep, teacher, cfg.student, run_dir, cfg.seed, verbose=0)
+    run_dir, dataset, _, _, _ = make_tables_run(root, n_users=240, n_items=150,
+                                                n_interactions=3600, seed=3)
     return {"root": root, "run": run_dir, "ds": dataset}
 
 
