@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup run test lint bench bench-quality clean
+.PHONY: setup run test lint bench bench-quality lightfm clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check tfrs_coldstart tests benchmarks
 
-bench-quality: $(STAMP)
+# LightFM (the peer baseline) only builds through pip's legacy setup.py path (its setup.py
+# writes to __builtins__), which pip < 24 still has.
+lightfm: $(STAMP)
+	@$(BIN)/python -c "import lightfm" 2>/dev/null || { \
+	  $(BIN)/python -m pip install --quiet cython scipy wheel "pip<24" "setuptools<70" && \
+	  $(BIN)/python -m pip install --quiet --no-use-pep517 --no-build-isolation lightfm && \
+	  $(BIN)/python -m pip install --quiet --upgrade pip; }
+
+bench-quality: lightfm
 	$(BIN)/python benchmarks/coldstart.py $(ARGS)
 
 bench: $(STAMP)

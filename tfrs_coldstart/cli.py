@@ -183,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
         except (ValueError, FileNotFoundError, PermissionError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return _fail(e)
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"run": cmd_run, "train": lambda a: cmd_run(a, student=False),
@@ -196,9 +195,18 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, PermissionError) as e:
-        # DataError, ConfigError, RunError, ... are ValueErrors with a message made for users.
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
+
+
+def _fail(e: BaseException) -> int:
+    """One line for the user; DataError, ConfigError, RunError, ... are ValueErrors whose
+    message says what to do. ``TFRS_COLDSTART_DEBUG=1`` re-raises with the traceback."""
+    import os
+
+    if os.environ.get("TFRS_COLDSTART_DEBUG"):
+        raise e
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 Run folder layout (``RUN_DIR``)::
 
-    config.yaml  schema.yaml  split.json
-    teacher/ preprocessing.json  weights/  checkpoints/  backup/  history.json
-    student/ ...same...
+    config.yaml  schema.yaml  split.json (cold ids, training item counts)
+    teacher/ preprocessing.json  weights/  checkpoints/  backup/ (while running)  history.json
+    student/ ...same, plus refit/ (the refit on all training data, see fit_student)...
     logs/<model>/            TensorBoard
     report.json report.md report.png
 
