@@ -3,7 +3,7 @@
 Run folder layout (``RUN_DIR``)::
 
     config.yaml  schema.yaml  split.json (cold ids, training item counts)
-    teacher/ preprocessing.json  weights/  checkpoints/  backup/ (while running)  history.json
+    teacher/ preprocessing.json  weights/  checkpoints/last  backup/ (while running)  history.json
     student/ ...same, plus refit/ (the refit on all training data, see fit_student)...
     logs/<model>/            TensorBoard
     report.json report.md report.png
@@ -158,13 +158,16 @@ def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float
             tf.keras.callbacks.EarlyStopping(monitor="val_recall@20", mode="max",
                                              patience=patience, restore_best_weights=True)]
     callbacks += [
-        tf.keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "epoch-{epoch:03d}"),
+        # The latest epoch's weights (overwritten each epoch: a 1M-item catalogue's ID table
+        # per epoch would fill a disk); the best ones are saved apart as weights/.
+        tf.keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "last"),
                                            save_weights_only=True),
         tf.keras.callbacks.BackupAndRestore(str(out / "backup")),
         tf.keras.callbacks.TensorBoard(str(log_dir), update_freq="epoch"),
     ]
     start = time.time()
     hist = model.fit(data, epochs=epochs, callbacks=callbacks, verbose=verbose)
+    shutil.rmtree(out / "backup", ignore_errors=True)  # finished: nothing to resume
     h = {k: [float(x) for x in v] for k, v in hist.history.items()}
     best = int(np.argmax(h["val_recall@20"])) if h.get("val_recall@20") else len(h["loss"]) - 1
     return {"history": h, "best_epoch": best + 1, "epochs_run": len(h["loss"]),
