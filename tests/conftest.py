@@ -66,3 +66,48 @@ def make_tables_run(root: Path, *, n_users: int, n_items: int, n_interactions: i
     teacher = train.fit_teacher(prep, cfg.teacher, run, cfg.seed, verbose=0)
     student = train.fit_student(prep, teacher, cfg.student, run, cfg.seed, verbose=0)
     return run, dataset, prep, teacher, student
+
+
+def make_recommender(items: list[str], k: int, version: int, *, dim: int, buckets: int,
+                     seed: int):
+    """A small recommend-shaped ``tf.Module`` for the serving tests: a string ``age`` is hashed
+    into one of ``buckets`` embeddings, scaled by a float ``activity``, and scored against a
+    fixed ``[len(items), dim]`` table; ``recommend`` returns the top-``k`` ``item_ids`` and
+    ``scores``, ``embed_user`` the user ``embedding``.
+
+    Scores carry +1000 * version so each answer tells which version served it. Save it with
+    ``signatures={"serving_default": m.recommend, "embed_user": m.embed_user}``.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    user_spec = [
+        tf.TensorSpec([None], tf.string, name="age"),
+        tf.TensorSpec([None], tf.float32, name="activity"),
+    ]
+
+    class _Recommender(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            rng = np.random.default_rng(seed)
+            self.items = tf.constant(items)
+            self.item_emb = tf.Variable(rng.normal(size=(len(items), dim)).astype("float32"))
+            self.age_emb = tf.Variable(rng.normal(size=(buckets, dim)).astype("float32"))
+            self.offset = tf.constant(1000.0 * version)
+
+        def _user(self, age: tf.Tensor, activity: tf.Tensor) -> tf.Tensor:
+            rows = tf.gather(self.age_emb, tf.strings.to_hash_bucket_fast(age, buckets))
+            return rows * tf.expand_dims(1.0 + activity, -1)
+
+        @tf.function(input_signature=user_spec)
+        def recommend(self, age: tf.Tensor, activity: tf.Tensor) -> dict[str, tf.Tensor]:
+            scores = tf.matmul(self._user(age, activity), self.item_emb, transpose_b=True)
+            top = tf.math.top_k(scores, k=k)
+            return {"item_ids": tf.gather(self.items, top.indices),
+                    "scores": top.values + self.offset}
+
+        @tf.function(input_signature=user_spec)
+        def embed_user(self, age: tf.Tensor, activity: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"embedding": self._user(age, activity)}
+
+    return _Recommender()

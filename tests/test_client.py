@@ -17,6 +17,7 @@ import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow
 
 # isort: split
 import tensorflow as tf
+from conftest import make_recommender
 
 from tfrs_coldstart.client import (
     ClientInputError,
@@ -31,44 +32,10 @@ from tfrs_coldstart.devserver import Server
 
 ITEMS = [f"movie{i}" for i in range(20)]
 K = 10
-_USER_SPEC = [
-    tf.TensorSpec([None], tf.string, name="age"),
-    tf.TensorSpec([None], tf.float32, name="activity"),
-]
-
-
-class _Student(tf.Module):
-    """A recommend-shaped SavedModel: string + float user features -> item_ids, scores.
-
-    Scores carry +1000 * version so each answer tells which version served it.
-    """
-
-    def __init__(self, version: int) -> None:
-        super().__init__()
-        rng = np.random.default_rng(1)
-        self.items = tf.constant(ITEMS)
-        self.item_emb = tf.Variable(rng.normal(size=(len(ITEMS), 8)).astype("float32"))
-        self.age_emb = tf.Variable(rng.normal(size=(32, 8)).astype("float32"))
-        self.offset = tf.constant(1000.0 * version)
-
-    def _user(self, age: tf.Tensor, activity: tf.Tensor) -> tf.Tensor:
-        rows = tf.gather(self.age_emb, tf.strings.to_hash_bucket_fast(age, 32))
-        return rows * tf.expand_dims(1.0 + activity, -1)
-
-    @tf.function(input_signature=_USER_SPEC)
-    def recommend(self, age: tf.Tensor, activity: tf.Tensor) -> dict[str, tf.Tensor]:
-        top = tf.math.top_k(
-            tf.matmul(self._user(age, activity), self.item_emb, transpose_b=True), k=K
-        )
-        return {"item_ids": tf.gather(self.items, top.indices), "scores": top.values + self.offset}
-
-    @tf.function(input_signature=_USER_SPEC)
-    def embed_user(self, age: tf.Tensor, activity: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"embedding": self._user(age, activity)}
 
 
 def _publish(base: Path, version: int) -> None:
-    m = _Student(version)
+    m = make_recommender(ITEMS, K, version, dim=8, buckets=32, seed=1)
     staging = base.parent / f".staging-{version}"
     tf.saved_model.save(
         m, str(staging), signatures={"serving_default": m.recommend, "embed_user": m.embed_user}

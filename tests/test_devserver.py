@@ -23,6 +23,7 @@ import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow
 
 # isort: split
 import tensorflow as tf
+from conftest import make_recommender
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -44,40 +45,6 @@ MAX_BATCH = 8
 # ---------------------------------------------------------------------------------------------
 # Small real SavedModels
 # ---------------------------------------------------------------------------------------------
-
-_USER_SPEC = [
-    tf.TensorSpec([None], tf.string, name="age"),
-    tf.TensorSpec([None], tf.float32, name="activity"),
-]
-
-
-class _Recommender(tf.Module):
-    """Hashes a string 'age' into an embedding, scales by 'activity', top-K over a fixed table.
-
-    Scores carry +1000 * version so a response tells which version answered it.
-    """
-
-    def __init__(self, version: int) -> None:
-        super().__init__()
-        rng = np.random.default_rng(0)
-        self.items = tf.constant(ITEMS)
-        self.item_emb = tf.Variable(rng.normal(size=(len(ITEMS), 4)).astype("float32"))
-        self.age_emb = tf.Variable(rng.normal(size=(16, 4)).astype("float32"))
-        self.offset = tf.constant(1000.0 * version)
-
-    def _user(self, age: tf.Tensor, activity: tf.Tensor) -> tf.Tensor:
-        rows = tf.gather(self.age_emb, tf.strings.to_hash_bucket_fast(age, 16))
-        return rows * tf.expand_dims(1.0 + activity, -1)
-
-    @tf.function(input_signature=_USER_SPEC)
-    def recommend(self, age: tf.Tensor, activity: tf.Tensor) -> dict[str, tf.Tensor]:
-        scores = tf.matmul(self._user(age, activity), self.item_emb, transpose_b=True)
-        top = tf.math.top_k(scores, k=K)
-        return {"item_ids": tf.gather(self.items, top.indices), "scores": top.values + self.offset}
-
-    @tf.function(input_signature=_USER_SPEC)
-    def embed_user(self, age: tf.Tensor, activity: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"embedding": self._user(age, activity)}
 
 
 class _Numeric(tf.Module):
@@ -122,7 +89,7 @@ def publish(
 
 
 def publish_recommender(base: Path, name: str, version: int, **kw) -> Path:
-    m = _Recommender(version)
+    m = make_recommender(ITEMS, K, version, dim=4, buckets=16, seed=0)
     return publish(
         base, name, version, m, {"serving_default": m.recommend, "embed_user": m.embed_user}, **kw
     )

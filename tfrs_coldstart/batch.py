@@ -796,16 +796,6 @@ def add_items(
 # command line
 
 
-def _run_cli(fn: Callable[[argparse.Namespace], int], p: argparse.ArgumentParser,
-             argv: Sequence[str] | None) -> int:
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        return fn(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
 def batch_main(argv: Sequence[str] | None = None) -> int:
     """``tfrs-coldstart batch --model export/student --users users.parquet --out recs.parquet``."""
     p = argparse.ArgumentParser(
@@ -848,6 +838,8 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
               f"{s.seconds:.1f} s ({s.users_per_second:.0f} users/s) with {s.model_path}")
         return 0
 
+    from tfrs_coldstart.export import _run_cli
+
     return _run_cli(run, p, argv)
 
 
@@ -872,6 +864,8 @@ def add_items_main(argv: Sequence[str] | None = None) -> int:
         print(f"{m.name:<16} v{m.version}  {m.path}  catalogue "
               f"{m.manifest.get('catalogue_size')} items")
         return 0
+
+    from tfrs_coldstart.export import _run_cli
 
     return _run_cli(run, p, argv)
 

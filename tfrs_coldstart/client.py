@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 import numpy as np
@@ -307,6 +307,15 @@ class _BaseClient:
     ) -> dict[str, np.ndarray]:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def recommend(
         self,
         users: Mapping[str, Any] | Sequence[Mapping[str, Any]],
@@ -443,12 +452,6 @@ class RestClient(_BaseClient):
     def close(self) -> None:
         self._session.close()
 
-    def __enter__(self) -> RestClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 class GrpcClient(_BaseClient):
     """TF Serving gRPC client (``host:8500``), via PredictionService and ModelService stubs."""
@@ -561,12 +564,6 @@ class GrpcClient(_BaseClient):
 
     def close(self) -> None:
         self._channel.close()
-
-    def __enter__(self) -> GrpcClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _error_code_name(code: int) -> str:

@@ -32,7 +32,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -643,17 +643,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_cli(fn: Callable[[argparse.Namespace], int], p: argparse.ArgumentParser,
+             argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` with ``p`` and run ``fn``; a bad input (ValueError and its project
+    subclasses, a missing or unreadable file) prints one line ``error: ...`` and exits 2.
+    Shared by the export, batch and add-items commands."""
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return fn(args)
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 def export_main(argv: Sequence[str] | None = None) -> int:
     """``tfrs-coldstart export RUN_DIR [...]``: one line ``error: ...`` and exit 2 on bad input."""
     p = argparse.ArgumentParser(prog="tfrs-coldstart export",
                                 description="export a run as TF Serving SavedModels")
     add_export_arguments(p)
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        return cmd_export(args)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return _run_cli(cmd_export, p, argv)
 
 
 if __name__ == "__main__":
