@@ -216,16 +216,27 @@ class ExactTruth:
         return float(np.mean(hits))
 
 
-def release() -> None:
-    """Drop what the previous measurement held (models, searchers) before the next one."""
-    gc.collect()
+def release(min_rss: int = 1 << 30) -> None:
+    """Drop what the previous measurement held (models, searchers) before the next one.
+
+    Only once the process holds more than ``min_rss`` bytes: a full collection costs about
+    half a second with TensorFlow loaded, and below that size memory does not matter.
+    """
+    if rss_bytes() > min_rss:
+        gc.collect()
 
 
 def write_json(path: Path, data: Any) -> None:
     """Write atomically (temp file + rename) so a reader never sees half a result."""
+    write_text(path, json.dumps(data, indent=1, default=_default))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic write, readable by all (results are meant to be read and committed)."""
     from tfrs_coldstart.config import atomic_write_text
 
-    atomic_write_text(path, json.dumps(data, indent=1, default=_default))
+    atomic_write_text(path, text)
+    os.chmod(path, 0o644)
 
 
 def _default(o: Any) -> Any:

@@ -64,6 +64,7 @@ from common import (  # noqa: E402
     release,
     time_calls,
     write_json,
+    write_text,
 )
 
 SECTIONS = ("retrieval", "towers", "e2e", "serving", "batch")
@@ -1326,10 +1327,8 @@ def render(out: Path) -> int:
     results["goals"] = goals(results, args)
     results["plots"] = plots(results, out, args)
     write_json(out / "results.json", results)
-    from tfrs_coldstart.config import atomic_write_text
-
     text = markdown(results, args)
-    atomic_write_text(out / "report.md", text + "\n")
+    write_text(out / "report.md", text + "\n")
     print(text)
     return 0
 
@@ -1378,9 +1377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["plots"] = plots(results, out, args)
     write_json(out / "results.json", results)
     text = markdown(results, args)
-    from tfrs_coldstart.config import atomic_write_text
-
-    atomic_write_text(out / "report.md", text + "\n")
+    write_text(out / "report.md", text + "\n")
     print(text)
     log(f"results: {out / 'results.json'}, {out / 'report.md'}, plots {results['plots']}")
     return 1 if failed else 0

@@ -27,7 +27,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, Path]:
         "--tune-queries", "16", "--tune-min-items", "0", "--scann-gate", "0.5",
         "--sections", "retrieval,towers,serving,batch", "--towers-run", "synthetic",
         "--no-ml100k-retrieval", "--no-ml100k-serving", "--no-memory",
-        "--serve-concurrency", "1,2", "--serve-seconds", "0.3", "--serve-warmup", "0.1",
+        "--serve-concurrency", "1,2", "--serve-seconds", "0.2", "--serve-warmup", "0.1",
         "--serve-batching", "on", "--batch-users", "40", "--beam-users", "0",
         "--out", str(out / "results"), "--workdir", str(out / "work")])
     return rc, json.loads((out / "results" / "results.json").read_text()), out / "results"

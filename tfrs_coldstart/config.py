@@ -264,6 +264,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; readers (TF Serving) need more
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
