@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tfrs_coldstart.config import atomic_write_text
+from tfrs_coldstart.data.pipeline import item_counts
 from tfrs_coldstart.data.split import ColdStartSplit
 
 SEGMENTS = ("warm", "cold_item", "cold_user", "cold_both")
@@ -123,9 +124,8 @@ def embedding_score_fn(user_emb: np.ndarray, item_emb: np.ndarray,
 
 def popularity_score_fn(train: pd.DataFrame, items: pd.DataFrame, seed: int = 0) -> ScoreFn:
     """Training-count scores; ties (all cold items) are broken by a fixed random order."""
-    counts = items["item_id"].astype(str).map(train["item_id"].value_counts()).fillna(0)
     tie = np.random.default_rng(seed).random(len(items)) * 1e-3
-    pop = counts.to_numpy(dtype=np.float64) + tie
+    pop = item_counts(train["item_id"].value_counts(), items["item_id"]) + tie
     return lambda u, i: np.broadcast_to(pop[i], (len(u), len(i)))
 
 

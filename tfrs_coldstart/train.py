@@ -44,7 +44,12 @@ from tfrs_coldstart.data import (
     load_dataset,
     validation_split,
 )
-from tfrs_coldstart.data.pipeline import interaction_dataset, item_log_counts, item_probabilities
+from tfrs_coldstart.data.pipeline import (
+    interaction_dataset,
+    item_counts,
+    item_log_counts,
+    item_probabilities,
+)
 from tfrs_coldstart.evaluate import (
     SEGMENTS,
     ScoreFn,
@@ -326,8 +331,7 @@ def run_item_log_counts(run_dir: Path, items: pd.DataFrame) -> np.ndarray | None
     meta = json.loads(path.read_text()) if path.is_file() else {}
     if "item_counts" not in meta:
         return None
-    counts = items["item_id"].astype(str).map(meta["item_counts"]).fillna(0)
-    return np.log1p(counts.to_numpy(dtype=np.float64)).astype(np.float32)
+    return np.log1p(item_counts(meta["item_counts"], items["item_id"])).astype(np.float32)
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:

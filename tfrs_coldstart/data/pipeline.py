@@ -41,17 +41,24 @@ def table_dataset(table: pd.DataFrame, specs: tuple[FeatureSpec, ...], id_column
         batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def item_counts(counts: pd.Series | dict[str, int], item_ids: pd.Series) -> np.ndarray:
+    """Count of each id in ``item_ids`` (0 when absent): ``float64 [n]``.
+
+    ``counts`` maps item id -> count, e.g. ``train["item_id"].value_counts()``.
+    """
+    return item_ids.astype(str).map(counts).fillna(0).to_numpy(dtype=np.float64)
+
+
 def item_probabilities(train: pd.DataFrame, item_ids: pd.Series) -> np.ndarray:
     """Training frequency of each item in ``item_ids`` (the log-Q sampling probability)."""
-    counts = train["item_id"].value_counts()
-    freq = item_ids.map(counts).fillna(0).to_numpy(dtype=np.float64)
+    freq = item_counts(train["item_id"].value_counts(), item_ids)
     return (freq / max(len(train), 1)).astype(np.float32)
 
 
 def item_log_counts(train: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
     """``log(1 + training count)`` per row of ``items``: the popularity prior's feature."""
-    counts = items["item_id"].astype(str).map(train["item_id"].value_counts()).fillna(0)
-    return np.log1p(counts.to_numpy(dtype=np.float64)).astype(np.float32)
+    counts = item_counts(train["item_id"].value_counts(), items["item_id"])
+    return np.log1p(counts).astype(np.float32)
 
 
 def interaction_dataset(
