@@ -21,7 +21,8 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, Path]:
 
     out = tmp_path_factory.mktemp("speed")
     rc = speed.main([
-        "--items", "400", "--users", "80", "--interactions", "800", "--k", "20",
+        "--items", "400", "--users", "80", "--interactions", "800", "--teacher-epochs", "1",
+        "--k", "20",
         "--queries", "24", "--latency-queries", "4", "--batch-size", "8", "--batch-calls", "2",
         "--curve-leaves", "0.2,1.0", "--curve-reorder", "40", "--curve-queries", "4",
         "--tune-queries", "16", "--tune-min-items", "0", "--scann-gate", "0.5",

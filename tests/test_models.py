@@ -12,7 +12,8 @@ import tensorflow as tf
 from tfrs_coldstart import train
 from tfrs_coldstart.config import RunConfig, load_config
 from tfrs_coldstart.data import generate
-from tfrs_coldstart.data.pipeline import interaction_dataset
+from tfrs_coldstart.data.pipeline import interaction_dataset, table_dataset
+from tfrs_coldstart.features import FeatureEncoder, build_state
 from tfrs_coldstart.models import (
     build_student,
     distillation_loss,
@@ -93,6 +94,12 @@ def test_student_loss_is_contrastive_plus_lambda_t2_kl(tiny_run):
     base = float(plain.compute_loss(batch, training=False))
     assert total == pytest.approx(base + 0.7 * 9.0 * float(kl), rel=1e-4)
     assert float(kl) > 0
+    # Training gathers the teacher's embeddings from a cache made once: the same loss.
+    with_kd.cache_teacher(ds.users, ds.items, ds.schema)
+    assert float(with_kd.compute_loss(batch, training=False)) == pytest.approx(total, rel=1e-5)
+    missing = {**batch, "user": {**batch["user"], "user_id": tf.fill([32], "nobody")}}
+    with pytest.raises(tf.errors.InvalidArgumentError, match="missing from the teacher cache"):
+        with_kd.compute_loss(missing, training=False)
 
 
 def test_content_only_student_never_sees_ids(tiny_run):
@@ -224,3 +231,28 @@ def test_interrupted_fit_resumes_from_backup(tiny_dataset, tmp_path: Path):
 
     info = json.loads((tmp_path / "teacher" / "history.json").read_text())
     assert info["epochs_run"] == 1  # epochs 1-2 came from the backup; only epoch 3 ran again
+
+
+def test_feature_dropout_blanks_whole_features_in_training_only():
+    ds = generate(n_users=50, n_items=400, n_interactions=1000, seed=1)
+    cfg = dataclasses.replace(RunConfig().student.tower, feature_dropout=0.5)
+    state = build_state(ds.schema.item_features, ds.items, "item_id", False, cfg)
+    enc = FeatureEncoder(state, cfg)
+    x = next(iter(table_dataset(ds.items, ds.schema.item_features, "item_id", 400)))
+    full = enc(x).numpy()
+    np.testing.assert_array_equal(enc(x, training=False).numpy(), full)
+    tf.random.set_seed(0)
+    dropped = enc(x, training=True).numpy()
+    # Whole features go: per row, each feature's block is either intact or all zero.
+    widths = [FeatureEncoder({n: st}, cfg)(x).shape[1] for n, st in state.items()]
+    edges = np.cumsum([0, *widths])
+    assert edges[-1] == full.shape[1]
+    blanked = []
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        for r in range(len(full)):
+            if np.allclose(dropped[r, a:b], 0) and np.abs(full[r, a:b]).max() > 0:
+                blanked.append(1.0)
+            else:
+                np.testing.assert_allclose(dropped[r, a:b], full[r, a:b], rtol=1e-6)
+                blanked.append(0.0)
+    assert 0.4 < np.mean(blanked) < 0.6  # about the configured rate

@@ -51,6 +51,9 @@ class TowerConfig:
     text_max_tokens: int = 20_000
     multi_hot_max_tokens: int = 50_000
     min_count: int = 1  # feature values rarer than this (in training entities) go to OOV
+    # Training only: each content feature of an example is blanked with this probability, so
+    # the tower cannot lean on one near-unique feature (a title) as an ID would be leaned on.
+    feature_dropout: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,7 @@ class FeatureEncoder(tf.keras.layers.Layer):
         """The raw input keys this encoder reads (the ID column included if it uses IDs)."""
         return [st["column"] if st["type"] == "id" else name for name, st in self.state.items()]
 
-    def call(self, inputs: dict[str, tf.Tensor]) -> tf.Tensor:
+    def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         outs = []
         for name, st in self.state.items():
             kind, part = st["type"], self._parts[name]
@@ -191,6 +191,14 @@ class FeatureEncoder(tf.keras.layers.Layer):
         if not outs:
             raise ValueError("a tower needs at least one input: this side has no features "
                              "and no IDs")
+        rate = self.cfg.feature_dropout
+        if training and rate > 0:
+            # Blank whole features per example (ID entries excepted): a missing-feature
+            # dropout, not Keras' unit dropout, which never removes a feature entirely.
+            n = tf.shape(outs[0])[0]
+            outs = [o if st["type"] == "id" else
+                    o * tf.cast(tf.random.uniform([n, 1]) >= rate, o.dtype)
+                    for o, st in zip(outs, self.state.values(), strict=True)]
         return tf.concat(outs, axis=1)
 
 

@@ -17,7 +17,7 @@ import tensorflow_recommenders as tfrs
 from tfrs_coldstart.config import StudentConfig, TeacherConfig, TowerConfig
 from tfrs_coldstart.data.pipeline import table_dataset
 from tfrs_coldstart.data.schema import Schema
-from tfrs_coldstart.features import build_state
+from tfrs_coldstart.features import _Plain, build_state
 from tfrs_coldstart.towers import Tower
 
 SIDES = ("user", "item")
@@ -28,21 +28,29 @@ def _logq(prob: tf.Tensor) -> tf.Tensor:
     return tf.math.log(tf.clip_by_value(prob, 1e-9, 1.0))
 
 
+def accidental_hits(candidate_ids: tf.Tensor) -> tf.Tensor:
+    """``bool [batch, batch]``: True where another column holds the row's own item."""
+    same = tf.equal(candidate_ids[:, None], candidate_ids[None, :])
+    return tf.logical_and(same, tf.logical_not(tf.eye(tf.shape(candidate_ids)[0], dtype=tf.bool)))
+
+
 def in_batch_logits(query: tf.Tensor, candidates: tf.Tensor, temperature: float,
                     item_prob: tf.Tensor | None = None,
-                    candidate_ids: tf.Tensor | None = None) -> tf.Tensor:
+                    candidate_ids: tf.Tensor | None = None,
+                    hits: tf.Tensor | None = None) -> tf.Tensor:
     """In-batch score matrix ``[batch, batch]`` as ``tfrs.tasks.Retrieval`` forms it.
 
     Scores are divided by ``temperature``, log-Q corrected when ``item_prob`` is
-    given, and accidental hits (the same item at another column) are masked out.
+    given, and accidental hits (the same item at another column) are masked out;
+    pass ``hits`` (:func:`accidental_hits`) instead of ids to reuse one mask.
     """
     logits = tf.matmul(query, candidates, transpose_b=True) / temperature
     if item_prob is not None:
         logits -= _logq(item_prob)[None, :]
-    if candidate_ids is not None:
-        same = tf.equal(candidate_ids[:, None], candidate_ids[None, :])
-        hit = tf.logical_and(same, tf.logical_not(tf.eye(tf.shape(logits)[0], dtype=tf.bool)))
-        logits = tf.where(hit, tf.cast(_NEG, logits.dtype), logits)
+    if hits is None and candidate_ids is not None:
+        hits = accidental_hits(candidate_ids)
+    if hits is not None:
+        logits = tf.where(hits, tf.cast(_NEG, logits.dtype), logits)
     return logits
 
 
@@ -51,11 +59,14 @@ def distillation_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor,
     """Mean over rows of ``KL(softmax(t / T) || softmax(s / T))``: ``[batch, n]`` -> scalar.
 
     Multiply by ``T**2`` (as the caller does) to keep gradient scale independent of T.
+    Computed as ``CE(p, s) - CE(p, t)`` with ``p = softmax(t / T)``: two fused
+    cross-entropy kernels instead of three softmax passes over a ``[batch, batch]`` matrix.
     """
     t = tf.cast(teacher_logits, tf.float32) / temperature
     s = tf.cast(student_logits, tf.float32) / temperature
-    p = tf.nn.softmax(t, axis=1)
-    kl = tf.reduce_sum(p * (tf.nn.log_softmax(t, axis=1) - tf.nn.log_softmax(s, axis=1)), axis=1)
+    p = tf.stop_gradient(tf.nn.softmax(t, axis=1))
+    kl = (tf.nn.softmax_cross_entropy_with_logits(labels=p, logits=s)
+          - tf.nn.softmax_cross_entropy_with_logits(labels=p, logits=t))
     return tf.reduce_mean(kl)
 
 
@@ -79,12 +90,23 @@ class TwoTowerModel(tfrs.Model):
     def tower(self, side: str) -> Tower:
         return self.user_tower if side == "user" else self.item_tower
 
+    def candidate_keys(self, features: dict[str, Any]) -> tf.Tensor | None:
+        """The batch's item ids as 64-bit fingerprints ``int64 [batch]`` (None: hits kept).
+
+        Accidental-hit removal compares every pair of a batch (a million pairs at batch
+        1024); integers compare several times faster than strings, and a fingerprint
+        collision between two of a batch's items is vanishingly rare.
+        """
+        if not self.remove_hits:
+            return None
+        return tf.strings.to_hash_bucket_fast(features["item"]["item_id"], tf.int64.max)
+
     def retrieval_loss(self, q: tf.Tensor, c: tf.Tensor, features: dict[str, Any],
-                       training: bool) -> tf.Tensor:
+                       training: bool, keys: tf.Tensor | None = None) -> tf.Tensor:
         return self.task(
             q, c,
             candidate_sampling_probability=features["item_prob"] if self.logq_correction else None,
-            candidate_ids=features["item"]["item_id"] if self.remove_hits else None,
+            candidate_ids=keys if keys is not None else self.candidate_keys(features),
             compute_metrics=not training,
         )
 
@@ -145,23 +167,70 @@ class StudentModel(TwoTowerModel):
             return inputs
         return {**inputs, id_key: tf.fill(tf.shape(inputs[id_key]), "")}
 
+    @property
+    def distils(self) -> bool:
+        """Whether the loss needs the teacher (KL or alignment term on)."""
+        return self.teacher is not None and (self.cfg.distill_lambda > 0
+                                             or self.cfg.align_weight > 0)
+
+    def cache_teacher(self, users: pd.DataFrame, items: pd.DataFrame, schema: Schema,
+                      batch_size: int = 4096) -> None:
+        """Embed ``users`` and ``items`` once with the frozen teacher (in its distillation view).
+
+        The teacher is frozen and runs in inference mode, so its embeddings do not change
+        during training: a training step then gathers them (``O(batch)``) instead of
+        running both teacher towers on every batch. Pass the entities of the training
+        interactions; the cache is exact, so the loss is unchanged.
+        """
+        if not self.distils:
+            return
+        assert self.teacher is not None
+        cache = {}
+        for side, table, keep in (("user", users, self.cfg.distill_user_ids),
+                                  ("item", items, self.cfg.distill_item_ids)):
+            key = f"{side}_id"
+            ds = table_dataset(table, schema.side(side), key, batch_size)
+            tower = self.teacher.tower(side)
+            parts = [tower(self._teacher_view(b, key, keep), training=False).numpy() for b in ds]
+            emb = (np.concatenate(parts) if parts
+                   else np.zeros((0, tower.cfg.output_dim), np.float32))
+            ids = table[key].astype(str).to_numpy(dtype=object)
+            lookup = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+                tf.constant(ids, tf.string), tf.range(len(ids), dtype=tf.int64)), -1)
+            # A non-trainable variable, not a constant: a constant of a large catalogue would
+            # be copied into the training graph (GraphDef is capped at 2 GB).
+            cache[side] = (lookup, tf.Variable(emb.astype(np.float32), trainable=False))
+        self._teacher_cache = _Plain(cache)  # not model state: never saved with the weights
+
+    def _teacher_embeddings(self, features: dict[str, Any], side: str) -> tf.Tensor:
+        key = f"{side}_id"
+        cache = getattr(self, "_teacher_cache", None)
+        if cache is not None:
+            lookup, emb = cache.value[side]
+            rows = lookup.lookup(features[side][key])
+            tf.debugging.assert_non_negative(
+                rows, message=f"a {side} of the batch is missing from the teacher cache")
+            return tf.gather(emb, rows)
+        assert self.teacher is not None
+        keep = self.cfg.distill_user_ids if side == "user" else self.cfg.distill_item_ids
+        return self.teacher.tower(side)(self._teacher_view(features[side], key, keep),
+                                        training=False)
+
     def compute_loss(self, features: dict[str, Any], training: bool = False) -> tf.Tensor:
         q = self.user_tower(features["user"], training=training)
         c = self.item_tower(features["item"], training=training)
-        loss = self.retrieval_loss(q, c, features, training)
-        if self.teacher is None or (self.cfg.distill_lambda <= 0 and self.cfg.align_weight <= 0):
+        ids = self.candidate_keys(features)
+        loss = self.retrieval_loss(q, c, features, training, ids)
+        if not self.distils:
             return loss
-        tq = tf.stop_gradient(self.teacher.user_tower(
-            self._teacher_view(features["user"], "user_id", self.cfg.distill_user_ids),
-            training=False))
-        tc = tf.stop_gradient(self.teacher.item_tower(
-            self._teacher_view(features["item"], "item_id", self.cfg.distill_item_ids),
-            training=False))
+        assert self.teacher is not None
+        tq = tf.stop_gradient(self._teacher_embeddings(features, "user"))
+        tc = tf.stop_gradient(self._teacher_embeddings(features, "item"))
         prob = features["item_prob"] if self.logq_correction else None
-        ids = features["item"]["item_id"] if self.remove_hits else None
         if self.cfg.distill_lambda > 0:
-            t_logits = in_batch_logits(tq, tc, self.teacher.temperature, prob, ids)
-            s_logits = in_batch_logits(q, c, self.temperature, prob, ids)
+            hits = accidental_hits(ids) if ids is not None else None
+            t_logits = in_batch_logits(tq, tc, self.teacher.temperature, prob, hits=hits)
+            s_logits = in_batch_logits(q, c, self.temperature, prob, hits=hits)
             temp = self.cfg.distill_temperature
             loss += self.cfg.distill_lambda * temp**2 * distillation_loss(t_logits, s_logits, temp)
         if self.cfg.align_weight > 0:

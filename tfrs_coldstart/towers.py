@@ -41,7 +41,8 @@ class Tower(tf.keras.Model):
         return any(st["type"] == "id" for st in self.encoder.state.values())
 
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        return tf.math.l2_normalize(self.mlp(self.encoder(inputs), training=training), axis=1)
+        x = self.encoder(inputs, training=training)
+        return tf.math.l2_normalize(self.mlp(x, training=training), axis=1)
 
     def param_count(self) -> int:
         return int(sum(np.prod(v.shape) for v in self.weights))  # frozen ones count too

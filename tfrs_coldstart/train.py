@@ -221,6 +221,8 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
     states = student_states(ds.schema, _entities(ds.users, "user", train_df),
                             _entities(ds.items, "item", train_df), cfg.tower, sides)
     model = build_student(states, cfg, teacher)
+    model.cache_teacher(_entities(ds.users, "user", train_df),
+                        _entities(ds.items, "item", train_df), ds.schema)
     val_segments = tuple(s for s in SEGMENTS if _servable(s, sides))
     out = run_dir / name
     info = _fit(model, train_df, prep, cfg.learning_rate, cfg.batch_size, cfg.epochs,
@@ -238,6 +240,8 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
         states = student_states(ds.schema, _entities(ds.users, "user", full),
                                 _entities(ds.items, "item", full), cfg.tower, sides)
         model = build_student(states, cfg, teacher)
+        model.cache_teacher(_entities(ds.users, "user", full), _entities(ds.items, "item", full),
+                            ds.schema)
         model.popularity_prior = float(prior)
         shutil.rmtree(out / "backup", ignore_errors=True)
         info["refit"] = _fit(model, full, prep, cfg.learning_rate, cfg.batch_size,
