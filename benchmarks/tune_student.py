@@ -1,8 +1,15 @@
 """Choose student hyper-parameters on the *validation* split (pseudo-cold users/items carved
 from training); the test segments are never looked at.
 
-    python benchmarks/tune_student.py --teacher RUN_DIR --trial "student.distill_lambda=0" \
-        --trial "student.tower.dropout=0.2 student.distill_temperature=4"
+The distilling teacher is trained here on the validation split's training part only: a
+teacher that saw the pseudo-cold users and items would leak them into the student through
+the distillation term. Each trial trains a student on the same part (early stopping on
+validation recall, popularity prior chosen on validation, no refit) and prints its validation
+recall@20 per segment at the chosen prior. Trials that change ``teacher.*`` get their own
+teacher.
+
+    python benchmarks/tune_student.py --data-dir ../shared/data/ml-100k \\
+        --trial "student.distill_lambda=0" --trial "student.distill_temperature=4"
 """
 
 from __future__ import annotations
@@ -15,36 +22,55 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 import tfrs_coldstart  # noqa: F401
 from tfrs_coldstart import train
 from tfrs_coldstart.config import load_config
+from tfrs_coldstart.evaluate import rank_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", required=True, help="run folder with a trained teacher")
+    p.add_argument("--data-dir", help="a MovieLens folder (default: the config's data)")
+    p.add_argument("--config", help="base YAML config")
+    p.add_argument("--set", action="append", default=[], help="base override a.b=value")
     p.add_argument("--trial", action="append", default=[], help="space-separated overrides")
     p.add_argument("--out", default=None, help="JSON lines file for the results")
     args = p.parse_args(argv)
-    base = train.load_run_config(args.teacher)
+    sets = list(args.set)
+    if args.data_dir:
+        sets += ["data.format=movielens", f"data.data_dir={args.data_dir}"]
+    base = load_config(args.config, sets)
     ds = train.load_data(base)
     prep = train.prepare(ds, base)
-    teacher = train.load_model(args.teacher, "teacher")
-    for trial in args.trial or [""]:
-        cfg = load_config(None, trial.split(), base=base)
-        student_cfg = dataclasses.replace(cfg.student, refit=False)
-        t0 = time.time()
-        with tempfile.TemporaryDirectory() as tmp:
-            train.fit_student(prep, teacher if student_cfg.distill_lambda > 0 else teacher,
-                              student_cfg, Path(tmp), cfg.seed, verbose=0)
-            info = json.loads((Path(tmp) / "student" / "history.json").read_text())
-        h, best = info["history"], info["best_epoch"] - 1
-        row = {"trial": trial, "best_epoch": best + 1, "seconds": round(time.time() - t0, 1),
-               **{k: round(v[best], 4) for k, v in h.items() if k.startswith("val_")}}
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    teachers: dict[str, train.TeacherModel] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, trial in enumerate(args.trial or [""]):
+            cfg = load_config(None, trial.split(), base=base)
+            t0 = time.time()
+            key = json.dumps(dataclasses.asdict(cfg.teacher), sort_keys=True)
+            if key not in teachers and (cfg.student.distill_lambda > 0
+                                        or cfg.student.align_weight > 0):
+                teachers[key] = train.fit_teacher(
+                    prep, cfg.teacher, Path(tmp) / f"t{len(teachers)}", cfg.seed, verbose=0,
+                    validation_only=True)
+            student_cfg = dataclasses.replace(cfg.student, refit=False)
+            out = Path(tmp) / f"s{i}"
+            model = train.fit_student(prep, teachers.get(key), student_cfg, out, cfg.seed,
+                                      verbose=0)
+            info = json.loads((out / "student" / "history.json").read_text())
+            fn = train.model_score_fn(model, ds, prep.val.train)
+            val = {s: round(rank_metrics(t, fn, (20,))["recall@20"], 4)
+                   for s, t in prep.val_tasks.items() if len(t.user_rows)}
+            row = {"trial": trial, "best_epoch": info["best_epoch"],
+                   "prior": info["popularity_prior"], "mean": round(float(np.mean(
+                       list(val.values()))), 4), **val,
+                   "seconds": round(time.time() - t0, 1)}
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
     return 0
 
 

@@ -227,17 +227,22 @@ class StudentModel(TwoTowerModel):
         tq = tf.stop_gradient(self._teacher_embeddings(features, "user"))
         tc = tf.stop_gradient(self._teacher_embeddings(features, "item"))
         prob = features["item_prob"] if self.logq_correction else None
+        batch = tf.cast(tf.shape(q)[0], tf.float32)
         if self.cfg.distill_lambda > 0:
             hits = accidental_hits(ids) if ids is not None else None
             t_logits = in_batch_logits(tq, tc, self.teacher.temperature, prob, hits=hits)
             s_logits = in_batch_logits(q, c, self.temperature, prob, hits=hits)
             temp = self.cfg.distill_temperature
-            loss += self.cfg.distill_lambda * temp**2 * distillation_loss(t_logits, s_logits, temp)
+            # L_C from tfrs.tasks.Retrieval is a *sum* over the batch's queries (its loss uses
+            # Reduction.SUM), so the KL is summed over the same queries: lambda = 1 weighs
+            # one query's KL like its contrastive term, whatever the batch size.
+            loss += (self.cfg.distill_lambda * temp**2 * batch
+                     * distillation_loss(t_logits, s_logits, temp))
         if self.cfg.align_weight > 0:
             au = tf.math.l2_normalize(self.align_user(q), axis=1)
             ai = tf.math.l2_normalize(self.align_item(c), axis=1)
-            align = tf.reduce_mean(1.0 - tf.reduce_sum(au * tq, axis=1)) + tf.reduce_mean(
-                1.0 - tf.reduce_sum(ai * tc, axis=1))
+            align = tf.reduce_sum(1.0 - tf.reduce_sum(au * tq, axis=1)) + tf.reduce_sum(
+                1.0 - tf.reduce_sum(ai * tc, axis=1))  # summed over the batch, as L_C
             loss += self.cfg.align_weight * align
         return loss
 

@@ -191,11 +191,18 @@ def _save(model: TwoTowerModel, states: dict[str, Any], out: Path, info: dict[st
 
 
 def fit_teacher(prep: Prepared, cfg: TeacherConfig, run_dir: Path, seed: int = 0,
-                verbose: int | str = "auto") -> TeacherModel:
-    """Teacher on training minus held-out warm validation; early stopping on its recall."""
+                verbose: int | str = "auto", validation_only: bool = False) -> TeacherModel:
+    """Teacher on training minus held-out warm validation; early stopping on its recall.
+
+    ``validation_only`` trains on the validation split's training part alone, without the
+    pseudo-cold users' and items' interactions: the teacher to tune students with, since a
+    teacher that saw the pseudo-cold entities would leak them into a student through the
+    distillation term and flatter its validation recall.
+    """
     tf.keras.utils.set_random_seed(seed)
     v = prep.val
-    train_df = pd.concat([v.train, v.cold_item, v.cold_user, v.cold_both])
+    train_df = (v.train if validation_only
+                else pd.concat([v.train, v.cold_item, v.cold_user, v.cold_both]))
     ds = prep.dataset
     states = teacher_states(ds.schema, _entities(ds.users, "user", train_df),
                             _entities(ds.items, "item", train_df), cfg.tower)
