@@ -113,3 +113,22 @@ def test_scann_setting_choice() -> None:
     assert gate == speed.GATE_OFF and chosen[0]["leaves_to_search"] == 4
     curve[1]["recall@10"] = 0.987  # within 0.005 of the best and faster
     assert speed.choose_settings(curve, 10, 0.995)[0][0]["leaves_to_search"] == 2
+
+
+def test_tune_student_reports_validation_recall(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import tune_student
+
+    out = tmp_path / "trials.jsonl"
+    small = ["data.synthetic_users=150", "data.synthetic_items=120",
+             "data.synthetic_interactions=3000", "teacher.epochs=1", "student.epochs=1",
+             "teacher.batch_size=256", "student.batch_size=256"]
+    rc = tune_student.main([*(a for s in small for a in ("--set", s)),
+                            "--trial", "student.distill_lambda=0", "--trial", "",
+                            "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rc == 0 and [r["trial"] for r in rows] == ["student.distill_lambda=0", ""]
+    for r in rows:
+        assert set(r) >= {"warm", "cold_item", "cold_user", "cold_both", "mean", "prior"}
+        assert 0 < r["mean"] <= 1
+    assert capsys.readouterr().out.count("{") == 2
