@@ -1096,7 +1096,8 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         lines += [f"### Student against teacher ({tw['dataset']})", "",
                   "Query tower = the exported `embed_user` signature, loaded back. Epoch "
                   "times: the first epoch includes tracing; training on the whole training "
-                  "split, the student including its teacher's forward pass (distillation).",
+                  "split, the student including its distillation term (the frozen teacher's "
+                  "embeddings are computed once per fit).",
                   "", md_table(["model", "user tower params", "item tower params",
                                 "p50 ms b=1", "p99 ms b=1", "q/s b=1", f"users/s b={b}",
                                 "epoch s (1st, 2nd)"], rows), ""]
