@@ -1146,6 +1146,16 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _save(fig: Any, path: Path) -> str:
+    """Write one chart and free it; returns the file name for the report."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def plots(results: dict[str, Any], out: Path, args: argparse.Namespace) -> list[str]:
     import matplotlib
 
@@ -1180,11 +1190,7 @@ def plots(results: dict[str, Any], out: Path, args: argparse.Namespace) -> list[
             a.set_title(f"ScaNN, {r['items']:,} items, {io['num_leaves']} leaves "
                         "(points: leaves searched)")
             a.legend(fontsize=8)
-        fig.tight_layout()
-        p = out / "recall_vs_speed.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        made.append(p.name)
+        made.append(_save(fig, out / "recall_vs_speed.png"))
     rrows = [r for r in results["sections"].get("retrieval", {}).get("rows", [])
              if len(r.get("kinds", {})) == 2]
     if rrows:
@@ -1200,11 +1206,7 @@ def plots(results: dict[str, Any], out: Path, args: argparse.Namespace) -> list[
             a.set_yscale("log")
             a.set_title(f"exported recommend, loaded back: {title}")
             a.legend()
-        fig.tight_layout()
-        p = out / "retrieval_throughput.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        made.append(p.name)
+        made.append(_save(fig, out / "retrieval_throughput.png"))
     srows = results["sections"].get("serving", {}).get("rows", [])
     if srows:
         groups = sorted({(r["export"], r["batching"]) for r in srows})
@@ -1225,11 +1227,7 @@ def plots(results: dict[str, Any], out: Path, args: argparse.Namespace) -> list[
             a.set_ylabel("p99 latency, ms")
             a.set_title(f"{exp}, batching {mode}")
             a.legend(fontsize=8)
-        fig.tight_layout()
-        p = out / "serving_latency.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        made.append(p.name)
+        made.append(_save(fig, out / "serving_latency.png"))
     return made
 
 

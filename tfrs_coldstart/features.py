@@ -100,7 +100,7 @@ def build_state(
     return state
 
 
-class _Plain:
+class Untracked:
     """A value Keras must not wrap or track."""
 
     def __init__(self, value: Any) -> None:
@@ -128,7 +128,7 @@ class FeatureEncoder(tf.keras.layers.Layer):
     def __init__(self, state: dict[str, Any], cfg: TowerConfig, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         # Held outside Keras' attribute tracking: vocabularies can hold a million ids.
-        self._holder = _Plain(state)
+        self._holder = Untracked(state)
         self.cfg = cfg
         self._parts: dict[str, dict[str, tf.keras.layers.Layer]] = {}
         for name, st in state.items():

@@ -7,6 +7,7 @@ as made by :func:`tfrs_coldstart.data.pipeline.interaction_dataset`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ import tensorflow_recommenders as tfrs
 from tfrs_coldstart.config import StudentConfig, TeacherConfig, TowerConfig
 from tfrs_coldstart.data.pipeline import table_dataset
 from tfrs_coldstart.data.schema import Schema
-from tfrs_coldstart.features import _Plain, build_state
+from tfrs_coldstart.features import Untracked, build_state
 from tfrs_coldstart.towers import Tower
 
 SIDES = ("user", "item")
@@ -72,7 +73,8 @@ def distillation_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor,
 
 
 def _contrastive_and_kl(q: tf.Tensor, c: tf.Tensor, tq: tf.Tensor, tc: tf.Tensor,
-                        prob: tf.Tensor, keys: tf.Tensor, student_temperature: float,
+                        prob: tf.Tensor | None, keys: tf.Tensor | None,
+                        student_temperature: float,
                         teacher_temperature: float, kd_temperature: float
                         ) -> tuple[tf.Tensor, tf.Tensor]:
     """A distilling student's ``(L_C, mean KL)`` from one pair of ``[batch, batch]`` logits.
@@ -80,11 +82,10 @@ def _contrastive_and_kl(q: tf.Tensor, c: tf.Tensor, tq: tf.Tensor, tc: tf.Tensor
     L_C is what ``tfrs.tasks.Retrieval`` computes (the sum over queries of the softmax
     cross-entropy with the diagonal as labels), taken here from the logits the KL needs
     anyway: building them twice cost a third of a distillation step. (XLA compiling this was
-    measured slower on CPU.) ``prob`` of ones and unique ``keys`` switch off log-Q and hit
-    removal.
+    measured slower on CPU.) ``prob`` / ``keys`` None switch off log-Q / hit removal.
     ``tests/test_models.py`` checks both terms against the task and a hand computation.
     """
-    hits = accidental_hits(keys)
+    hits = accidental_hits(keys) if keys is not None else None
     t_logits = in_batch_logits(tq, tc, teacher_temperature, prob, hits=hits)
     s_logits = in_batch_logits(q, c, student_temperature, prob, hits=hits)
     n = tf.shape(s_logits)[0]
@@ -138,12 +139,16 @@ class TwoTowerModel(tfrs.Model):
         c = self.item_tower(features["item"], training=training)
         return self.retrieval_loss(q, c, features, training)
 
-    def embed(self, side: str, table: pd.DataFrame, schema: Schema,
-              batch_size: int = 4096) -> np.ndarray:
-        """Embeddings of every row of an entity table: ``float32 [n_rows, dim]``."""
+    def embed(self, side: str, table: pd.DataFrame, schema: Schema, batch_size: int = 4096,
+              view: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]] | None = None
+              ) -> np.ndarray:
+        """Embeddings of every row of an entity table: ``float32 [n_rows, dim]``.
+
+        ``view`` rewrites each batch of raw features first (e.g. blanks the IDs).
+        """
         tower = self.tower(side)
         ds = table_dataset(table, schema.side(side), f"{side}_id", batch_size)
-        parts = [tower(b, training=False).numpy() for b in ds]
+        parts = [tower(view(b) if view else b, training=False).numpy() for b in ds]
         if not parts:
             return np.zeros((0, tower.cfg.output_dim), np.float32)
         return np.concatenate(parts).astype(np.float32)
@@ -212,18 +217,15 @@ class StudentModel(TwoTowerModel):
         for side, table, keep in (("user", users, self.cfg.distill_user_ids),
                                   ("item", items, self.cfg.distill_item_ids)):
             key = f"{side}_id"
-            ds = table_dataset(table, schema.side(side), key, batch_size)
-            tower = self.teacher.tower(side)
-            parts = [tower(self._teacher_view(b, key, keep), training=False).numpy() for b in ds]
-            emb = (np.concatenate(parts) if parts
-                   else np.zeros((0, tower.cfg.output_dim), np.float32))
+            emb = self.teacher.embed(side, table, schema, batch_size,
+                                     view=lambda b, k=key, v=keep: self._teacher_view(b, k, v))
             ids = table[key].astype(str).to_numpy(dtype=object)
             lookup = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
                 tf.constant(ids, tf.string), tf.range(len(ids), dtype=tf.int64)), -1)
             # A non-trainable variable, not a constant: a constant of a large catalogue would
             # be copied into the training graph (GraphDef is capped at 2 GB).
             cache[side] = (lookup, tf.Variable(emb.astype(np.float32), trainable=False))
-        self._teacher_cache = _Plain(cache)  # not model state: never saved with the weights
+        self._teacher_cache = Untracked(cache)  # not model state: never saved with the weights
 
     def _teacher_embeddings(self, features: dict[str, Any], side: str) -> tf.Tensor:
         key = f"{side}_id"
@@ -243,25 +245,24 @@ class StudentModel(TwoTowerModel):
         q = self.user_tower(features["user"], training=training)
         c = self.item_tower(features["item"], training=training)
         ids = self.candidate_keys(features)
-        if not self.distils or self.cfg.distill_lambda <= 0:
-            loss = self.retrieval_loss(q, c, features, training, ids)
-            if not self.distils:
-                return loss
+        if not self.distils:
+            return self.retrieval_loss(q, c, features, training, ids)
         assert self.teacher is not None
         tq = tf.stop_gradient(self._teacher_embeddings(features, "user"))
         tc = tf.stop_gradient(self._teacher_embeddings(features, "item"))
         prob = features["item_prob"] if self.logq_correction else None
         batch = tf.cast(tf.shape(q)[0], tf.float32)
         if self.cfg.distill_lambda > 0:
-            contrastive, kl = _contrastive_and_kl(
-                q, c, tq, tc, prob if prob is not None else tf.ones_like(q[:, 0]),
-                ids if ids is not None else tf.range(tf.shape(q)[0], dtype=tf.int64),
-                self.temperature, self.teacher.temperature, self.cfg.distill_temperature)
+            contrastive, kl = _contrastive_and_kl(q, c, tq, tc, prob, ids, self.temperature,
+                                                  self.teacher.temperature,
+                                                  self.cfg.distill_temperature)
             temp = self.cfg.distill_temperature
             # L_C from tfrs.tasks.Retrieval is a *sum* over the batch's queries (its loss uses
             # Reduction.SUM), so the KL is summed over the same queries: lambda = 1 weighs
             # one query's KL like its contrastive term, whatever the batch size.
             loss = contrastive + self.cfg.distill_lambda * temp**2 * batch * kl
+        else:
+            loss = self.retrieval_loss(q, c, features, training, ids)
         if self.cfg.align_weight > 0:
             au = tf.math.l2_normalize(self.align_user(q), axis=1)
             ai = tf.math.l2_normalize(self.align_item(c), axis=1)
