@@ -5,7 +5,14 @@ LightFM hybrid with the same features (optional: skipped with a message when not
 Several training seeds; mean and standard deviation. Writes report.json, report.md and PNG charts
 under benchmarks/results/coldstart/. Not part of the test suite.
 
+``--shape items-only`` / ``users-only`` drops the other side's content features, giving the
+one-sided shapes of real data (featureless users, as in paper/tag data; featureless items, as
+in social data) on the same split: the student distils the content side only and the other
+side's unseen entities fall back to popularity, for the student and LightFM alike (marked †).
+
     make bench-quality ARGS="--data-dir ../shared/data/ml-100k --seeds 3"
+    make bench-quality ARGS="--seeds 3 --shape items-only \
+        --out benchmarks/results/coldstart_items_only"
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ from pathlib import Path
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS first)
 from tfrs_coldstart import train
 from tfrs_coldstart.config import load_config
-from tfrs_coldstart.evaluate import aggregate, metrics_table, write_report
+from tfrs_coldstart.data import Dataset, Schema
+from tfrs_coldstart.evaluate import (
+    aggregate,
+    evaluate_scores,
+    metrics_table,
+    popularity_score_fn,
+    write_report,
+)
 from tfrs_coldstart.models import student_sides
 
 ROOT = Path(__file__).resolve().parent
@@ -85,6 +99,22 @@ def lightfm_scores(prep: train.Prepared, seed: int, epochs: int = 30):
     return lambda u, i: ue[u] @ ie[i].T + ib[i][None, :] + ub[u][:, None]
 
 
+SHAPES = {"both": ("user", "item"), "items-only": ("item",), "users-only": ("user",)}
+
+
+def with_shape(ds: Dataset, shape: str) -> Dataset:
+    """``ds`` with content features kept only on the sides ``shape`` names."""
+    keep = SHAPES[shape]
+    if keep == ("user", "item"):
+        return ds
+    schema = Schema(user_features=ds.schema.user_features if "user" in keep else (),
+                    item_features=ds.schema.item_features if "item" in keep else ())
+    return dataclasses.replace(
+        ds, name=f"{ds.name} ({shape})", schema=schema,
+        users=ds.users[["user_id", *(f.name for f in schema.user_features)]],
+        items=ds.items[["item_id", *(f.name for f in schema.item_features)]])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=str(ROOT.parent.parent / "shared" / "data" / "ml-100k"))
@@ -94,13 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out", default=str(ROOT / "results" / "coldstart"))
     p.add_argument("--no-lightfm", action="store_true")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="both",
+                   help="keep content features on both sides or on one side only")
     args = p.parse_args(argv)
     overrides = [f"data.format={args.format}", f"data.data_dir={args.data_dir}", *args.overrides]
     cfg = load_config(args.config, overrides)
     out = Path(args.out)
-    ds = train.load_data(cfg)
+    ds = with_shape(train.load_data(cfg), args.shape)
     prep = train.prepare(ds, cfg)
     sides = student_sides(ds.schema, cfg.student.distill_sides)
+    pop = popularity_score_fn(prep.split.train, ds.items)
     ks = cfg.eval.ks
     per_seed = []
     t_start = time.time()
@@ -112,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         teacher = train.fit_teacher(prep, c.teacher, run_dir, seed, verbose=2)
         t1 = time.time()
-        res["teacher"] = train.evaluate_model(prep, teacher, ks)
+        res["teacher"] = train.evaluate_model(prep, teacher, ks, sides)
         student = train.fit_student(prep, teacher, c.student, run_dir, seed, verbose=2)
         t2 = time.time()
         res["student"] = train.evaluate_model(prep, student, ks, sides)
@@ -122,11 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         res["student (lambda=0)"] = train.evaluate_model(prep, st0, ks, sides)
         if not args.no_lightfm:
             fn = lightfm_scores(prep, seed)
-            if fn is not None:
-                from tfrs_coldstart.evaluate import evaluate_scores
-
-                res["lightfm (hybrid, WARP)"] = evaluate_scores(prep.tasks,
-                                                                dict.fromkeys(prep.tasks, fn), ks)
+            if fn is not None:  # a side without features has nothing for its unseen entities
+                fns = {s: fn if train.servable(s, sides) else None for s in prep.tasks}
+                res["lightfm (hybrid, WARP)"] = evaluate_scores(prep.tasks, fns, ks, pop)
         res["_timing"] = {"teacher_s": t1 - t0, "student_s": t2 - t1}
         per_seed.append(res)
         print(f"seed {seed} done in {time.time() - t0:.0f} s", file=sys.stderr)
@@ -134,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "dataset": ds.name, "protocol": train.protocol(cfg, prep),
         "models": aggregate(per_seed),
-        "params": {"teacher": teacher.param_count(), "student": student.param_count()},
+        "params": {"teacher": teacher.param_count(), "student": student.param_count(),
+                   "student_with_training_only_id_sink": student.param_count(training=True)},
         "timing": timing,
         "command": "python benchmarks/coldstart.py " + " ".join(argv or sys.argv[1:]),
         "machine": f"{platform.machine()}, {platform.processor() or ''} "

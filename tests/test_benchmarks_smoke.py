@@ -132,3 +132,22 @@ def test_tune_student_reports_validation_recall(tmp_path: Path,
         assert set(r) >= {"warm", "cold_item", "cold_user", "cold_both", "mean", "prior"}
         assert 0 < r["mean"] <= 1
     assert capsys.readouterr().out.count("{") == 2
+
+
+@pytest.mark.parametrize(("shape", "fallback"), [("items-only", {"cold_user", "cold_both"}),
+                                                 ("users-only", {"cold_item", "cold_both"})])
+def test_quality_benchmark_one_sided_shapes(tmp_path: Path, shape: str,
+                                            fallback: set[str]) -> None:
+    import coldstart
+
+    small = ["data.synthetic_users=150", "data.synthetic_items=120",
+             "data.synthetic_interactions=3000", "teacher.epochs=1", "student.epochs=1",
+             "teacher.batch_size=256", "student.batch_size=256"]
+    rc = coldstart.main(["--format", "synthetic", "--seeds", "1", "--no-lightfm", "--shape",
+                         shape, "--out", str(tmp_path), *(a for s in small for a in ("--set", s))])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert rc == 0 and shape in report["dataset"]
+    for model in ("teacher", "student", "student (lambda=0)"):
+        segs = report["models"][model]
+        assert {s for s, m in segs.items() if m.get("fallback")} == fallback, model
+    assert "†" in (tmp_path / "report.md").read_text()

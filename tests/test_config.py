@@ -42,6 +42,8 @@ def test_configs_are_frozen():
         ("teacher.logq_correction=maybe", "'teacher.logq_correction' expects bool"),
         ("teacher.tower=3", "'teacher.tower' must be a mapping"),
         ("no_equals_sign", "must look like key.sub=value"),
+        ("student.tower.numeric_buckets=0", "'student.tower.numeric_buckets' must be at least 1"),
+        ("teacher.tower.dropout=1.5", r"'teacher.tower.dropout' must be in \[0, 1\)"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

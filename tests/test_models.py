@@ -13,7 +13,7 @@ from tfrs_coldstart import train
 from tfrs_coldstart.config import RunConfig, load_config
 from tfrs_coldstart.data import generate
 from tfrs_coldstart.data.pipeline import interaction_dataset, table_dataset
-from tfrs_coldstart.features import FeatureEncoder, build_state
+from tfrs_coldstart.features import FeatureEncoder, build_state, dummy_inputs
 from tfrs_coldstart.models import (
     build_student,
     distillation_loss,
@@ -258,3 +258,27 @@ def test_feature_dropout_blanks_whole_features_in_training_only():
                 np.testing.assert_allclose(dropped[r, a:b], full[r, a:b], rtol=1e-6)
                 blanked.append(0.0)
     assert 0.4 < np.mean(blanked) < 0.6  # about the configured rate
+
+
+def test_item_id_sink_is_read_in_training_only():
+    """The student's ID sink shapes training but is never an input of the served tower."""
+    ds = generate(n_users=50, n_items=300, n_interactions=1000, seed=2)
+    states = student_states(ds.schema, ds.users, ds.items, RunConfig().student.tower,
+                            ("user", "item"), item_id_sink=8)
+    assert states["item"]["__id__"]["train_only"] and "__id__" not in states["user"]
+    model = build_student(states, RunConfig().student, None)
+    tower = model.item_tower
+    assert "item_id" not in tower.feature_names and not tower.uses_ids
+    x = next(iter(table_dataset(ds.items, ds.schema.item_features, "item_id", 300)))
+    served = tower(x, training=False).numpy()
+    other = {**x, "item_id": tf.fill(tf.shape(x["item_id"]), "someone-else")}
+    np.testing.assert_array_equal(tower(other, training=False).numpy(), served)
+    no_id = {k: v for k, v in x.items() if k != "item_id"}
+    np.testing.assert_array_equal(tower(no_id, training=False).numpy(), served)
+    # In training the sink is read (dropout off), so the ID changes the embedding.
+    assert not np.allclose(tower.encoder(x, training=True).numpy(),
+                           tower.encoder(other, training=True).numpy())
+    sink = sum(int(np.prod(w.shape)) for w in tower.encoder.train_only_weights)
+    assert sink == (len(ds.items) + 1) * 8
+    model.user_tower(dummy_inputs(states["user"]))
+    assert model.param_count(training=True) == model.param_count() + sink

@@ -21,6 +21,14 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message says which key and why."""
 
 
+class _FieldError(ConfigError):
+    """A field's value is out of range; :func:`_build` prefixes the field's full key."""
+
+    def __init__(self, field_name: str, reason: str) -> None:
+        super().__init__(f"config key '{field_name}' {reason}")
+        self.field_name, self.reason = field_name, reason
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data comes from and how it is split."""
@@ -50,10 +58,23 @@ class TowerConfig:
     dropout: float = 0.0
     text_max_tokens: int = 20_000
     multi_hot_max_tokens: int = 50_000
+    # Quantile buckets of a numeric feature (plus its z-score); ties merge buckets, so a
+    # year-like feature gets one bucket per common value.
+    numeric_buckets: int = 10
     min_count: int = 1  # feature values rarer than this (in training entities) go to OOV
     # Training only: each content feature of an example is blanked with this probability, so
     # the tower cannot lean on one near-unique feature (a title) as an ID would be leaned on.
     feature_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("feature_dim", "output_dim", "numeric_buckets", "min_count"):
+            if getattr(self, name) < 1:
+                raise _FieldError(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.id_dim < 0:
+            raise _FieldError("id_dim", f"must be 0 (no IDs) or more, got {self.id_dim}")
+        for name in ("dropout", "feature_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise _FieldError(name, f"must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,12 @@ class StudentConfig:
     distill_sides: str = "auto"  # auto | both | user | item: which sides get a content-only tower
     refit: bool = True  # after choosing the epoch count on pseudo-cold validation, refit on all
     popularity_prior: float | None = None  # weight of log(1+count) in ranking; None: tune on val
+    # Width of a training-only item ID embedding (0: none; see models.student_states). It
+    # absorbs what is particular to each training item, so the item content weights learn
+    # what transfers to unseen items; zeros at inference, never a served input. Chosen on
+    # validation (BENCHMARKS.md "Tuning": cold segments +0.04, warm -0.05 over 3 seeds).
+    item_id_sink: int = 32
+    item_id_sink_dropout: float = 0.0  # training: share of examples whose sink is zeroed
     learning_rate: float = 0.005
     batch_size: int = 1024
     epochs: int = 40
@@ -204,8 +231,11 @@ def _build(cls: Any, values: dict[str, Any], prefix: str = "") -> Any:
     for name, v in values.items():
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(v, hints[name], key)
-    base = cls()
-    return dataclasses.replace(base, **kwargs)
+    try:
+        return dataclasses.replace(cls(), **kwargs)
+    except _FieldError as e:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"config key '{where}{e.field_name}' {e.reason}") from None
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -80,6 +80,8 @@ def input_specs(tower: tf.keras.Model) -> dict[str, tf.TensorSpec]:
     specs: dict[str, tf.TensorSpec] = {}
     for name, st in tower.encoder.state.items():
         kind = st["type"]
+        if st.get("train_only"):  # a student's training-only ID sink: zeros when serving
+            continue
         key = str(st["column"] if kind == "id" else name)
         if not key.isidentifier():
             raise ExportError(

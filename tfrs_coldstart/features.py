@@ -24,7 +24,6 @@ from tfrs_coldstart.config import TowerConfig
 from tfrs_coldstart.data.schema import FeatureSpec, FeatureType
 
 ID_FEATURE = "__id__"  # state key of the ID lookup
-_NUM_BUCKETS = 10
 _TEXT_LEN = 16  # title-like texts; longer texts are truncated
 
 
@@ -89,7 +88,7 @@ def build_state(
             state[spec.name] = {"type": spec.type.value, "vocabulary": vocab}
         elif spec.type is FeatureType.NUMERIC:
             x = col.to_numpy(dtype=np.float64)
-            qs = np.unique(np.quantile(x, np.linspace(0, 1, _NUM_BUCKETS + 1)[1:-1]))
+            qs = np.unique(np.quantile(x, np.linspace(0, 1, cfg.numeric_buckets + 1)[1:-1]))
             state[spec.name] = {"type": spec.type.value, "mean": float(x.mean()),
                                 "variance": float(max(x.var(), 1e-12)),
                                 "boundaries": [float(q) for q in qs]}
@@ -134,11 +133,14 @@ class FeatureEncoder(tf.keras.layers.Layer):
         for name, st in state.items():
             kind = st["type"]
             if kind in ("id", "categorical"):
-                dim = cfg.id_dim if kind == "id" else cfg.feature_dim
+                dim = st.get("dim", cfg.id_dim) if kind == "id" else cfg.feature_dim
                 lookup = tf.keras.layers.StringLookup(vocabulary=st["vocabulary"] or ["[EMPTY]"],
                                                       mask_token=None, num_oov_indices=1)
-                self._parts[name] = {"lookup": lookup, "emb": tf.keras.layers.Embedding(
-                    lookup.vocabulary_size(), dim, name=f"{_safe(name)}_embedding")}
+                emb = tf.keras.layers.Embedding(lookup.vocabulary_size(), dim,
+                                                name=f"{_safe(name)}_embedding")
+                if st.get("train_only"):
+                    emb.build((None,))  # never called at inference: build for checkpoints
+                self._parts[name] = {"lookup": lookup, "emb": emb}
             elif kind == "multi_hot":
                 lookup = tf.keras.layers.StringLookup(vocabulary=st["vocabulary"] or ["[EMPTY]"],
                                                       mask_token="", num_oov_indices=1)
@@ -163,15 +165,35 @@ class FeatureEncoder(tf.keras.layers.Layer):
         return self._holder.value
 
     @property
+    def train_only_weights(self) -> list[tf.Variable]:
+        """Variables read in training only (a student's ID sink); not needed to serve."""
+        return [w for name, st in self.state.items() if st.get("train_only")
+                for w in self._parts[name]["emb"].weights]
+
+    @property
     def feature_names(self) -> list[str]:
         """The raw input keys this encoder reads (the ID column included if it uses IDs)."""
-        return [st["column"] if st["type"] == "id" else name for name, st in self.state.items()]
+        return [st["column"] if st["type"] == "id" else name for name, st in self.state.items()
+                if not st.get("train_only")]
 
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         outs = []
         for name, st in self.state.items():
             kind, part = st["type"], self._parts[name]
-            if kind in ("id", "categorical"):
+            if kind == "id" and st.get("train_only"):
+                # A training-only ID "sink": it absorbs what is particular to each training
+                # entity so the content weights learn what transfers; zeros at inference
+                # (and whenever the ID is not passed, as in a SavedModel's traced call).
+                n = tf.shape(next(iter(inputs.values())))[0]
+                if training and st["column"] in inputs:
+                    sink = part["emb"](part["lookup"](inputs[st["column"]]))
+                    if st.get("dropout", 0.0) > 0:  # sometimes absent, as at inference
+                        keep = tf.random.uniform([n, 1]) >= st["dropout"]
+                        sink *= tf.cast(keep, sink.dtype)
+                    outs.append(sink)
+                else:
+                    outs.append(tf.zeros([n, part["emb"].output_dim]))
+            elif kind in ("id", "categorical"):
                 x = inputs[st["column"] if kind == "id" else name]
                 outs.append(part["emb"](part["lookup"](x)))
             elif kind == "multi_hot":
@@ -212,7 +234,8 @@ def dummy_inputs(state: dict[str, Any]) -> dict[str, tf.Tensor]:
     for name, st in state.items():
         kind = st["type"]
         if kind == "id":
-            out[st["column"]] = tf.constant([""])
+            if not st.get("train_only"):
+                out[st["column"]] = tf.constant([""])
         elif kind == "numeric":
             out[name] = tf.constant([0.0], tf.float32)
         elif kind == "dense_vector":

@@ -153,8 +153,9 @@ class TwoTowerModel(tfrs.Model):
             return np.zeros((0, tower.cfg.output_dim), np.float32)
         return np.concatenate(parts).astype(np.float32)
 
-    def param_count(self) -> int:
-        return self.user_tower.param_count() + self.item_tower.param_count()
+    def param_count(self, training: bool = False) -> int:
+        """Both towers' parameters; ``training`` adds training-only ones (the ID sink)."""
+        return self.user_tower.param_count(training) + self.item_tower.param_count(training)
 
 
 class TeacherModel(TwoTowerModel):
@@ -302,11 +303,23 @@ def student_sides(schema: Schema, override: str = "auto") -> tuple[str, ...]:
 
 
 def student_states(schema: Schema, users: pd.DataFrame, items: pd.DataFrame, cfg: TowerConfig,
-                   sides: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Content-only state for the distilled sides (never an ``__id__`` entry)."""
+                   sides: tuple[str, ...], item_id_sink: int = 0,
+                   item_id_sink_dropout: float = 0.0) -> dict[str, dict[str, Any]]:
+    """Content-only state for the distilled sides.
+
+    With ``item_id_sink`` > 0 the item side gets a *training-only* ``__id__`` entry of that
+    width: read in training, zeros at inference, never an input of the served tower.
+    """
     no_ids = dataclasses.replace(cfg, id_dim=0)
-    return {side: build_state(schema.side(side), table, f"{side}_id", False, no_ids)
-            for side, table in (("user", users), ("item", items)) if side in sides}
+    states = {side: build_state(schema.side(side), table, f"{side}_id", False, no_ids)
+              for side, table in (("user", users), ("item", items)) if side in sides}
+    if item_id_sink > 0 and "item" in states:
+        ids = build_state((), items, "item_id", True, no_ids)
+        states["item"] = {**states["item"],
+                          **{k: {**v, "train_only": True, "dim": item_id_sink,
+                                 "dropout": item_id_sink_dropout}
+                             for k, v in ids.items()}}
+    return states
 
 
 def build_teacher(states: dict[str, dict[str, Any]], cfg: TeacherConfig) -> TeacherModel:

@@ -38,11 +38,14 @@ class Tower(tf.keras.Model):
 
     @property
     def uses_ids(self) -> bool:
-        return any(st["type"] == "id" for st in self.encoder.state.values())
+        return any(st["type"] == "id" and not st.get("train_only")
+                   for st in self.encoder.state.values())
 
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         x = self.encoder(inputs, training=training)
         return tf.math.l2_normalize(self.mlp(x, training=training), axis=1)
 
-    def param_count(self) -> int:
-        return int(sum(np.prod(v.shape) for v in self.weights))  # frozen ones count too
+    def param_count(self, training: bool = False) -> int:
+        """Parameters a served tower needs (frozen ones too); ``training`` adds the ID sink."""
+        skip = set() if training else {id(w) for w in self.encoder.train_only_weights}
+        return int(sum(np.prod(v.shape) for v in self.weights if id(v) not in skip))

@@ -226,11 +226,12 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
     sides = student_sides(ds.schema, cfg.distill_sides)
     train_df = prep.val.train
     states = student_states(ds.schema, _entities(ds.users, "user", train_df),
-                            _entities(ds.items, "item", train_df), cfg.tower, sides)
+                            _entities(ds.items, "item", train_df), cfg.tower, sides,
+                            cfg.item_id_sink, cfg.item_id_sink_dropout)
     model = build_student(states, cfg, teacher)
     model.cache_teacher(_entities(ds.users, "user", train_df),
                         _entities(ds.items, "item", train_df), ds.schema)
-    val_segments = tuple(s for s in SEGMENTS if _servable(s, sides))
+    val_segments = tuple(s for s in SEGMENTS if servable(s, sides))
     out = run_dir / name
     info = _fit(model, train_df, prep, cfg.learning_rate, cfg.batch_size, cfg.epochs,
                 cfg.patience, val_segments, out, run_dir / "logs" / name, seed, verbose)
@@ -245,7 +246,8 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
         full = pd.concat([v.train, v.cold_item, v.cold_user, v.cold_both])
         tf.keras.utils.set_random_seed(seed + 2000)
         states = student_states(ds.schema, _entities(ds.users, "user", full),
-                                _entities(ds.items, "item", full), cfg.tower, sides)
+                                _entities(ds.items, "item", full), cfg.tower, sides,
+                                cfg.item_id_sink, cfg.item_id_sink_dropout)
         model = build_student(states, cfg, teacher)
         model.cache_teacher(_entities(ds.users, "user", full), _entities(ds.items, "item", full),
                             ds.schema)
@@ -258,7 +260,7 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
     return model
 
 
-def _servable(segment: str, sides: tuple[str, ...]) -> bool:
+def servable(segment: str, sides: tuple[str, ...]) -> bool:
     """Whether a content-only student can embed the unseen entities of a segment."""
     need = {"warm": (), "cold_item": ("item",), "cold_user": ("user",),
             "cold_both": ("user", "item")}[segment]
@@ -294,7 +296,7 @@ def evaluate_model(prep: Prepared, model: TwoTowerModel, ks: tuple[int, ...],
     """Test-segment metrics; segments a one-sided student cannot serve use popularity (marked)."""
     ds = prep.dataset
     fn = model_score_fn(model, ds, prep.split.train)
-    fns = {s: (fn if sides is None or _servable(s, sides) else None) for s in prep.tasks}
+    fns = {s: (fn if sides is None or servable(s, sides) else None) for s in prep.tasks}
     return evaluate_scores(prep.tasks, fns, ks, popularity_score_fn(prep.split.train, ds.items))
 
 
