@@ -43,6 +43,7 @@ def test_configs_are_frozen():
         ("teacher.tower=3", "'teacher.tower' must be a mapping"),
         ("no_equals_sign", "must look like key.sub=value"),
         ("student.tower.numeric_buckets=0", "'student.tower.numeric_buckets' must be at least 1"),
+        ("student.item_id_sink=-1", "'student.item_id_sink' must be 0"),
         ("teacher.tower.dropout=1.5", r"'teacher.tower.dropout' must be in \[0, 1\)"),
     ],
 )

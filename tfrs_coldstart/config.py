@@ -124,6 +124,13 @@ class StudentConfig:
     epochs: int = 40
     patience: int = 4
 
+    def __post_init__(self) -> None:
+        if self.item_id_sink < 0:
+            raise _FieldError("item_id_sink", f"must be 0 (none) or more, got {self.item_id_sink}")
+        if not 0.0 <= self.item_id_sink_dropout < 1.0:
+            raise _FieldError("item_id_sink_dropout",
+                              f"must be in [0, 1), got {self.item_id_sink_dropout}")
+
 
 @dataclass(frozen=True)
 class EvalConfig:

@@ -164,6 +164,7 @@ class ItemEncoderModule(tf.Module):
 
     def __init__(self, item_tower: tf.keras.Model) -> None:
         super().__init__(name="item_encoder")
+        item_tower.encoder.drop_train_only()  # a student's ID sink: zeros when serving anyway
         self.item_tower = item_tower
         self.specs = input_specs(item_tower)
 

@@ -168,7 +168,16 @@ class FeatureEncoder(tf.keras.layers.Layer):
     def train_only_weights(self) -> list[tf.Variable]:
         """Variables read in training only (a student's ID sink); not needed to serve."""
         return [w for name, st in self.state.items() if st.get("train_only")
-                for w in self._parts[name]["emb"].weights]
+                and "emb" in self._parts[name] for w in self._parts[name]["emb"].weights]
+
+    def drop_train_only(self) -> None:
+        """Forget the training-only parts, so an exported model does not carry them: the ID
+        sink of a million-item catalogue is a 128 MB table and a million-string lookup that
+        inference never reads. Outputs are unchanged; the encoder can no longer train them."""
+        for name, st in self.state.items():
+            part = self._parts[name]
+            if st.get("train_only") and "emb" in part:
+                self._parts[name] = {"width": int(part["emb"].output_dim)}
 
     @property
     def feature_names(self) -> list[str]:
@@ -185,14 +194,15 @@ class FeatureEncoder(tf.keras.layers.Layer):
                 # entity so the content weights learn what transfers; zeros at inference
                 # (and whenever the ID is not passed, as in a SavedModel's traced call).
                 n = tf.shape(next(iter(inputs.values())))[0]
-                if training and st["column"] in inputs:
+                if training and st["column"] in inputs and "emb" in part:
                     sink = part["emb"](part["lookup"](inputs[st["column"]]))
                     if st.get("dropout", 0.0) > 0:  # sometimes absent, as at inference
                         keep = tf.random.uniform([n, 1]) >= st["dropout"]
                         sink *= tf.cast(keep, sink.dtype)
                     outs.append(sink)
                 else:
-                    outs.append(tf.zeros([n, part["emb"].output_dim]))
+                    width = part["emb"].output_dim if "emb" in part else part["width"]
+                    outs.append(tf.zeros([n, width]))
             elif kind in ("id", "categorical"):
                 x = inputs[st["column"] if kind == "id" else name]
                 outs.append(part["emb"](part["lookup"](x)))
