@@ -1328,14 +1328,18 @@ RUNNERS = {"retrieval": section_retrieval, "towers": section_towers, "e2e": sect
 def render(out: Path) -> int:
     """Rebuild goals, plots and report.md from a finished run's results.json."""
     results = json.loads((out / "results.json").read_text())
-    args = argparse.Namespace(**results["args"])
+    write_reports(results, out, argparse.Namespace(**results["args"]))
+    return 0
+
+
+def write_reports(results: dict, out: Path, args: argparse.Namespace) -> None:
+    """Goals and plots into ``results.json``, then ``report.md``; the table is printed too."""
     results["goals"] = goals(results, args)
     results["plots"] = plots(results, out, args)
     write_json(out / "results.json", results)
     text = markdown(results, args)
     write_text(out / "report.md", text + "\n")
     print(text)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1378,12 +1382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["machine"]["load_average_end"] = load_average()
         if not args.keep_work and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    results["goals"] = goals(results, args)
-    results["plots"] = plots(results, out, args)
-    write_json(out / "results.json", results)
-    text = markdown(results, args)
-    write_text(out / "report.md", text + "\n")
-    print(text)
+    write_reports(results, out, args)
     log(f"results: {out / 'results.json'}, {out / 'report.md'}, plots {results['plots']}")
     return 1 if failed else 0
 
