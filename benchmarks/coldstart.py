@@ -29,13 +29,7 @@ import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS first)
 from tfrs_coldstart import train
 from tfrs_coldstart.config import load_config
 from tfrs_coldstart.data import Dataset, Schema
-from tfrs_coldstart.evaluate import (
-    aggregate,
-    evaluate_scores,
-    metrics_table,
-    popularity_score_fn,
-    write_report,
-)
+from tfrs_coldstart.evaluate import aggregate, metrics_table, write_report
 from tfrs_coldstart.models import student_sides
 
 ROOT = Path(__file__).resolve().parent
@@ -133,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     ds = with_shape(train.load_data(cfg), args.shape)
     prep = train.prepare(ds, cfg)
     sides = student_sides(ds.schema, cfg.student.distill_sides)
-    pop = popularity_score_fn(prep.split.train, ds.items)
     ks = cfg.eval.ks
     per_seed = []
     t_start = time.time()
@@ -156,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_lightfm:
             fn = lightfm_scores(prep, seed)
             if fn is not None:  # a side without features has nothing for its unseen entities
-                fns = {s: fn if train.servable(s, sides) else None for s in prep.tasks}
-                res["lightfm (hybrid, WARP)"] = evaluate_scores(prep.tasks, fns, ks, pop)
+                res["lightfm (hybrid, WARP)"] = train.evaluate_score_fn(prep, fn, ks, sides)
         res["_timing"] = {"teacher_s": t1 - t0, "student_s": t2 - t1}
         per_seed.append(res)
         print(f"seed {seed} done in {time.time() - t0:.0f} s", file=sys.stderr)

@@ -294,10 +294,16 @@ def tune_popularity_prior(prep: Prepared, model: TwoTowerModel, segments: tuple[
 def evaluate_model(prep: Prepared, model: TwoTowerModel, ks: tuple[int, ...],
                    sides: tuple[str, ...] | None = None) -> dict[str, dict]:
     """Test-segment metrics; segments a one-sided student cannot serve use popularity (marked)."""
-    ds = prep.dataset
-    fn = model_score_fn(model, ds, prep.split.train)
+    return evaluate_score_fn(prep, model_score_fn(model, prep.dataset, prep.split.train), ks,
+                             sides)
+
+
+def evaluate_score_fn(prep: Prepared, fn: ScoreFn, ks: tuple[int, ...],
+                      sides: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Test-segment metrics of any scorer; segments ``sides`` cannot serve use popularity."""
     fns = {s: (fn if sides is None or servable(s, sides) else None) for s in prep.tasks}
-    return evaluate_scores(prep.tasks, fns, ks, popularity_score_fn(prep.split.train, ds.items))
+    return evaluate_scores(prep.tasks, fns, ks,
+                           popularity_score_fn(prep.split.train, prep.dataset.items))
 
 
 def evaluate_popularity(prep: Prepared, ks: tuple[int, ...]) -> dict[str, dict]:
