@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS first)
-from tfrs_coldstart import train
+from tfrs_coldstart import training as train
 from tfrs_coldstart.config import load_config
 from tfrs_coldstart.data import Dataset, Schema
-from tfrs_coldstart.evaluate import aggregate, metrics_table, write_report
-from tfrs_coldstart.models import student_sides
+from tfrs_coldstart.evaluation import aggregate, metrics_table, write_report
+from tfrs_coldstart.modeling.models import student_sides
 
 ROOT = Path(__file__).resolve().parent
 

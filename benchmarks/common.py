@@ -181,7 +181,7 @@ def measure_loaded_memory(path: str | os.PathLike[str],
 class ExactTruth:
     """Exact top-k scores of a fixed query set, computed once, to score many answers against.
 
-    ``exact``: a :class:`tfrs_coldstart.index.ExactIndex` over the vectors the index holds.
+    ``exact``: a :class:`tfrs_coldstart.serving.index.ExactIndex` over the vectors the index holds.
     Recall counts ties as hits: a returned item is a hit when its exact score reaches the k-th
     best exact score (items with equal content have equal embeddings, and which of them exact
     search lists first is arbitrary). Padding and repeated ids never count.

@@ -1,9 +1,9 @@
 """Serving benchmark (issue 5, "Measured"): REST and gRPC latency and throughput of the
 project's local TF-Serving-compatible server, at several concurrency levels.
 
-The server (:class:`tfrs_coldstart.devserver.Server`) runs in a child process on 127.0.0.1
+The server (:class:`tfrs_coldstart.serving.devserver.Server`) runs in a child process on 127.0.0.1
 with ephemeral ports, so the load generator (threads in this process, one client each,
-using :mod:`tfrs_coldstart.client` as a user would) does not share its interpreter. Every
+using :mod:`tfrs_coldstart.serving.client` as a user would) does not share its interpreter. Every
 request asks for one user's recommendations (the online path); each thread sends its next
 request as soon as the previous answer arrived (closed loop), so throughput at concurrency
 N is what N waiting users get. On a 2-core machine client and server share the cores:
@@ -40,7 +40,7 @@ BATCHING_CONFIG = REPO / "serving" / "batching.config"
 def _child(base: str, batching: str) -> int:
     """Child mode: serve ``base`` on ephemeral ports, print them, stop when stdin closes."""
     import tfrs_coldstart  # noqa: F401
-    from tfrs_coldstart import devserver
+    from tfrs_coldstart.serving import devserver
 
     params = None if batching == "off" else devserver.parse_batching_config(Path(batching))
     server = devserver.Server(base, None, rest_port=0, grpc_port=0, poll_seconds=0,
@@ -196,7 +196,7 @@ def user_requests(table: Any, schema: Any, input_names: Sequence[str],
 
 
 def _clients(server: ServerProcess, transport: str, model: str, n: int) -> list[Any]:
-    from tfrs_coldstart.client import GrpcClient, RestClient
+    from tfrs_coldstart.serving.client import GrpcClient, RestClient
 
     if transport == "grpc":
         return [GrpcClient(server.grpc_address, model, retries=0, timeout=60.0)

@@ -116,7 +116,7 @@ class Run:
     def prepared(self) -> Any:
         """The run's split (made once)."""
         if self.prep is None:
-            from tfrs_coldstart import train
+            from tfrs_coldstart import training as train
 
             self.prep = train.prepare(self.dataset, train.load_run_config(self.run_dir))
         return self.prep
@@ -159,7 +159,7 @@ class Artifacts:
     # -- synthetic -----------------------------------------------------------------------------
     def synthetic(self, n_items: int, student: bool = False) -> Run:
         """A synthetic catalogue of ``n_items``; teacher: ``--teacher-epochs``, student: one."""
-        from tfrs_coldstart import train
+        from tfrs_coldstart import training as train
         from tfrs_coldstart.data import synthetic
 
         a = self.args
@@ -222,7 +222,7 @@ class Artifacts:
         if not (data / "u.data").is_file():
             raise Skip(f"MovieLens-100K not found at {data} (pass --ml100k or set "
                        "TFRS_COLDSTART_ML100K)")
-        from tfrs_coldstart import train
+        from tfrs_coldstart import training as train
 
         run_dir = self.work / "runs" / "ml100k"
         log("[ml100k] `tfrs-coldstart run` with the default config (teacher + student) ...")
@@ -257,8 +257,8 @@ class Artifacts:
         """Export one model of a run with ``export_run`` (the real path), timing its phases.
 
         Models of one run and index kind share a base path (what a server serves)."""
-        from tfrs_coldstart import train
-        from tfrs_coldstart.export import default_names, export_run
+        from tfrs_coldstart import training as train
+        from tfrs_coldstart.serving.export import default_names, export_run
 
         key = (run.label, kind, role)
         if key in self.exports:
@@ -288,7 +288,7 @@ class Artifacts:
         """The ScaNN export of one model, its query-time settings chosen on the measured
         recall/speed curve (the fastest setting whose recall@k reaches the gate), unless
         ``--scann-auto`` (the library's own defaults and gate tuning)."""
-        from tfrs_coldstart.index import AnnRecallError
+        from tfrs_coldstart.serving.index import AnnRecallError
 
         key = (run.label, "scann", role)
         if key in self.exports:
@@ -442,7 +442,7 @@ def _tensors(inputs: dict[str, np.ndarray], fn: Any, size: int,
 def index_vectors(run: Run, which: str) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """The catalogue as the export indexes it: ``[item_emb, prior * log(1 + count)]`` with a
     popularity prior (queries ``[u / temperature, 1]``), else the item embeddings."""
-    from tfrs_coldstart import train
+    from tfrs_coldstart import training as train
     from tfrs_coldstart.data.pipeline import item_log_counts
 
     ds = run.dataset
@@ -468,7 +468,7 @@ def _query_vectors(user_emb: np.ndarray, info: dict[str, Any]) -> np.ndarray:
 
 
 def _model_queries(run: Run, which: str, info: dict[str, Any], n: int, seed: int) -> np.ndarray:
-    from tfrs_coldstart import train
+    from tfrs_coldstart import training as train
 
     model = train.load_model(run.run_dir, which)
     users = run.dataset.users.iloc[_user_rows(run, n, seed)]
@@ -486,7 +486,7 @@ def scann_curve(ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray,
     from scann.scann_ops.py import scann_ops
     from tqdm.auto import tqdm
 
-    from tfrs_coldstart.index import ExactIndex, build_index, scann_params
+    from tfrs_coldstart.serving.index import ExactIndex, build_index, scann_params
 
     k = args.k
     n = len(ids)
@@ -582,7 +582,7 @@ def compare_indexes(arts: Artifacts, run: Run, which: str, exports: dict[str, Ex
                     args: argparse.Namespace) -> dict[str, Any]:
     """Recall, latency, throughput, size and memory of the exported ScaNN and brute-force
     ``recommend`` models of one run, loaded back from disk."""
-    from tfrs_coldstart.index import ExactIndex
+    from tfrs_coldstart.serving.index import ExactIndex
 
     manifest = exports["scann"].manifest
     k = int(manifest["k"])
@@ -700,7 +700,7 @@ def epoch_times(run: Run, which: str, epochs: int = 2) -> list[float]:
     """Seconds per training epoch of a run's model on its training split (epoch 1 traces)."""
     import tensorflow as tf
 
-    from tfrs_coldstart import train
+    from tfrs_coldstart import training as train
     from tfrs_coldstart.data.pipeline import interaction_dataset, item_probabilities
 
     cfg = train.load_run_config(run.run_dir)
@@ -747,7 +747,7 @@ def time_embed_user(path: Path, inputs: dict[str, np.ndarray], args: argparse.Na
 
 def section_towers(arts: Artifacts, args: argparse.Namespace) -> dict[str, Any]:
     """Parameters, query-tower latency/throughput (exported ``embed_user``), epoch time."""
-    from tfrs_coldstart import train
+    from tfrs_coldstart import training as train
 
     run = arts.ml100k() if args.towers_run == "ml100k" else arts.synthetic(
         args.items[0], student=True)
@@ -842,9 +842,9 @@ def section_serving(arts: Artifacts, args: argparse.Namespace) -> dict[str, Any]
 
 def section_batch(arts: Artifacts, args: argparse.Namespace) -> dict[str, Any]:
     try:
-        from tfrs_coldstart import batch
+        from tfrs_coldstart.batch import local as batch
     except ImportError as e:
-        raise Skip(f"tfrs_coldstart.batch is not available ({e})") from None
+        raise Skip(f"tfrs_coldstart.batch.local is not available ({e})") from None
     import pandas as pd
 
     run = arts.synthetic(args.serve_items, student=True)

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 import tfrs_coldstart  # noqa: F401
-from tfrs_coldstart import train
+from tfrs_coldstart import training as train
 from tfrs_coldstart.config import load_config
-from tfrs_coldstart.evaluate import rank_metrics
+from tfrs_coldstart.evaluation import rank_metrics
 
 
 def main(argv: list[str] | None = None) -> int:

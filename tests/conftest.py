@@ -45,7 +45,7 @@ def make_tables_run(root: Path, *, n_users: int, n_items: int, n_interactions: i
 
     Returns ``(run_dir, dataset, prep)``.
     """
-    from tfrs_coldstart import train
+    from tfrs_coldstart import training as train
     from tfrs_coldstart.config import load_config
     from tfrs_coldstart.data import generate
 

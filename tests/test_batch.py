@@ -17,7 +17,7 @@ import pytest
 from conftest import make_tables_run
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from tfrs_coldstart.batch import (
+from tfrs_coldstart.batch.local import (
     ADDED_ITEMS_DIR,
     BatchError,
     ServedModel,
@@ -30,7 +30,7 @@ from tfrs_coldstart.batch import (
 )
 from tfrs_coldstart.data import DataError
 from tfrs_coldstart.data.pipeline import feature_arrays
-from tfrs_coldstart.export import export_run
+from tfrs_coldstart.serving.export import export_run
 
 K = 20
 HAS_BEAM = importlib.util.find_spec("apache_beam") is not None

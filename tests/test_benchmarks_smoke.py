@@ -88,7 +88,7 @@ def test_helpers(tmp_path: Path) -> None:
     assert res["returncode"] == 0 and res["wall_s"] > 0 and "hi" in res["tail"]
     from common import ExactTruth, latency_stats
 
-    from tfrs_coldstart.index import ExactIndex
+    from tfrs_coldstart.serving.index import ExactIndex
 
     ids = [f"i{i}" for i in range(5)]
     emb = np.eye(5, dtype=np.float32)

@@ -19,7 +19,7 @@ import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow
 import tensorflow as tf
 from conftest import make_recommender
 
-from tfrs_coldstart.client import (
+from tfrs_coldstart.serving.client import (
     ClientInputError,
     GrpcClient,
     ModelVersionStatus,
@@ -28,7 +28,7 @@ from tfrs_coldstart.client import (
     ServingError,
     recommend_main,
 )
-from tfrs_coldstart.devserver import Server
+from tfrs_coldstart.serving.devserver import Server
 
 ITEMS = [f"movie{i}" for i in range(20)]
 K = 10

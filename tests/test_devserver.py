@@ -33,8 +33,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from tfrs_coldstart import devserver
-from tfrs_coldstart.devserver import BatchingParameters, ConfigError, Server
+from tfrs_coldstart.serving import devserver
+from tfrs_coldstart.serving.devserver import BatchingParameters, ConfigError, Server
 
 REPO = Path(__file__).resolve().parents[1]
 ITEMS = [f"item{i}" for i in range(12)]
@@ -922,7 +922,7 @@ def test_cli_serves_until_ctrl_c(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "tfrs_coldstart.devserver",
+            "tfrs_coldstart.serving.devserver",
             "--model-base",
             str(base),
             "--rest-port",

@@ -23,9 +23,9 @@ import pytest
 from conftest import make_tables_run
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from tfrs_coldstart import train
+from tfrs_coldstart import training as train
 from tfrs_coldstart.data.pipeline import feature_arrays, item_log_counts
-from tfrs_coldstart.export import (
+from tfrs_coldstart.serving.export import (
     BRUTE_FORCE_SUFFIX,
     PAD_ID,
     PAD_SCORE,
@@ -36,7 +36,13 @@ from tfrs_coldstart.export import (
     export_run,
     input_specs,
 )
-from tfrs_coldstart.index import AnnRecallError, ExactIndex, ann_recall, build_index, scann_params
+from tfrs_coldstart.serving.index import (
+    AnnRecallError,
+    ExactIndex,
+    ann_recall,
+    build_index,
+    scann_params,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 K = 20

@@ -14,7 +14,7 @@ import pytest
 from conftest import make_tables_run
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from tfrs_coldstart import train
+from tfrs_coldstart import training as train
 from tfrs_coldstart.data import DataError
 from tfrs_coldstart.finetune import (
     OOV_POLICY,
@@ -172,7 +172,7 @@ def test_new_ids_and_category_values_follow_the_oov_policy(run: dict[str, Any],
     items = merged.items[merged.items["item_id"].isin(["ni1", "ni2"])]
     assert np.isfinite(teacher.embed("item", items, ds.schema)).all()
     # the fine-tuned run exports as a new version whose catalogue holds the new items
-    from tfrs_coldstart.export import export_run
+    from tfrs_coldstart.serving.export import export_run
 
     base = tmp_path / "export"
     (base / "teacher" / "1").mkdir(parents=True)  # an earlier version is there

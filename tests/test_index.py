@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from tfrs_coldstart.index import (
+from tfrs_coldstart.serving.index import (
     SCANN_MIN_ITEMS,
     AnnRecallError,
     ExactIndex,

@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfrs_coldstart import train
+from tfrs_coldstart import training as train
 from tfrs_coldstart.config import RunConfig, load_config
 from tfrs_coldstart.data import generate
 from tfrs_coldstart.data.pipeline import interaction_dataset, table_dataset
-from tfrs_coldstart.export import ItemEncoderModule
-from tfrs_coldstart.features import FeatureEncoder, build_state, dummy_inputs
-from tfrs_coldstart.models import (
+from tfrs_coldstart.features.encoder import FeatureEncoder, build_state, dummy_inputs
+from tfrs_coldstart.modeling.models import (
     build_student,
     distillation_loss,
     in_batch_logits,
     student_sides,
     student_states,
 )
+from tfrs_coldstart.serving.export import ItemEncoderModule
 
 FAST = ["teacher.epochs=3", "student.epochs=3", "teacher.patience=1", "student.patience=1",
         "teacher.batch_size=256", "student.batch_size=256", "student.refit=false"]

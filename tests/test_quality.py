@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tfrs_coldstart import train
+from tfrs_coldstart import training as train
 from tfrs_coldstart.config import load_config
 from tfrs_coldstart.data import generate
 

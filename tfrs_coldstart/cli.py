@@ -53,8 +53,8 @@ def _verbose(args: argparse.Namespace) -> int | str:
 
 
 def cmd_run(args: argparse.Namespace, student: bool = True) -> int:
-    from tfrs_coldstart import train
-    from tfrs_coldstart.evaluate import metrics_table, write_report
+    from tfrs_coldstart import training as train
+    from tfrs_coldstart.evaluation import metrics_table, write_report
 
     cfg = _resolve_config(args)
     run_dir = Path(cfg.output_dir)
@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace, student: bool = True) -> int:
     if student:
         train.log("distilling the student ...")
         st = train.fit_student(prep, teacher, cfg.student, run_dir, cfg.seed, _verbose(args))
-        from tfrs_coldstart.models import student_sides
+        from tfrs_coldstart.modeling.models import student_sides
 
         models["student"] = train.evaluate_model(
             prep, st, cfg.eval.ks, student_sides(ds.schema, cfg.student.distill_sides))
@@ -88,10 +88,10 @@ def cmd_run(args: argparse.Namespace, student: bool = True) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     import json
 
-    from tfrs_coldstart import train
+    from tfrs_coldstart import training as train
     from tfrs_coldstart.config import load_config
-    from tfrs_coldstart.evaluate import metrics_table, write_report
-    from tfrs_coldstart.models import student_sides
+    from tfrs_coldstart.evaluation import metrics_table, write_report
+    from tfrs_coldstart.modeling.models import student_sides
 
     run_dir = Path(args.teacher)
     base = train.load_run_config(run_dir)
@@ -115,9 +115,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tfrs_coldstart import train
-    from tfrs_coldstart.evaluate import metrics_table, write_report
-    from tfrs_coldstart.models import student_sides
+    from tfrs_coldstart import training as train
+    from tfrs_coldstart.evaluation import metrics_table, write_report
+    from tfrs_coldstart.modeling.models import student_sides
 
     run_dir = Path(args.run_dir)
     cfg = train.load_run_config(run_dir)
@@ -159,15 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands whose module owns its argument parser: (module, function, help).
 DELEGATED = {
-    "export": ("tfrs_coldstart.export", "export_main",
+    "export": ("tfrs_coldstart.serving.export", "export_main",
                "export a run as TF Serving SavedModels (recommend + item encoder)"),
-    "serve": ("tfrs_coldstart.devserver", "main",
+    "serve": ("tfrs_coldstart.serving.devserver", "main",
               "local server with TF Serving's REST and gRPC APIs (production: TF Serving)"),
-    "recommend": ("tfrs_coldstart.client", "recommend_main",
+    "recommend": ("tfrs_coldstart.serving.client", "recommend_main",
                   "ask a TF Serving (or `serve`) server for one user's recommendations"),
-    "batch": ("tfrs_coldstart.batch", "batch_main",
+    "batch": ("tfrs_coldstart.batch.local", "batch_main",
               "offline top-k for a users table (CSV/Parquet) -> Parquet; in-process or Beam"),
-    "add-items": ("tfrs_coldstart.batch", "add_items_main",
+    "add-items": ("tfrs_coldstart.batch.local", "add_items_main",
                   "embed new items and publish a new version with them in the index"),
     "finetune": ("tfrs_coldstart.finetune", "finetune_main",
                  "continue training a run on new interactions (then `export`)"),

@@ -2,7 +2,7 @@
 
 What :func:`finetune` does, and why:
 
-- :func:`tfrs_coldstart.train.load_model` rebuilds the model from its run folder; its weights
+- :func:`tfrs_coldstart.training.load_model` rebuilds the model from its run folder; its weights
   checkpoint also holds the Adam optimizer (step count and moment estimates, saved by Keras'
   ``save_weights`` because the model tracks its optimizer). :func:`compile_for_finetuning`
   compiles with Adam and builds it at once, which restores that state, so fine-tuning
@@ -18,7 +18,7 @@ What :func:`finetune` does, and why:
   ``tfrs-coldstart export NEW_RUN`` publishes it as a new version with the new items in
   the catalogue, and ``evaluate`` works as for any run.
 - ``redistill=True`` (teacher only) then distils a fresh student from the fine-tuned teacher
-  on the merged data with :func:`tfrs_coldstart.train.fit_student`.
+  on the merged data with :func:`tfrs_coldstart.training.fit_student`.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfrs_coldstart import train
+from tfrs_coldstart import training as train
 from tfrs_coldstart.config import RunConfig, atomic_write_text, save_config
 from tfrs_coldstart.data import Dataset, Schema, load_tables
 from tfrs_coldstart.data.pipeline import interaction_dataset, item_probabilities
 from tfrs_coldstart.data.sources import TABLE_SUFFIXES, _feature_table, _read_table
-from tfrs_coldstart.evaluate import SegmentTask, rank_metrics
-from tfrs_coldstart.models import TwoTowerModel
+from tfrs_coldstart.evaluation import SegmentTask, rank_metrics
+from tfrs_coldstart.modeling.models import TwoTowerModel
 
 __all__ = [
     "FinetuneError",
@@ -100,7 +100,7 @@ def interaction_recall(model: TwoTowerModel, dataset: Dataset, interactions: pd.
                        k: int = 20, history: pd.DataFrame | None = None) -> float:
     """Mean recall@k of ``interactions`` when each of their users ranks the whole catalogue.
 
-    Scores are the model's ranking scores (:func:`tfrs_coldstart.train.model_score_fn`, item
+    Scores are the model's ranking scores (:func:`tfrs_coldstart.training.model_score_fn`, item
     popularity counted in ``history``); items the user has in ``history`` and that are not
     in ``interactions`` are never ranked (already known). ``dataset`` holds every user and
     item named.

@@ -10,7 +10,7 @@ retraining.
   tfrs-coldstart[beam]``).
 - :func:`add_items`: new items are embedded by the run's item tower (the weights of the
   exported ``item_encoder``), the index is rebuilt over the whole catalogue (old + new) and
-  a new version is published atomically by :func:`tfrs_coldstart.export.export_run`.
+  a new version is published atomically by :func:`tfrs_coldstart.serving.export.export_run`.
 
 Output rows never hold padding: a slot the index could not fill (catalogue smaller than
 ``k``) is dropped. Nothing is half-written: the local output goes to a temporary file that
@@ -526,7 +526,7 @@ def _define_handler() -> type:
         def get_metrics_namespace(self) -> str:
             return "tfrs_coldstart_batch"
 
-    # Importable as tfrs_coldstart.batch.RecommendHandler, so workers unpickle it by reference.
+    # Importable as <this module>.RecommendHandler, so workers unpickle it by reference.
     RecommendHandler.__module__ = __name__
     RecommendHandler.__qualname__ = "RecommendHandler"
     return RecommendHandler
@@ -719,11 +719,11 @@ def add_items(
     exported item encoder), indexed (same index kind, ``k`` and recall gate) and published
     as ``<base_dir>/<name>/<version>`` (default: beside ``model_dir``, next free version).
     Needs the run folder that trained the export (``run_dir``; default: the manifest's).
-    Returns the :class:`tfrs_coldstart.export.ExportedModel`.
+    Returns the :class:`tfrs_coldstart.serving.export.ExportedModel`.
     """
-    from tfrs_coldstart import train
+    from tfrs_coldstart import training as train
     from tfrs_coldstart.data.sources import Dataset
-    from tfrs_coldstart.export import existing_versions, export_run
+    from tfrs_coldstart.serving.export import existing_versions, export_run
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if "://" in str(model_dir):
@@ -838,7 +838,7 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
               f"{s.seconds:.1f} s ({s.users_per_second:.0f} users/s) with {s.model_path}")
         return 0
 
-    from tfrs_coldstart.export import _run_cli
+    from tfrs_coldstart.serving.export import _run_cli
 
     return _run_cli(run, p, argv)
 
@@ -865,7 +865,7 @@ def add_items_main(argv: Sequence[str] | None = None) -> int:
               f"{m.manifest.get('catalogue_size')} items")
         return 0
 
-    from tfrs_coldstart.export import _run_cli
+    from tfrs_coldstart.serving.export import _run_cli
 
     return _run_cli(run, p, argv)
 

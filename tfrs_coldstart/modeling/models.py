@@ -18,8 +18,8 @@ import tensorflow_recommenders as tfrs
 from tfrs_coldstart.config import StudentConfig, TeacherConfig, TowerConfig
 from tfrs_coldstart.data.pipeline import table_dataset
 from tfrs_coldstart.data.schema import Schema
-from tfrs_coldstart.features import Untracked, build_state
-from tfrs_coldstart.towers import Tower
+from tfrs_coldstart.features.encoder import Untracked, build_state
+from tfrs_coldstart.modeling.towers import Tower
 
 SIDES = ("user", "item")
 _NEG = -1e9

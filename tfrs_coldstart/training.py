@@ -50,7 +50,7 @@ from tfrs_coldstart.data.pipeline import (
     item_log_counts,
     item_probabilities,
 )
-from tfrs_coldstart.evaluate import (
+from tfrs_coldstart.evaluation import (
     SEGMENTS,
     ScoreFn,
     SegmentTask,
@@ -60,8 +60,8 @@ from tfrs_coldstart.evaluate import (
     rank_metrics,
     segment_tasks,
 )
-from tfrs_coldstart.features import dummy_inputs
-from tfrs_coldstart.models import (
+from tfrs_coldstart.features.encoder import dummy_inputs
+from tfrs_coldstart.modeling.models import (
     SIDES,
     StudentModel,
     TeacherModel,

@@ -8,13 +8,13 @@ import numpy as np
 import tensorflow as tf
 
 from tfrs_coldstart.config import TowerConfig
-from tfrs_coldstart.features import FeatureEncoder
+from tfrs_coldstart.features.encoder import FeatureEncoder
 
 
 class Tower(tf.keras.Model):
     """``dict[name -> tensor [batch, ...]]`` -> ``float32 [batch, cfg.output_dim]``, unit L2 norm.
 
-    ``state`` comes from :func:`tfrs_coldstart.features.build_state`; whether the
+    ``state`` comes from :func:`tfrs_coldstart.features.encoder.build_state`; whether the
     tower uses IDs is decided there (an ``__id__`` entry), so a content-only tower
     has no ID lookup at all.
     """

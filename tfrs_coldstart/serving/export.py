@@ -43,7 +43,7 @@ import tensorflow as tf
 
 from tfrs_coldstart.config import RunConfig, to_dict
 from tfrs_coldstart.data.pipeline import feature_arrays, item_log_counts
-from tfrs_coldstart.index import (
+from tfrs_coldstart.serving.index import (
     INDEX_KINDS,
     GatedIndex,
     IndexBuildError,
@@ -295,7 +295,7 @@ def existing_versions(model_dir: Path) -> list[int]:
 
 
 def _load_run(run_dir: Path) -> tuple[RunConfig, Any]:
-    from tfrs_coldstart import train
+    from tfrs_coldstart import training as train
 
     if not run_dir.is_dir():
         raise ExportError(f"run folder {run_dir} does not exist; train one with "

@@ -1,0 +1,1 @@
+"""Offline batch retrieval over exported models: in-process and Apache Beam."""

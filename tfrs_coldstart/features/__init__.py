@@ -1,0 +1,1 @@
+"""Feature columns: per-type preprocessing state, Keras layers and served input specs."""

@@ -1,0 +1,1 @@
+"""Model building blocks: towers, the teacher and student models, their losses."""
