@@ -233,7 +233,7 @@ def write_json(path: Path, data: Any) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Atomic write, readable by all (results are meant to be read and committed)."""
-    from tfrs_coldstart.config import atomic_write_text
+    from tfrs_coldstart.fileio import atomic_write_text
 
     atomic_write_text(path, text)
     os.chmod(path, 0o644)

@@ -45,9 +45,11 @@ def make_tables_run(root: Path, *, n_users: int, n_items: int, n_interactions: i
 
     Returns ``(run_dir, dataset, prep)``.
     """
-    from tfrs_coldstart import training as train
     from tfrs_coldstart.config import load_config
     from tfrs_coldstart.data import generate
+    from tfrs_coldstart.evaluation import prepare
+    from tfrs_coldstart.runs import RunDir, load_data
+    from tfrs_coldstart.training import fit_student, fit_teacher
 
     data = root / "data"
     data.mkdir()
@@ -60,12 +62,52 @@ def make_tables_run(root: Path, *, n_users: int, n_items: int, n_interactions: i
     run = root / "run"
     cfg = load_config(overrides=["data.format=tables", f"data.data_dir={data}",
                                  f"output_dir={run}", *TINY_MODEL_OVERRIDES, *overrides])
-    dataset = train.load_data(cfg)
-    prep = train.prepare(dataset, cfg)
-    train.save_run_metadata(cfg, prep, run)
-    teacher = train.fit_teacher(prep, cfg.teacher, run, cfg.seed, verbose=0)
-    student = train.fit_student(prep, teacher, cfg.student, run, cfg.seed, verbose=0)
+    dataset = load_data(cfg)
+    prep = prepare(dataset, cfg)
+    rd = RunDir(run)
+    rd.write_metadata(cfg, prep)
+    teacher = fit_teacher(prep, cfg.teacher, rd, cfg.seed, verbose=0)
+    student = fit_student(prep, teacher, cfg.student, rd, cfg.seed, verbose=0)
     return run, dataset, prep, teacher, student
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """ONE tiny trained run for the export, batch and fine-tuning tests: Parquet tables with
+    every feature type (a 4-d dense vector too), teacher + student (2 epochs each), student
+    popularity prior 0.5, and a report.json. Read-only: copy it before changing it
+    (:func:`copy_run`).
+
+    Keys: ``root``, ``run`` (the run folder), ``ds`` (its Dataset), ``prep``.
+    """
+    import json
+
+    from tfrs_coldstart.scoring import evaluate_model
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    run, dataset, prep, _, student = make_tables_run(
+        root, n_users=240, n_items=150, n_interactions=3600, seed=3, dense_dim=4,
+        overrides=("student.popularity_prior=0.5", "eval.ks=[10,20]"))
+    from tfrs_coldstart.runs import RunDir
+
+    report = {"dataset": dataset.name, "models": {
+        "student": evaluate_model(prep, student, RunDir(run).scorer("student"), (10, 20))}}
+    (run / "report.json").write_text(json.dumps(report))
+    return {"root": root, "run": run, "ds": dataset, "prep": prep}
+
+
+def copy_run(run: Path, dst: Path, student_prior: float | None = None) -> Path:
+    """A copy of a run folder (its data tables stay where they are); optionally with another
+    popularity prior for the student."""
+    import shutil
+
+    from tfrs_coldstart.runs import RunDir
+
+    shutil.copytree(run, dst)
+    if student_prior is not None:
+        rd = RunDir(dst)
+        rd.save_scorer("student", rd.scorer("student").with_prior(student_prior))
+    return dst
 
 
 def make_recommender(items: list[str], k: int, version: int, *, dim: int, buckets: int,

@@ -17,19 +17,17 @@ import pytest
 from conftest import make_tables_run
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from tfrs_coldstart.batch.local import (
-    ADDED_ITEMS_DIR,
+from tfrs_coldstart.batch import (
     BatchError,
     ServedModel,
-    add_items,
-    add_items_main,
-    batch_main,
     batch_recommend,
     beam_batch_recommend,
     resolve_version,
 )
+from tfrs_coldstart.cli import main as cli_main
 from tfrs_coldstart.data import DataError
 from tfrs_coldstart.data.pipeline import feature_arrays
+from tfrs_coldstart.serving.add_items import ADDED_ITEMS_DIR, AddItemsError, add_items
 from tfrs_coldstart.serving.export import export_run
 
 K = 20
@@ -201,14 +199,14 @@ def test_bad_input_gives_one_clear_error_and_no_output(setup: dict[str, Any],
 def test_batch_cli(setup: dict[str, Any], tmp_path: Path,
                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli.parquet"
-    assert batch_main(["--model", str(setup["base"] / "student"), "--users",
-                       str(setup["users"]), "--out", str(out), "--k", "3",
-                       "--no-progress"]) == 0
+    assert cli_main(["batch", "--model", str(setup["base"] / "student"), "--users",
+                     str(setup["users"]), "--out", str(out), "--k", "3",
+                     "--no-progress"]) == 0
     assert "users/s" in capsys.readouterr().out
     assert len(pd.read_parquet(out)) == len(setup["ds"].users) * 3
     out2 = tmp_path / "cli2.parquet"
-    assert batch_main(["--model", str(tmp_path / "nope"), "--users", str(setup["users"]),
-                       "--out", str(out2)]) == 2
+    assert cli_main(["batch", "--model", str(tmp_path / "nope"), "--users", str(setup["users"]),
+                     "--out", str(out2)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and not out2.exists()
 
@@ -331,20 +329,51 @@ def test_add_items_bad_input(setup: dict[str, Any], tmp_path: Path,
         assert versions() == ["1"]
 
     dup = ds.items.iloc[:2].copy()
-    fails(BatchError, r"row 0: item '.+' is already in the catalogue", dup)
+    fails(AddItemsError, r"row 0: item '.+' is already in the catalogue", dup)
     fails(DataError, "missing required column", ds.items.drop(columns=["title"]).iloc[:1])
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     fails(DataError, "empty", empty)
     fails(DataError, "empty", ds.items.iloc[:0])
-    fails(BatchError, "does not exist", ds.items.iloc[:1], tmp_path / "nope")
-    fails(BatchError, "not a `recommend` export", ds.items.iloc[:1],
+    fails(AddItemsError, "does not exist", ds.items.iloc[:1], tmp_path / "nope")
+    fails(AddItemsError, "not a `recommend` export", ds.items.iloc[:1],
           setup["base"] / "student_items")
     new = ds.items.iloc[:1].copy()
     new["item_id"] = "fresh"
     src = _as_csv(new, tmp_path / "fresh.csv")
-    assert add_items_main([str(src), "--model", str(base / "student")]) == 0
+    assert cli_main(["add-items", str(src), "--model", str(base / "student")]) == 0
     assert "v2" in capsys.readouterr().out and versions() == [".added_items", "1", "2"]
-    assert add_items_main([str(src), "--model", str(base / "student")]) == 2
+    assert cli_main(["add-items", str(src), "--model", str(base / "student")]) == 2
     assert "already in the catalogue" in capsys.readouterr().err
     assert versions() == [".added_items", "1", "2"]
+
+
+# --------------------------------------------------------------------------------------------
+# layering
+
+
+def test_imports_stay_in_their_layer() -> None:
+    """batch and add-items never import training code; batch imports Apache Beam only when a
+    Beam pipeline runs (it is an optional extra)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tfrs_coldstart.batch, tfrs_coldstart.serving.add_items; "
+            "bad = [m for m in ('tfrs_coldstart.training', 'apache_beam') if m in sys.modules]; "
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.skipif(not HAS_BEAM, reason="apache_beam not installed (extra [beam])")
+def test_recommend_handler_pickles_by_reference() -> None:
+    """Beam workers unpickle the handler by its module path."""
+    import pickle
+
+    from tfrs_coldstart.batch import beam
+
+    cls = beam.RecommendHandler
+    assert (cls.__module__, cls.__qualname__) == ("tfrs_coldstart.batch.beam", "RecommendHandler")
+    handler = pickle.loads(pickle.dumps(cls("export/student", k=3, max_batch_size=8)))
+    assert type(handler) is cls and (handler.model_dir, handler.k) == ("export/student", 3)

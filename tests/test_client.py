@@ -19,6 +19,8 @@ import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow
 import tensorflow as tf
 from conftest import make_recommender
 
+from tfrs_coldstart import cli
+from tfrs_coldstart.errors import UserError
 from tfrs_coldstart.serving.client import (
     ClientInputError,
     GrpcClient,
@@ -26,9 +28,13 @@ from tfrs_coldstart.serving.client import (
     Recommendation,
     RestClient,
     ServingError,
-    recommend_main,
 )
 from tfrs_coldstart.serving.devserver import Server
+
+
+def recommend_cli(argv: list[str]) -> int:
+    """``tfrs-coldstart recommend ...`` through the one CLI entry point; returns the exit code."""
+    return cli.main(["recommend", *argv])
 
 ITEMS = [f"movie{i}" for i in range(20)]
 K = 10
@@ -256,7 +262,7 @@ def test_timeout_raises_deadline_exceeded(kind: str) -> None:
 def test_recommend_cli(server: Server, capsys: pytest.CaptureFixture) -> None:
     user = json.dumps(USERS[0])
     assert (
-        recommend_main(
+        recommend_cli(
             ["--server", server.rest_url.removeprefix("http://"), "--user", user, "--k", "4"]
         )
         == 0
@@ -267,7 +273,7 @@ def test_recommend_cli(server: Server, capsys: pytest.CaptureFixture) -> None:
     assert len(rec["item_ids"]) == 4 and len(rec["scores"]) == 4
 
     assert (
-        recommend_main(
+        recommend_cli(
             [
                 "--server",
                 server.grpc_address,
@@ -288,15 +294,17 @@ def test_recommend_cli(server: Server, capsys: pytest.CaptureFixture) -> None:
     assert first["item_ids"] == rec["item_ids"]
     assert first["scores"] == pytest.approx(rec["scores"], rel=1e-5)
 
-    assert recommend_main(["--server", server.grpc_address, "--grpc", "--user", "{oops"]) == 2
+    # every command error exits 2 with one line: bad input (nothing sent) and server errors
+    assert issubclass(ClientInputError, UserError) and issubclass(ServingError, UserError)
+    assert recommend_cli(["--server", server.grpc_address, "--grpc", "--user", "{oops"]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert (
-        recommend_main(
+        recommend_cli(
             ["--server", server.grpc_address, "--grpc", "--model", "nomodel", "--user", user]
         )
-        == 1
+        == 2
     )
-    assert "NOT_FOUND" in capsys.readouterr().err
+    assert "error: NOT_FOUND: " in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

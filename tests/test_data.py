@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import os
+import stat
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from tfrs_coldstart.data import (
     load_tables,
     load_tfds,
 )
+from tfrs_coldstart.errors import UserError
 
 SCHEMA = Schema(
     user_features=(
@@ -82,6 +86,48 @@ def test_schema_yaml_roundtrip_is_atomic(tmp_path: Path) -> None:
     assert Schema.from_yaml(path) == SCHEMA
     assert Schema.from_dict(SCHEMA.to_dict()) == SCHEMA
     assert SCHEMA.side("item")[2].dim == 3 and SCHEMA.names("user") == ("age", "country")
+
+
+def test_schema_yaml_is_readable_by_group_and_others(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        SCHEMA.to_yaml(tmp_path / "schema.yaml")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "schema.yaml").stat().st_mode)
+    assert mode == 0o644, oct(mode)  # the umask's mode, not mkstemp's 0600
+
+
+def test_data_error_is_a_user_error() -> None:
+    assert issubclass(DataError, UserError) and issubclass(DataError, ValueError)
+
+
+def test_data_modules_import_one_way() -> None:
+    """No import cycle inside the data package (sources <-> synthetic was one)."""
+    pkg = Path(__file__).resolve().parents[1] / "tfrs_coldstart" / "data"
+    graph: dict[str, set[str]] = {}
+    for path in pkg.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                prefix = "tfrs_coldstart.data."
+                if node.module.startswith(prefix):
+                    deps.add(node.module[len(prefix):])
+        graph[path.stem] = deps
+    graph.pop("__init__")
+    done: set[str] = set()
+
+    def visit(mod: str, stack: tuple[str, ...]) -> None:
+        assert mod not in stack, f"import cycle: {' -> '.join(stack + (mod,))}"
+        if mod in done:
+            return
+        for dep in graph.get(mod, ()):
+            visit(dep, stack + (mod,))
+        done.add(mod)
+
+    for mod in graph:
+        visit(mod, ())
+    assert "sources" not in graph and {"dataset", "tables", "load"} <= set(graph)
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ from tensorflow_serving.apis import (
 
 from tfrs_coldstart.serving import devserver
 from tfrs_coldstart.serving.devserver import BatchingParameters, ConfigError, Server
+from tfrs_coldstart.serving.saved_model import WARMUP_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 ITEMS = [f"item{i}" for i in range(12)]
@@ -76,7 +77,7 @@ def publish(
     tf.saved_model.save(module, str(staging), signatures=signatures)
     if warmup:
         (staging / "assets.extra").mkdir()
-        with tf.io.TFRecordWriter(str(staging / devserver.WARMUP_FILE)) as writer:
+        with tf.io.TFRecordWriter(str(staging / WARMUP_FILE)) as writer:
             for req in warmup:
                 entry = prediction_log_pb2.PredictionLog(
                     predict_log=prediction_log_pb2.PredictLog(request=req)

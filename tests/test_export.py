@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import make_tables_run
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from tfrs_coldstart import training as train
 from tfrs_coldstart.data.pipeline import feature_arrays, item_log_counts
+from tfrs_coldstart.evaluation import prepare
+from tfrs_coldstart.runs import RunDir, load_data
 from tfrs_coldstart.serving.export import (
     BRUTE_FORCE_SUFFIX,
     PAD_ID,
@@ -54,16 +54,9 @@ N_ROWS = 3  # real rows per request
 
 
 @pytest.fixture(scope="session")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(tiny_run: dict[str, Any]) -> Path:
     """A trained teacher + student on tables holding every feature type (dense vector too)."""
-    root = tmp_path_factory.mktemp("export_run")
-    run, dataset, prep, _, student = make_tables_run(
-        root, n_users=240, n_items=150, n_interactions=3600, seed=3, dense_dim=4,
-        overrides=("student.popularity_prior=0.5", "eval.ks=[10,20]"))
-    report = {"dataset": dataset.name, "models": {
-        "student": train.evaluate_model(prep, student, (10, 20))}}
-    (run / "report.json").write_text(json.dumps(report))
-    return run
+    return tiny_run["run"]
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +72,7 @@ def context(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def exports(run_dir: Path, context: Path) -> dict[str, Any]:
     base = context / "export"
-    dataset = train.load_data(train.load_run_config(run_dir))
+    dataset = load_data(_config(run_dir))
     scann = export_run(run_dir, base, index="scann", k=K, dataset=dataset, log=lambda m: None)
     bf = export_run(run_dir, base, index="brute-force", k=K, dataset=dataset,
                     log=lambda m: None)
@@ -231,7 +224,7 @@ def loaded(exports: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def test_names_versions_and_layout(exports: dict[str, Any], run_dir: Path) -> None:
-    cfg = train.load_run_config(run_dir)
+    cfg = _config(run_dir)
     sc, bf = exports["scann"], exports["bf"]
     assert set(sc) == {"student", "teacher", "student_items"}
     assert set(bf) == {"student" + BRUTE_FORCE_SUFFIX, "teacher" + BRUTE_FORCE_SUFFIX,
@@ -321,8 +314,8 @@ def test_index_is_the_whole_catalogue_and_brute_force_is_exact(
     users = feature_arrays(ds.users, ds.schema.user_features, "user_id")
     # The ranking score adds the student's popularity prior: u.i / T + prior * log(1 + count).
     split = json.loads((run_dir / "split.json").read_text())
-    cfg = train.load_run_config(run_dir)
-    train_df = train.prepare(ds, cfg).split.train
+    cfg = _config(run_dir)
+    train_df = prepare(ds, cfg).split.train
     assert set(train_df["item_id"]).isdisjoint(split["cold_items"])
     student = exports["scann"]["student"].manifest
     assert student["popularity_prior"] == 0.5
@@ -387,7 +380,7 @@ def test_unseen_feature_values_still_get_k_results(exports: dict[str, Any],
 
 
 def test_manifest(exports: dict[str, Any], run_dir: Path) -> None:
-    cfg = train.load_run_config(run_dir)
+    cfg = _config(run_dir)
     for variant in ("scann", "bf"):
         for m in exports[variant].values():
             man = json.loads((m.path / "manifest.json").read_text())
@@ -728,3 +721,7 @@ def test_scann_patch_script(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(script), str(scann), str(bad)],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "not a TF Serving source tree" in proc.stderr
+
+
+def _config(run_dir: Any) -> Any:
+    return RunDir.open(run_dir).config

@@ -11,10 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_tables_run
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from tfrs_coldstart import training as train
 from tfrs_coldstart.data import DataError
 from tfrs_coldstart.finetune import (
     OOV_POLICY,
@@ -25,17 +23,15 @@ from tfrs_coldstart.finetune import (
     finetune_main,
     interaction_recall,
 )
+from tfrs_coldstart.runs import RunDir, load_data, load_model
 
 QUIET = {"log": lambda msg: None}
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def run(tiny_run: dict[str, Any]) -> dict[str, Any]:
     """A tiny trained teacher + student on tables (2 epochs each)."""
-    root = tmp_path_factory.mktemp("finetune")
-    run_dir, dataset, _, _, _ = make_tables_run(root, n_users=240, n_items=150,
-                                                n_interactions=3600, seed=3)
-    return {"root": root, "run": run_dir, "ds": dataset}
+    return {"root": tiny_run["root"], "run": tiny_run["run"], "ds": tiny_run["ds"]}
 
 
 def drift(ds: Any, seed: int = 0, n_users: int = 150, per_user: int = 5,
@@ -84,7 +80,7 @@ def test_teacher_finetune_improves_recall_on_new_interactions(run: dict[str, Any
     fit, held = drift(ds)
     known = pd.concat([ds.interactions, fit])
     parent = _digest(run["run"])
-    before = interaction_recall(train.load_model(run["run"], "teacher"), ds, held, 10, known)
+    before = interaction_recall(load_model(run["run"], "teacher"), ds, held, 10, known)
     out = tmp_path / "ft"
     res = finetune(run["run"], fit, epochs=10, out_dir=out, which="teacher", batch_size=64,
                    k=10, **QUIET)
@@ -102,22 +98,22 @@ def test_teacher_finetune_improves_recall_on_new_interactions(run: dict[str, Any
     # a new, complete run folder; the parent is untouched
     assert res.run_dir == out and _digest(run["run"]) == parent
     assert json.loads((out / "finetune.json").read_text())["policy"] == OOV_POLICY
-    reloaded = train.load_model(out, "teacher")
+    reloaded = load_model(out, "teacher")
     users = ds.users.iloc[:8]
     np.testing.assert_allclose(reloaded.embed("user", users, ds.schema),
                                res.model.embed("user", users, ds.schema), atol=1e-6)
     assert interaction_recall(reloaded, ds, held, 10, known) == pytest.approx(after)
-    cfg = train.load_run_config(out)
-    merged = train.load_data(cfg)  # old + new interactions, loadable like any run's data
+    cfg = _config(out)
+    merged = load_data(cfg)  # old + new interactions, loadable like any run's data
     assert len(merged.interactions) == len(ds.interactions) + len(fit)
-    assert train.load_model(out, "student") is not None  # copied along
+    assert load_model(out, "student") is not None  # copied along
     assert _leftovers(tmp_path) == []
 
 
 def test_compile_restores_optimizer_state(run: dict[str, Any]) -> None:
     import tensorflow as tf
 
-    model = train.load_model(run["run"], "teacher")
+    model = load_model(run["run"], "teacher")
     assert compile_for_finetuning(model, learning_rate=1e-4) is True
     opt = model.optimizer
     assert float(opt.learning_rate.numpy()) == pytest.approx(1e-4)
@@ -159,10 +155,10 @@ def test_new_ids_and_category_values_follow_the_oov_policy(run: dict[str, Any],
     assert "region-new" not in state["user"]["region"]["vocabulary"]
     # unseen ids share the OOV embedding: two new users with the same features embed alike,
     # and like any other never-seen id
-    merged = train.load_data(train.load_run_config(out))
+    merged = load_data(_config(out))
     assert {"nu1", "nu2", "nu3"} <= set(merged.users["user_id"])
     assert {"ni1", "ni2"} <= set(merged.items["item_id"])
-    teacher = train.load_model(out, "teacher")
+    teacher = load_model(out, "teacher")
     twins = merged.users[merged.users["user_id"].isin(["nu1", "nu2"])].copy()
     emb = teacher.embed("user", twins, ds.schema)
     other = twins.copy()
@@ -191,15 +187,15 @@ def test_student_finetune_and_redistillation(run: dict[str, Any], tmp_path: Path
     assert res.info["optimizer_state_restored"] is True
     hist = json.loads((tmp_path / "st" / "student" / "history.json").read_text())
     assert hist["finetunes"][-1]["model"] == "student"
-    assert train.load_model(tmp_path / "st", "student").popularity_prior == pytest.approx(
-        train.load_model(run["run"], "student").popularity_prior)
+    assert RunDir(tmp_path / "st").scorer("student").prior == pytest.approx(
+        RunDir(run["run"]).scorer("student").prior)
 
     res = finetune(run["run"], fit, epochs=2, out_dir=tmp_path / "rd", which="teacher",
                    redistill=True, batch_size=64, **QUIET)
     assert res.info["redistilled"] is True
     hist = json.loads((tmp_path / "rd" / "student" / "history.json").read_text())
     assert "finetunes" not in hist and hist["epochs_run"] >= 1  # a fresh distillation
-    student = train.load_model(tmp_path / "rd", "student")
+    student = load_model(tmp_path / "rd", "student")
     assert np.isfinite(student.embed("user", ds.users.iloc[:4], ds.schema)).all()
     with pytest.raises(FinetuneError, match="which='teacher'"):
         finetune(run["run"], fit, which="student", redistill=True, out_dir=tmp_path / "x",
@@ -255,3 +251,7 @@ def test_finetune_cli(run: dict[str, Any], tmp_path: Path,
     assert capsys.readouterr().err.startswith("error: ")
     assert finetune_main([str(run["run"]), "--data", str(tmp_path / "nothing")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def _config(run_dir: Any) -> Any:
+    return RunDir.open(run_dir).config

@@ -16,7 +16,7 @@ __all__ = ["load_model", "__version__"]
 
 def __getattr__(name: str):  # lazy: importing the package must not import TensorFlow yet
     if name == "load_model":
-        from tfrs_coldstart.training import load_model
+        from tfrs_coldstart.runs import load_model
 
         return load_model
     raise AttributeError(f"module 'tfrs_coldstart' has no attribute {name!r}")

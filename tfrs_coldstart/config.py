@@ -27,6 +27,38 @@ class _FieldError(ConfigError):
         self.field_name, self.reason = field_name, reason
 
 
+def _check(obj: Any, name: str, ok: bool, reason: str) -> None:
+    if not ok:
+        raise _FieldError(name, f"{reason}, got {getattr(obj, name)!r}")
+
+
+def _at_least(obj: Any, minimum: float, *names: str) -> None:
+    for name in names:
+        _check(obj, name, getattr(obj, name) >= minimum, f"must be at least {minimum}")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        _check(obj, name, v > 0 and v == v and v != float("inf"), "must be a finite number > 0")
+
+
+def _fraction(obj: Any, *names: str, upper_inclusive: bool = False) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        ok = 0.0 < v <= 1.0 if upper_inclusive else 0.0 < v < 1.0
+        _check(obj, name, ok, "must be in (0, 1]" if upper_inclusive else "must be in (0, 1)")
+
+
+def _one_of(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
+    _check(obj, name, getattr(obj, name) in allowed, f"must be one of {', '.join(allowed)}")
+
+
+DATA_FORMATS = ("synthetic", "movielens", "tables", "tfds")
+INDEX_KINDS = ("scann", "brute-force")
+DISTILL_SIDES = ("auto", "both", "user", "item")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data comes from and how it is split."""
@@ -43,6 +75,11 @@ class DataConfig:
     cold_item_frac: float = 0.2
     cold_user_frac: float = 0.2
     warm_test_frac: float = 0.1
+
+    def __post_init__(self) -> None:
+        _one_of(self, "format", DATA_FORMATS)
+        _at_least(self, 1, "synthetic_users", "synthetic_items", "synthetic_interactions")
+        _fraction(self, "cold_item_frac", "cold_user_frac", "warm_test_frac")
 
 
 @dataclass(frozen=True)
@@ -87,7 +124,12 @@ class TeacherConfig:
     batch_size: int = 1024
     epochs: int = 40
     patience: int = 4
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # Adam's decoupled weight decay (0: none)
+
+    def __post_init__(self) -> None:
+        _positive(self, "temperature", "learning_rate")
+        _at_least(self, 1, "batch_size", "epochs")
+        _at_least(self, 0, "patience", "weight_decay")
 
 
 @dataclass(frozen=True)
@@ -123,6 +165,12 @@ class StudentConfig:
     patience: int = 4
 
     def __post_init__(self) -> None:
+        _positive(self, "temperature", "learning_rate", "distill_temperature")
+        _at_least(self, 1, "batch_size", "epochs")
+        _at_least(self, 0, "patience", "distill_lambda", "align_weight")
+        _one_of(self, "distill_sides", DISTILL_SIDES)
+        if self.popularity_prior is not None:
+            _at_least(self, 0, "popularity_prior")
         if self.item_id_sink < 0:
             raise _FieldError("item_id_sink", f"must be 0 (none) or more, got {self.item_id_sink}")
         if not 0.0 <= self.item_id_sink_dropout < 1.0:
@@ -133,8 +181,18 @@ class StudentConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     ks: tuple[int, ...] = (10, 20, 50)
-    headline_k: int = 20
+    headline_k: int = 20  # the reports' headline and the early-stopping metric
     batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _check(self, "ks", len(self.ks) > 0 and all(k >= 1 for k in self.ks),
+               "must be a non-empty list of cut-offs >= 1")
+        _at_least(self, 1, "headline_k", "batch_size")
+
+    @property
+    def cutoffs(self) -> tuple[int, ...]:
+        """Every K reported: ``ks`` and the headline K."""
+        return tuple(sorted({*self.ks, self.headline_k}))
 
 
 @dataclass(frozen=True)
@@ -149,6 +207,19 @@ class ExportConfig:
     scann_num_leaves: int | None = None  # None: about sqrt(n_items)
     scann_leaves_to_search: int | None = None
     scann_reorder: int | None = None
+
+    def __post_init__(self) -> None:
+        _one_of(self, "index", INDEX_KINDS)
+        _at_least(self, 1, "k")
+        _fraction(self, "ann_recall_gate", upper_inclusive=True)
+        for name in ("scann_num_leaves", "scann_leaves_to_search", "scann_reorder"):
+            if getattr(self, name) is not None:
+                _at_least(self, 1, name)
+        for name in ("student_name", "teacher_name", "item_encoder_name"):
+            v = getattr(self, name)
+            _check(self, name, bool(v) and not v.startswith(".")
+                   and all(c.isalnum() or c in "_-." for c in v),
+                   "must be letters, digits, '_', '-', '.' and not start with '.'")
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tfrs_coldstart.config import atomic_write_text
+from tfrs_coldstart.config import RunConfig
+from tfrs_coldstart.data import (
+    SEGMENTS,
+    ColdStartSplit,
+    Dataset,
+    check_no_leakage,
+    cold_start_split,
+    validation_split,
+)
 from tfrs_coldstart.data.pipeline import item_counts
-from tfrs_coldstart.data.split import ColdStartSplit
+from tfrs_coldstart.fileio import atomic_write_text
 
-SEGMENTS = ("warm", "cold_item", "cold_user", "cold_both")
 SEGMENT_TITLES = {"warm": "warm", "cold_item": "cold-item", "cold_user": "cold-user",
                   "cold_both": "cold-both"}
 
@@ -71,14 +78,55 @@ def segment_tasks(split: ColdStartSplit, users: pd.DataFrame,
     return tasks
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A dataset with its test split, validation split and their ranking tasks."""
+
+    dataset: Dataset
+    split: ColdStartSplit
+    val: ColdStartSplit
+    tasks: dict[str, SegmentTask]
+    val_tasks: dict[str, SegmentTask]
+
+
+def prepare(dataset: Dataset, cfg: RunConfig) -> Prepared:
+    """Cold-start split (with the leakage guard) and the validation split carved from training."""
+    d = cfg.data
+    split = cold_start_split(dataset.interactions, dataset.users["user_id"],
+                             dataset.items["item_id"], seed=d.split_seed,
+                             cold_item_frac=d.cold_item_frac, cold_user_frac=d.cold_user_frac,
+                             warm_test_frac=d.warm_test_frac)
+    check_no_leakage(split)
+    val = validation_split(split)
+    return Prepared(dataset, split, val,
+                    segment_tasks(split, dataset.users, dataset.items),
+                    segment_tasks(val, dataset.users, dataset.items))
+
+
+def protocol(cfg: RunConfig, prep: Prepared) -> dict[str, Any]:
+    """The split's settings and sizes, for reports."""
+    d = cfg.data
+    return {"split_seed": d.split_seed, "cold_item_frac": d.cold_item_frac,
+            "cold_user_frac": d.cold_user_frac, "warm_test_frac": d.warm_test_frac,
+            "ks": list(cfg.eval.cutoffs), "segments": prep.split.summary()}
+
+
+def servable(segment: str, sides: tuple[str, ...]) -> bool:
+    """Whether a student with content towers for ``sides`` can embed a segment's unseen
+    entities (the others fall back to popularity)."""
+    need = {"warm": (), "cold_item": ("item",), "cold_user": ("user",),
+            "cold_both": ("user", "item")}[segment]
+    return all(s in sides for s in need)
+
+
 def rank_metrics(task: SegmentTask, score_fn: ScoreFn, ks: Sequence[int]) -> dict[str, float]:
     """Recall@K and NDCG@K for one segment, averaged over its users."""
     n_users, n_cand = len(task.user_rows), len(task.candidate_rows)
     out: dict[str, float] = {}
-    if n_users == 0 or n_cand == 0:
+    if n_users == 0 or n_cand == 0:  # nothing to measure: null in JSON, n/a in tables
         for k in ks:
-            out[f"recall@{k}"] = 0.0
-            out[f"ndcg@{k}"] = 0.0
+            out[f"recall@{k}"] = None
+            out[f"ndcg@{k}"] = None
         out["users"] = n_users
         return out
     kmax = min(max(ks), n_cand)
@@ -144,6 +192,20 @@ def evaluate_scores(tasks: dict[str, SegmentTask], score_fns: dict[str, ScoreFn 
     return out
 
 
+def evaluate_score_fn(prep: Prepared, fn: ScoreFn, ks: Sequence[int],
+                      sides: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Test-segment metrics of any scorer; segments ``sides`` cannot serve use popularity."""
+    fns = {s: (fn if sides is None or servable(s, sides) else None) for s in prep.tasks}
+    return evaluate_scores(prep.tasks, fns, ks,
+                           popularity_score_fn(prep.split.train, prep.dataset.items))
+
+
+def evaluate_popularity(prep: Prepared, ks: Sequence[int]) -> dict[str, dict]:
+    """The popularity baseline on the test segments."""
+    fn = popularity_score_fn(prep.split.train, prep.dataset.items)
+    return evaluate_scores(prep.tasks, dict.fromkeys(prep.tasks, fn), ks)
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path, headline_k: int = 20) -> dict:
     """Write ``report.json``, ``report.md`` and ``report.png`` atomically; return their paths."""
     out_dir = Path(out_dir)
@@ -166,6 +228,10 @@ def _fmt(seg: dict[str, Any], key: str) -> str:
     if seg.get("fallback"):
         s += "†"
     return s
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def metrics_table(report: dict[str, Any], headline_k: int = 20) -> str:
@@ -205,7 +271,8 @@ def report_markdown(report: dict[str, Any], headline_k: int = 20) -> str:
         for s in SEGMENTS:
             if s in segs:
                 seg = segs[s]
-                vals = " | ".join(f"{seg[f'recall@{k}']:.3f} | {seg[f'ndcg@{k}']:.3f}" for k in ks)
+                vals = " | ".join(f"{_num(seg.get(f'recall@{k}'))} | "
+                                  f"{_num(seg.get(f'ndcg@{k}'))}" for k in ks)
                 lines.append(f"| {name} | {SEGMENT_TITLES[s]} | {vals} | {seg['users']} |")
     return "\n".join(lines) + "\n"
 
@@ -221,8 +288,8 @@ def plot_report(report: dict[str, Any], path: str | Path, headline_k: int = 20) 
     width = 0.8 / max(len(models), 1)
     fig, ax = plt.subplots(figsize=(8, 4))
     for j, name in enumerate(models):
-        vals = [report["models"][name].get(s, {}).get(f"recall@{headline_k}", math.nan)
-                for s in SEGMENTS]
+        vals = [report["models"][name].get(s, {}).get(f"recall@{headline_k}") for s in SEGMENTS]
+        vals = [math.nan if v is None else v for v in vals]
         errs = [report["models"][name].get(s, {}).get("std", {}).get(f"recall@{headline_k}", 0.0)
                 for s in SEGMENTS]
         ax.bar(np.arange(len(SEGMENTS)) + j * width, vals, width, yerr=errs, label=name)
@@ -245,9 +312,11 @@ def aggregate(reports: list[dict[str, dict]]) -> dict[str, dict]:
     for model in reports[0]:
         out[model] = {}
         for seg in reports[0][model]:
-            keys = [k for k, v in reports[0][model][seg].items()
-                    if isinstance(v, float) and "@" in k]
+            keys = [k for k in reports[0][model][seg] if "@" in k]
             vals = {k: [r[model][seg][k] for r in reports] for k in keys}
+            if any(v is None for vs in vals.values() for v in vs):  # an empty segment
+                out[model][seg] = {k: None for k in keys} | {"users": 0, "seeds": len(reports)}
+                continue
             entry: dict[str, Any] = {k: float(np.mean(v)) for k, v in vals.items()}
             entry["std"] = {k: float(np.std(v)) for k, v in vals.items()}
             entry["users"] = reports[0][model][seg]["users"]

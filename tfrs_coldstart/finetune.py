@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,13 +40,18 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfrs_coldstart import training as train
-from tfrs_coldstart.config import RunConfig, atomic_write_text, save_config
+from tfrs_coldstart import console
+from tfrs_coldstart.config import RunConfig
 from tfrs_coldstart.data import Dataset, Schema, load_tables
 from tfrs_coldstart.data.pipeline import interaction_dataset, item_probabilities
-from tfrs_coldstart.data.sources import TABLE_SUFFIXES, _feature_table, _read_table
-from tfrs_coldstart.evaluation import SegmentTask, rank_metrics
+from tfrs_coldstart.data.tables import TABLE_SUFFIXES, feature_table, read_table
+from tfrs_coldstart.errors import UserError
+from tfrs_coldstart.evaluation import SegmentTask, prepare, rank_metrics
+from tfrs_coldstart.fileio import atomic_write_text
 from tfrs_coldstart.modeling.models import TwoTowerModel
+from tfrs_coldstart.runs import RunDir
+from tfrs_coldstart.scoring import Scorer, model_score_fn
+from tfrs_coldstart.training import fit_student
 
 __all__ = [
     "FinetuneError",
@@ -55,18 +60,15 @@ __all__ = [
     "compile_for_finetuning",
     "find_tables",
     "finetune",
-    "finetune_main",
     "interaction_recall",
 ]
 
 OOV_POLICY = ("frozen vocabularies: unseen user/item IDs share the ID lookup's OOV embedding "
               "and unseen category/tag/word values their feature's OOV embedding; new "
               "entities are otherwise represented by their content features")
-_COPY_FILES = ("config.yaml", "schema.yaml", "split.json")
-_MODEL_FILES = ("preprocessing.json", "history.json")
 
 
-class FinetuneError(ValueError):
+class FinetuneError(UserError, ValueError):
     """Fine-tuning cannot run; the message names the run, file or option and what to do."""
 
 
@@ -97,11 +99,12 @@ def compile_for_finetuning(model: TwoTowerModel, learning_rate: float | None = N
 
 
 def interaction_recall(model: TwoTowerModel, dataset: Dataset, interactions: pd.DataFrame,
-                       k: int = 20, history: pd.DataFrame | None = None) -> float:
+                       k: int = 20, history: pd.DataFrame | None = None,
+                       scorer: Scorer | None = None) -> float:
     """Mean recall@k of ``interactions`` when each of their users ranks the whole catalogue.
 
-    Scores are the model's ranking scores (:func:`tfrs_coldstart.training.model_score_fn`, item
-    popularity counted in ``history``); items the user has in ``history`` and that are not
+    Scores are the model's served scores (``scorer``, default its plain ``u.i / temperature``;
+    item popularity counted in ``history``); items the user has in ``history`` and that are not
     in ``interactions`` are never ranked (already known). ``dataset`` holds every user and
     item named.
     """
@@ -119,9 +122,9 @@ def interaction_recall(model: TwoTowerModel, dataset: Dataset, interactions: pd.
         rows.append(u_index.get_loc(uid))
         relevant.append(rel)
         excluded.append(np.setdiff1d(ex[ex >= 0], rel))
-    # Only these users are embedded (the served score of train.model_score_fn).
+    # Only these users are embedded.
     sub = Dataset(dataset.name, history, dataset.users.iloc[rows], dataset.items, dataset.schema)
-    fn = train.model_score_fn(model, sub, history)
+    fn = model_score_fn(model, scorer or Scorer(model.temperature), sub, history)
     task = SegmentTask("new", np.arange(len(rows), dtype=np.int64), np.arange(len(i_index)),
                        relevant, excluded)
     return float(rank_metrics(task, fn, (k,))[f"recall@{k}"])
@@ -152,8 +155,8 @@ def find_tables(data: str | os.PathLike[str]) -> dict[str, Path | None]:
 
 
 def _entities(obj: Any, side: str, schema: Schema) -> pd.DataFrame:
-    df, src = _read_table(obj, f"{side}s")
-    return _feature_table(df, src, side, schema.side(side))
+    df, src = read_table(obj, f"{side}s")
+    return feature_table(df, src, side, schema.side(side))
 
 
 def _merge(old: pd.DataFrame, new: pd.DataFrame | None, key: str) -> pd.DataFrame:
@@ -207,22 +210,6 @@ def _default_out(run_dir: Path) -> Path:
     return out
 
 
-def _copy_run(src: Path, dst: Path) -> None:
-    """Config, schema, split and each model's weights (no checkpoints, backups or logs)."""
-    dst.mkdir(parents=True)
-    for name in _COPY_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-    for which in ("teacher", "student"):
-        if not (src / which / "weights").is_dir():
-            continue
-        (dst / which).mkdir()
-        shutil.copytree(src / which / "weights", dst / which / "weights")
-        for name in _MODEL_FILES:
-            if (src / which / name).is_file():
-                shutil.copy2(src / which / name, dst / which / name)
-
-
 def _write_data(dst: Path, ds: Dataset) -> None:
     dst.mkdir(parents=True)
     ds.interactions.to_parquet(dst / "interactions.parquet", index=False)
@@ -231,15 +218,14 @@ def _write_data(dst: Path, ds: Dataset) -> None:
     ds.schema.to_yaml(dst / "schema.yaml")
 
 
-def _save_model(model: TwoTowerModel, src: Path, dst: Path, record: dict[str, Any]) -> None:
-    """Weights (with the optimizer state), the unchanged preprocessing, history + record."""
-    shutil.rmtree(dst / "weights", ignore_errors=True)
-    model.save_weights(str(dst / "weights" / "model"))
-    info = json.loads((src / "history.json").read_text()) if (src / "history.json").is_file() \
-        else {}
-    info["popularity_prior"] = float(model.popularity_prior)
+def _save_model(model: TwoTowerModel, src: RunDir, dst: RunDir, which: str,
+                record: dict[str, Any]) -> None:
+    """Weights (with the optimizer state), the unchanged preprocessing and scorer, history +
+    record."""
+    states = json.loads((src.model_dir(which) / "preprocessing.json").read_text())
+    info = src.history(which)
     info.setdefault("finetunes", []).append(record)
-    atomic_write_text(dst / "history.json", json.dumps(info, indent=1))
+    dst.save_model(which, model, states, info, src.scorer(which))
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +259,7 @@ def finetune(
     before and after, and whether the optimizer state was restored. Nothing is written on
     failure.
     """
-    log = log or train.log
+    log = log or console.log
     run_dir = Path(run_dir)
     if which not in ("teacher", "student"):
         raise FinetuneError(f"which must be teacher or student, not {which!r}")
@@ -285,17 +271,18 @@ def finetune(
     if not run_dir.is_dir():
         raise FinetuneError(f"run folder {run_dir} does not exist; train one with "
                             "`tfrs-coldstart run --output RUN_DIR`")
-    cfg: RunConfig = train.load_run_config(run_dir)
-    if not (run_dir / which / "weights").is_dir():
+    run = RunDir.open(run_dir)
+    cfg: RunConfig = run.config
+    if not run.has_model(which):
         raise FinetuneError(f"{run_dir} holds no trained {which} ({run_dir / which}/weights "
                             "is missing); train it first")
     out = Path(out_dir) if out_dir is not None else _default_out(run_dir)
     if out.exists() and (out.resolve() == run_dir.resolve() or any(out.iterdir())):
         raise FinetuneError(f"{out} already exists; fine-tuning writes a new run folder and "
                             "never overwrites one: pass another --out")
-    schema = train.load_schema(run_dir)
+    schema = run.schema
     log(f"loading the data of {run_dir} ...")
-    base = train.load_data(cfg)
+    base = run.load_dataset()
     if base.schema.to_dict() != schema.to_dict():
         raise FinetuneError(f"the data named by {run_dir}/config.yaml no longer has the schema "
                             f"the run was trained on ({run_dir}/schema.yaml); point data.* back "
@@ -304,13 +291,14 @@ def finetune(
     merged = Dataset(f"{base.name}+ft", _merge_interactions(base.interactions, new), users_all,
                      items_all, schema)
 
-    model = train.load_model(run_dir, which)
+    model = run.load_model(which)
+    scorer = run.scorer(which)
     model_cfg = cfg.teacher if which == "teacher" else cfg.student
     restored = compile_for_finetuning(model, learning_rate)
     model.built = True
     bs = int(batch_size or model_cfg.batch_size)
     tf.keras.utils.set_random_seed(seed)
-    before = interaction_recall(model, merged, new, k, base.interactions)
+    before = interaction_recall(model, merged, new, k, base.interactions, scorer)
     log(f"{which}: recall@{k} on the {len(new)} new interactions before fine-tuning: "
         f"{before:.4f}")
     prob = item_probabilities(new, items_all["item_id"].astype(str))
@@ -319,7 +307,7 @@ def finetune(
     start = time.time()
     hist = model.fit(data, epochs=epochs, verbose=verbose)
     seconds = time.time() - start
-    after = interaction_recall(model, merged, new, k, base.interactions)
+    after = interaction_recall(model, merged, new, k, base.interactions, scorer)
     log(f"{which}: recall@{k} after {epochs} epoch(s): {after:.4f}")
 
     new_cfg = dataclasses.replace(
@@ -338,17 +326,19 @@ def finetune(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _copy_run(run_dir, tmp)
-        train.add_item_counts(tmp, new)
+        new_run = RunDir(tmp)
+        run.copy_models_to(new_run)
+        new_run.add_item_counts(new)
         _write_data(tmp / "data", merged)
-        save_config(new_cfg, tmp / "config.yaml")
-        _save_model(model, run_dir / which, tmp / which, record)
+        new_run.write_config(new_cfg)
+        _save_model(model, run, new_run, which, record)
         if redistill:
             log("re-distilling the student from the fine-tuned teacher ...")
-            prep = train.prepare(merged, new_cfg)
+            prep = prepare(merged, new_cfg)
             shutil.rmtree(tmp / "student", ignore_errors=True)
-            train.fit_student(prep, model, new_cfg.student, tmp, seed, verbose)
-            train.save_run_metadata(new_cfg, prep, tmp)
+            fit_student(prep, model, new_cfg.student, new_run, seed, verbose,
+                        k=new_cfg.eval.headline_k)
+            new_run.write_metadata(new_cfg, prep)
         atomic_write_text(tmp / "finetune.json", json.dumps(record, indent=1))
         if out.exists():  # an empty folder given as --out
             out.rmdir()
@@ -364,12 +354,8 @@ def finetune(
 # command line
 
 
-def finetune_main(argv: Sequence[str] | None = None) -> int:
-    """``tfrs-coldstart finetune RUN_DIR --data DIR_or_file [--epochs N] [--out RUN_DIR2]``."""
-    p = argparse.ArgumentParser(
-        prog="tfrs-coldstart finetune",
-        description="continue training a run's teacher or student on new interactions; "
-                    "writes a new run folder to export as a new version")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``tfrs-coldstart finetune``."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run folder")
     p.add_argument("--data", required=True,
                    help="new interactions file, or a folder with interactions.* and optionally "
@@ -386,24 +372,19 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=20, help="K of the recall reported before/after")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no Keras progress bars")
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        tables = find_tables(args.data)
-        res = finetune(args.run_dir, tables["interactions"], tables["users"], tables["items"],
-                       epochs=args.epochs, out_dir=args.out, which=args.model,
-                       redistill=args.redistill, learning_rate=args.learning_rate,
-                       batch_size=args.batch_size, seed=args.seed, k=args.k,
-                       verbose=0 if args.quiet else (1 if sys.stdout.isatty() else 2))
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """``tfrs-coldstart finetune RUN_DIR --data DIR_or_file [--epochs N] [--out RUN_DIR2]``."""
+    tables = find_tables(args.data)
+    res = finetune(args.run_dir, tables["interactions"], tables["users"], tables["items"],
+                   epochs=args.epochs, out_dir=args.out, which=args.model,
+                   redistill=args.redistill, learning_rate=args.learning_rate,
+                   batch_size=args.batch_size, seed=args.seed, k=args.k,
+                   verbose=0 if args.quiet else (1 if sys.stdout.isatty() else 2))
     i = res.info
     print(f"{res.which} fine-tuned on {i['interactions']} interactions "
           f"({i['new_users']} new users, {i['new_items']} new items): recall@{args.k} "
           f"{i[f'recall@{args.k}_before']:.4f} -> {i[f'recall@{args.k}_after']:.4f}")
     print(f"run folder: {res.run_dir}  (publish: tfrs-coldstart export {res.run_dir})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(finetune_main())

@@ -1,17 +1,17 @@
-"""Data layer: schema, loaders (files, pandas, MovieLens, TFDS, synthetic) and the split."""
+"""Data layer: schema, loaders (files, pandas, MovieLens, TFDS, synthetic) and the split.
+
+One concern per module: ``schema`` (feature types, ``DataError``), ``dataset`` (the
+:class:`Dataset` every loader returns), ``tables`` (read, validate, normalise), ``movielens``,
+``tfds``, ``synthetic``, ``load`` (:func:`load_dataset` by format name), ``split`` (the
+cold-start protocol) and ``pipeline`` (tf.data input; imports TensorFlow, so not imported here).
+"""
 
 from __future__ import annotations
 
+from tfrs_coldstart.data.dataset import Dataset
+from tfrs_coldstart.data.load import load_dataset
+from tfrs_coldstart.data.movielens import MOVIELENS_SCHEMA, load_movielens
 from tfrs_coldstart.data.schema import ID_COLUMNS, DataError, FeatureSpec, FeatureType, Schema
-from tfrs_coldstart.data.sources import (
-    MOVIELENS_SCHEMA,
-    TABLE_SUFFIXES,
-    Dataset,
-    load_dataset,
-    load_movielens,
-    load_tables,
-    load_tfds,
-)
 from tfrs_coldstart.data.split import (
     SEGMENTS,
     ColdStartSplit,
@@ -22,6 +22,8 @@ from tfrs_coldstart.data.split import (
     validation_split,
 )
 from tfrs_coldstart.data.synthetic import generate
+from tfrs_coldstart.data.tables import TABLE_SUFFIXES, load_tables
+from tfrs_coldstart.data.tfds import load_tfds
 
 __all__ = [
     "ColdStartSplit",

@@ -20,6 +20,10 @@ def feature_arrays(table: pd.DataFrame, specs: tuple[FeatureSpec, ...],
     """Columns of an entity table as arrays with the model's input dtypes.
 
     Returns ``{id_column: object[n], <feature>: object[n] | float32[n] | float32[n, dim]}``.
+    The dtypes are the towers' served input specs (``features.columns``, whose
+    ``to_array`` higher layers use); this switch on :class:`FeatureType` stays here because
+    the tf.data pipelines below need it and data/ does not import features/.
+    ``tests/test_features.py`` checks that the two agree for every feature type.
     """
     out: dict[str, np.ndarray] = {id_column: table[id_column].astype(str).to_numpy(dtype=object)}
     for spec in specs:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import enum
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tfrs_coldstart.errors import UserError
+from tfrs_coldstart.fileio import atomic_write_text
 
 __all__ = ["DataError", "FeatureSpec", "FeatureType", "Schema", "ID_COLUMNS"]
 
@@ -22,12 +24,12 @@ __all__ = ["DataError", "FeatureSpec", "FeatureType", "Schema", "ID_COLUMNS"]
 ID_COLUMNS = {"user": "user_id", "item": "item_id"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The one error type for bad input data or schema.
 
     Messages name the file (or DataFrame), the column, the first offending row and what to do
-    next. Defined here (and re-exported by :mod:`tfrs_coldstart.data.sources`) so that the
-    schema module needs nothing from the loaders.
+    next. Defined here, at the bottom of the data package, so that every data module (and the
+    schema itself) can raise it without importing the loaders.
     """
 
 
@@ -231,18 +233,11 @@ class Schema:
         return cls.from_dict(d, source=str(p))
 
     def to_yaml(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically (temp file + rename) so a reader never sees half a schema."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write atomically (temp file + rename) so a reader never sees half a schema.
+
+        The file gets the mode a plain ``open`` would give (the umask's), not ``mkstemp``'s 0600.
+        """
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _spec_from_dict(entry: Any, where: str) -> FeatureSpec:

@@ -15,7 +15,7 @@ counts (717 warm-test, 752 cold-item, 189 cold-user, 189 cold-both users); strin
 gives 727 warm-test users.
 
 Segment frames keep the index of the input interactions (the file row after
-:func:`~tfrs_coldstart.data.sources.load_tables`), so an interaction can be traced and a
+:func:`~tfrs_coldstart.data.tables.load_tables`), so an interaction can be traced and a
 row that lands in two places is detected by :func:`check_no_leakage`.
 """
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from tfrs_coldstart.data.dataset import Dataset
 from tfrs_coldstart.data.schema import DataError, FeatureSpec, FeatureType, Schema
-from tfrs_coldstart.data.sources import Dataset
 
 __all__ = ["generate", "EXACT_MAX_ITEMS", "MIN_INTERACTIONS_PER_USER"]
 

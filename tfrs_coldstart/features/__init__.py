@@ -1,1 +1,45 @@
-"""Feature columns: per-type preprocessing state, Keras layers and served input specs."""
+"""Feature columns: per-type preprocessing state, Keras layers and served input specs.
+
+``columns`` holds one class per feature type (the one place a type is defined); ``encoder``
+puts one side's columns together as the tower's input layer.
+"""
+
+from tfrs_coldstart.features.columns import (
+    COLUMN_TYPES,
+    ID_FEATURE,
+    CategoricalColumn,
+    DenseVectorColumn,
+    FeatureColumn,
+    IdColumn,
+    MultiHotColumn,
+    NumericColumn,
+    TextColumn,
+    build_columns,
+    column_from_dict,
+    columns_from_state,
+    columns_to_state,
+    input_array,
+    spec_for_input,
+)
+from tfrs_coldstart.features.encoder import FeatureEncoder, build_state, dummy_inputs
+
+__all__ = [
+    "COLUMN_TYPES",
+    "ID_FEATURE",
+    "CategoricalColumn",
+    "DenseVectorColumn",
+    "FeatureColumn",
+    "FeatureEncoder",
+    "IdColumn",
+    "MultiHotColumn",
+    "NumericColumn",
+    "TextColumn",
+    "build_columns",
+    "build_state",
+    "column_from_dict",
+    "columns_from_state",
+    "columns_to_state",
+    "dummy_inputs",
+    "input_array",
+    "spec_for_input",
+]

@@ -19,79 +19,10 @@ from tfrs_coldstart.config import StudentConfig, TeacherConfig, TowerConfig
 from tfrs_coldstart.data.pipeline import table_dataset
 from tfrs_coldstart.data.schema import Schema
 from tfrs_coldstart.features.encoder import Untracked, build_state
+from tfrs_coldstart.modeling.losses import contrastive_and_kl
 from tfrs_coldstart.modeling.towers import Tower
 
 SIDES = ("user", "item")
-_NEG = -1e9
-
-
-def _logq(prob: tf.Tensor) -> tf.Tensor:
-    # The clip of tfrs.layers.loss.SamplingProbablityCorrection, so both losses see one logit.
-    return tf.math.log(tf.clip_by_value(prob, 1e-6, 1.0))
-
-
-def accidental_hits(candidate_ids: tf.Tensor) -> tf.Tensor:
-    """``bool [batch, batch]``: True where another column holds the row's own item."""
-    same = tf.equal(candidate_ids[:, None], candidate_ids[None, :])
-    return tf.logical_and(same, tf.logical_not(tf.eye(tf.shape(candidate_ids)[0], dtype=tf.bool)))
-
-
-def in_batch_logits(query: tf.Tensor, candidates: tf.Tensor, temperature: float,
-                    item_prob: tf.Tensor | None = None,
-                    candidate_ids: tf.Tensor | None = None,
-                    hits: tf.Tensor | None = None) -> tf.Tensor:
-    """In-batch score matrix ``[batch, batch]`` as ``tfrs.tasks.Retrieval`` forms it.
-
-    Scores are divided by ``temperature``, log-Q corrected when ``item_prob`` is
-    given, and accidental hits (the same item at another column) are masked out;
-    pass ``hits`` (:func:`accidental_hits`) instead of ids to reuse one mask.
-    """
-    logits = tf.matmul(query, candidates, transpose_b=True) / temperature
-    if item_prob is not None:
-        logits -= _logq(item_prob)[None, :]
-    if hits is None and candidate_ids is not None:
-        hits = accidental_hits(candidate_ids)
-    if hits is not None:
-        logits = tf.where(hits, tf.cast(_NEG, logits.dtype), logits)
-    return logits
-
-
-def distillation_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor,
-                      temperature: float) -> tf.Tensor:
-    """Mean over rows of ``KL(softmax(t / T) || softmax(s / T))``: ``[batch, n]`` -> scalar.
-
-    Multiply by ``T**2`` (as the caller does) to keep gradient scale independent of T.
-    Computed as ``CE(p, s) - CE(p, t)`` with ``p = softmax(t / T)``: two fused
-    cross-entropy kernels instead of three softmax passes over a ``[batch, batch]`` matrix.
-    """
-    t = tf.cast(teacher_logits, tf.float32) / temperature
-    s = tf.cast(student_logits, tf.float32) / temperature
-    p = tf.stop_gradient(tf.nn.softmax(t, axis=1))
-    kl = (tf.nn.softmax_cross_entropy_with_logits(labels=p, logits=s)
-          - tf.nn.softmax_cross_entropy_with_logits(labels=p, logits=t))
-    return tf.reduce_mean(kl)
-
-
-def _contrastive_and_kl(q: tf.Tensor, c: tf.Tensor, tq: tf.Tensor, tc: tf.Tensor,
-                        prob: tf.Tensor | None, keys: tf.Tensor | None,
-                        student_temperature: float,
-                        teacher_temperature: float, kd_temperature: float
-                        ) -> tuple[tf.Tensor, tf.Tensor]:
-    """A distilling student's ``(L_C, mean KL)`` from one pair of ``[batch, batch]`` logits.
-
-    L_C is what ``tfrs.tasks.Retrieval`` computes (the sum over queries of the softmax
-    cross-entropy with the diagonal as labels), taken here from the logits the KL needs
-    anyway: building them twice cost a third of a distillation step. (XLA compiling this was
-    measured slower on CPU.) ``prob`` / ``keys`` None switch off log-Q / hit removal.
-    ``tests/test_models.py`` checks both terms against the task and a hand computation.
-    """
-    hits = accidental_hits(keys) if keys is not None else None
-    t_logits = in_batch_logits(tq, tc, teacher_temperature, prob, hits=hits)
-    s_logits = in_batch_logits(q, c, student_temperature, prob, hits=hits)
-    n = tf.shape(s_logits)[0]
-    contrastive = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(
-        labels=tf.eye(n, tf.shape(s_logits)[1]), logits=s_logits))
-    return contrastive, distillation_loss(t_logits, s_logits, kd_temperature)
 
 
 class TwoTowerModel(tfrs.Model):
@@ -107,9 +38,6 @@ class TwoTowerModel(tfrs.Model):
         self.remove_hits = remove_accidental_hits
         self.task = tfrs.tasks.Retrieval(temperature=temperature,
                                          remove_accidental_hits=remove_accidental_hits)
-        # Ranking adds ``popularity_prior * log(1 + training count)`` to ``u.i / temperature``;
-        # chosen on validation (students) since content alone under-predicts popularity.
-        self.popularity_prior = 0.0
 
     def tower(self, side: str) -> Tower:
         return self.user_tower if side == "user" else self.item_tower
@@ -254,7 +182,7 @@ class StudentModel(TwoTowerModel):
         prob = features["item_prob"] if self.logq_correction else None
         batch = tf.cast(tf.shape(q)[0], tf.float32)
         if self.cfg.distill_lambda > 0:
-            contrastive, kl = _contrastive_and_kl(q, c, tq, tc, prob, ids, self.temperature,
+            contrastive, kl = contrastive_and_kl(q, c, tq, tc, prob, ids, self.temperature,
                                                   self.teacher.temperature,
                                                   self.cfg.distill_temperature)
             temp = self.cfg.distill_temperature

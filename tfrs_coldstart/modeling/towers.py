@@ -15,8 +15,8 @@ class Tower(tf.keras.Model):
     """``dict[name -> tensor [batch, ...]]`` -> ``float32 [batch, cfg.output_dim]``, unit L2 norm.
 
     ``state`` comes from :func:`tfrs_coldstart.features.encoder.build_state`; whether the
-    tower uses IDs is decided there (an ``__id__`` entry), so a content-only tower
-    has no ID lookup at all.
+    tower uses IDs is decided there (a served :class:`~tfrs_coldstart.features.IdColumn`),
+    so a content-only tower has no ID lookup at all.
     """
 
     def __init__(self, state: dict[str, Any], cfg: TowerConfig, **kwargs: Any) -> None:
@@ -38,8 +38,8 @@ class Tower(tf.keras.Model):
 
     @property
     def uses_ids(self) -> bool:
-        return any(st["type"] == "id" and not st.get("train_only")
-                   for st in self.encoder.state.values())
+        """Whether the served tower reads the entity's ID (the training-only sink does not)."""
+        return self.encoder.uses_ids
 
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         x = self.encoder(inputs, training=training)

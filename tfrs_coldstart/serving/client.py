@@ -10,9 +10,12 @@
 ``status`` and ``metadata`` return TF Serving's answers in one form for both transports.
 Calls retry with exponential backoff on UNAVAILABLE (HTTP 503, connection refused) only;
 every other failure raises ``ServingError`` with TF Serving's canonical code and message.
+Both error classes are :class:`tfrs_coldstart.errors.UserError`, so ``tfrs-coldstart
+recommend`` reports them in one line and exits 2, like every command.
 
-The REST client needs only ``requests`` and numpy; the gRPC client imports TensorFlow
-(for ``tf.make_tensor_proto``) and ``tensorflow-serving-api`` when it is first created.
+The REST client needs only ``requests``, numpy and the status codes (``grpcio``); the gRPC
+client imports TensorFlow (for ``tf.make_tensor_proto``) and ``tensorflow-serving-api``
+when it is first created.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,8 +30,13 @@ from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
+import grpc
 import numpy as np
 import requests
+from google.protobuf import json_format
+
+from tfrs_coldstart.errors import UserError
+from tfrs_coldstart.serving.status import code_for_http, code_name
 
 __all__ = [
     "ClientInputError",
@@ -38,27 +45,12 @@ __all__ = [
     "Recommendation",
     "RestClient",
     "ServingError",
-    "recommend_main",
+    "add_arguments",
+    "run",
 ]
 
 T = TypeVar("T")
 
-# TF Serving's HTTP status codes back to canonical codes (model_servers/http_server.cc).
-_CODE_BY_HTTP = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    409: "ABORTED",
-    429: "RESOURCE_EXHAUSTED",
-    499: "CANCELLED",
-    500: "INTERNAL",
-    501: "UNIMPLEMENTED",
-    503: "UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
-}
-
-_NUMERIC_KINDS = "biuf"
 # DataType enum names to numpy dtypes (DT_STRING -> bytes objects).
 _NP_DTYPES = {
     "DT_FLOAT": np.float32,
@@ -77,7 +69,7 @@ _NP_DTYPES = {
 }
 
 
-class ServingError(Exception):
+class ServingError(UserError):
     """The server answered with an error, or could not be reached.
 
     ``code`` is the canonical status name (``INVALID_ARGUMENT``, ``NOT_FOUND``,
@@ -91,7 +83,7 @@ class ServingError(Exception):
         self.http_status = http_status
 
 
-class ClientInputError(ValueError):
+class ClientInputError(UserError, ValueError):
     """The caller's input cannot be turned into a request (nothing was sent)."""
 
 
@@ -397,7 +389,7 @@ class RestClient(_BaseClient):
             except ValueError:
                 payload = None
             if resp.status_code != 200:
-                code = _CODE_BY_HTTP.get(resp.status_code, "UNKNOWN")
+                code = code_for_http(resp.status_code)
                 message = (
                     payload.get("error")
                     if isinstance(payload, dict) and "error" in payload
@@ -469,7 +461,8 @@ class GrpcClient(_BaseClient):
         max_message_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         super().__init__(model, version, label, timeout, retries, backoff)
-        import grpc
+        # Imported here, not at the top: TensorFlow takes seconds to import, and a process
+        # that only uses the REST client never needs it.
         import tensorflow as tf
         from tensorflow_serving.apis import (
             get_model_metadata_pb2,
@@ -479,7 +472,7 @@ class GrpcClient(_BaseClient):
             prediction_service_pb2_grpc,
         )
 
-        self._grpc, self._tf = grpc, tf
+        self._tf = tf
         self._predict_pb2 = predict_pb2
         self._metadata_pb2 = get_model_metadata_pb2
         self._status_pb2 = get_model_status_pb2
@@ -508,7 +501,7 @@ class GrpcClient(_BaseClient):
         def once() -> T:
             try:
                 return method(request, timeout=self.timeout)
-            except self._grpc.RpcError as exc:
+            except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 name = code.name if code is not None else "UNKNOWN"
                 details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -538,7 +531,7 @@ class GrpcClient(_BaseClient):
             ModelVersionStatus(
                 version=int(v.version),
                 state=state_name(v.state),
-                error_code=_error_code_name(v.status.error_code),
+                error_code=code_name(v.status.error_code),
                 error_message=v.status.error_message,
             )
             for v in response.model_version_status
@@ -546,8 +539,6 @@ class GrpcClient(_BaseClient):
 
     def metadata(self) -> dict[str, Any]:
         """Same form as the REST answer: {"model_spec": ..., "metadata": {"signature_def": ...}}."""
-        from google.protobuf import json_format
-
         request = self._metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         self._fill_spec(request.model_spec)
         response = self._rpc(self._prediction.GetModelMetadata, request)
@@ -564,16 +555,6 @@ class GrpcClient(_BaseClient):
 
     def close(self) -> None:
         self._channel.close()
-
-
-def _error_code_name(code: int) -> str:
-    """tensorflow.error.Code numbers are the canonical gRPC codes."""
-    import grpc
-
-    for status in grpc.StatusCode:
-        if status.value[0] == code:
-            return status.name
-    return str(code)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,13 +595,8 @@ def _parse_users(texts: Sequence[str]) -> list[dict[str, Any]]:
     return users
 
 
-def build_recommend_parser(
-    parser: argparse.ArgumentParser | None = None,
-) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(
-        prog="tfrs-coldstart recommend",
-        description="Ask TF Serving (or the dev server) for recommendations.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``tfrs-coldstart recommend``."""
     p.add_argument(
         "--server",
         default="localhost",
@@ -641,31 +617,26 @@ def build_recommend_parser(
     p.add_argument("--signature", default="serving_default")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
     p.add_argument("--retries", type=int, default=3, help="retries on UNAVAILABLE")
-    return p
 
 
-def recommend_main(argv: Sequence[str] | None = None) -> int:
-    """``tfrs-coldstart recommend``: prints one JSON line per user; returns the exit code."""
-    args = build_recommend_parser().parse_args(argv)
-    try:
-        users = _parse_users(args.user)
-        target = _split_server(args.server, args.grpc)
-        kwargs = dict(
-            version=args.version, label=args.label, timeout=args.timeout, retries=args.retries
-        )
-        client: RestClient | GrpcClient
-        if args.grpc:
-            client = GrpcClient(target, args.model, **kwargs)
-        else:
-            client = RestClient(target, args.model, **kwargs)
-        with client:
-            recs = client.recommend(users, k=args.k, signature=args.signature)
-    except ClientInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ServingError as exc:
-        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
+def run(args: argparse.Namespace) -> int:
+    """``tfrs-coldstart recommend``: prints one JSON line per user.
+
+    Raises :class:`ClientInputError` (bad flags or user JSON, nothing sent) or
+    :class:`ServingError` (the server's answer or no answer), both ``UserError``.
+    """
+    users = _parse_users(args.user)
+    target = _split_server(args.server, args.grpc)
+    kwargs = dict(
+        version=args.version, label=args.label, timeout=args.timeout, retries=args.retries
+    )
+    client: RestClient | GrpcClient
+    if args.grpc:
+        client = GrpcClient(target, args.model, **kwargs)
+    else:
+        client = RestClient(target, args.model, **kwargs)
+    with client:
+        recs = client.recommend(users, k=args.k, signature=args.signature)
     for rec in recs:
         print(json.dumps({"item_ids": rec.item_ids, "scores": rec.scores}))
     return 0

@@ -32,7 +32,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,13 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from tfrs_coldstart import __version__
 from tfrs_coldstart.config import RunConfig, to_dict
-from tfrs_coldstart.data.pipeline import feature_arrays, item_log_counts
+from tfrs_coldstart.data.pipeline import feature_arrays
+from tfrs_coldstart.errors import RunError, UserError
+from tfrs_coldstart.evaluation import prepare
+from tfrs_coldstart.runs import RunDir
+from tfrs_coldstart.scoring import training_log_counts
 from tfrs_coldstart.serving.index import (
     INDEX_KINDS,
     GatedIndex,
@@ -50,11 +55,10 @@ from tfrs_coldstart.serving.index import (
     build_gated_index,
     scann_params,
 )
+from tfrs_coldstart.serving.saved_model import MANIFEST_FILE, WARMUP_FILE, list_versions
 
 MODELS = ("student", "teacher")
 BRUTE_FORCE_SUFFIX = "_bf"
-WARMUP_FILE = "tf_serving_warmup_requests"
-MANIFEST_FILE = "manifest.json"
 #: What fills result slots an approximate search could not fill (never seen in practice
 #: once the recall gate passed, but the output shape is always ``[batch, k]``).
 PAD_ID = ""
@@ -63,7 +67,7 @@ _SAVE_OPTIONS = {"scann": tf.saved_model.SaveOptions(namespace_whitelist=["Scann
                  "brute-force": tf.saved_model.SaveOptions()}
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export cannot be made; the message names the run, model or path and what to do."""
 
 
@@ -72,28 +76,20 @@ class ExportError(ValueError):
 
 
 def input_specs(tower: tf.keras.Model) -> dict[str, tf.TensorSpec]:
-    """The raw inputs a tower reads, by name, batch first (``features.py`` dtypes).
-
-    ``categorical``/``text``/``multi_hot`` and IDs: ``tf.string [None]``; ``numeric``:
-    ``tf.float32 [None]``; ``dense_vector``: ``tf.float32 [None, dim]``.
-    """
+    """The raw inputs a served tower reads, by name, batch first: each served column's
+    :meth:`~tfrs_coldstart.features.FeatureColumn.input_spec`, in state order (a student's
+    training-only ID sink is not an input: it gives zeros when serving)."""
     specs: dict[str, tf.TensorSpec] = {}
-    for name, st in tower.encoder.state.items():
-        kind = st["type"]
-        if st.get("train_only"):  # a student's training-only ID sink: zeros when serving
+    for col in tower.encoder.columns.values():
+        if not col.served:
             continue
-        key = str(st["column"] if kind == "id" else name)
+        key = col.input_key
         if not key.isidentifier():
             raise ExportError(
                 f"feature '{key}' cannot be a TF Serving signature input name; rename the "
                 "column (letters, digits and underscores, not starting with a digit) in the "
                 "data and schema, and retrain")
-        if kind == "numeric":
-            specs[key] = tf.TensorSpec([None], tf.float32, name=key)
-        elif kind == "dense_vector":
-            specs[key] = tf.TensorSpec([None, int(st["dim"])], tf.float32, name=key)
-        else:
-            specs[key] = tf.TensorSpec([None], tf.string, name=key)
+        specs[key] = col.input_spec()
     return specs
 
 
@@ -287,42 +283,36 @@ def default_names(cfg: RunConfig, index: str) -> dict[str, str]:
             "student_items": e.item_encoder_name}
 
 
-def existing_versions(model_dir: Path) -> list[int]:
-    """Integer version folders under ``<base>/<name>`` (what TF Serving would see)."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def _load_run(run_dir: Path) -> tuple[RunConfig, Any]:
-    from tfrs_coldstart import training as train
-
+def _open_run(run_dir: Path) -> RunDir:
     if not run_dir.is_dir():
         raise ExportError(f"run folder {run_dir} does not exist; train one with "
                           "`tfrs-coldstart run --output RUN_DIR` first")
     try:
-        return train.load_run_config(run_dir), train
-    except ValueError as e:
+        run = RunDir.open(run_dir)
+        run.config  # noqa: B018 - read now, so a broken config fails before any work
+    except UserError as e:
         raise ExportError(f"cannot export {run_dir}: {e}") from None
+    return run
 
 
-def _load_model(train: Any, run_dir: Path, which: str) -> Any:
+def _load_model(run: RunDir, which: str) -> Any:
     try:
-        return train.load_model(run_dir, which)
-    except ExportError:
-        raise
+        return run.load_model(which)
+    except RunError as e:
+        raise ExportError(str(e)) from None
     except (ValueError, KeyError, TypeError, OSError, json.JSONDecodeError,
             tf.errors.OpError) as e:
         raise ExportError(
-            f"cannot export the {which} of {run_dir}: its saved model does not match its "
+            f"cannot export the {which} of {run.path}: its saved model does not match its "
             f"config/preprocessing ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
             f"retrain it") from None
 
 
-def _check_dataset(ds: Any, run_dir: Path, train: Any) -> None:
+def _check_dataset(ds: Any, run: RunDir) -> None:
+    run_dir = run.path
     try:
-        saved = train.load_schema(run_dir).to_dict()
-    except ValueError as e:
+        saved = run.schema.to_dict()
+    except UserError as e:
         raise ExportError(f"cannot export {run_dir}: {e}") from None
     if saved != ds.schema.to_dict():
         raise ExportError(
@@ -375,7 +365,8 @@ def export_run(
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
-    cfg, train = _load_run(run_dir)
+    run = _open_run(run_dir)
+    cfg = run.config
     e = cfg.export
     base = Path(base_dir if base_dir is not None else e.base_dir)
     index = index or e.index
@@ -405,7 +396,7 @@ def export_run(
         if not n or not all(c.isalnum() or c in "_-." for c in n) or n.startswith("."):
             raise ExportError(f"model name {n!r} (for {r}) must be letters, digits, '_', '-', "
                               "'.' and not start with '.'")
-    taken = {n: existing_versions(base / n) for n in chosen.values()}
+    taken = {n: list_versions(base / n, complete_only=False) for n in chosen.values()}
     if version is None:
         version = 1 + max([v for vs in taken.values() for v in vs], default=0)
     version = int(version)
@@ -418,10 +409,10 @@ def export_run(
     if dataset is None:
         log(f"loading the run's data ({cfg.data.format}) ...")
         try:
-            dataset = train.load_data(cfg)
-        except ValueError as err:
+            dataset = run.load_dataset()
+        except UserError as err:
             raise ExportError(f"cannot load the data {run_dir} was trained on: {err}") from None
-    _check_dataset(dataset, run_dir, train)
+    _check_dataset(dataset, run)
     ds = dataset
     scann_over = {"num_leaves": e.scann_num_leaves, "num_leaves_to_search":
                   e.scann_leaves_to_search, "num_reordering_candidates": e.scann_reorder,
@@ -430,37 +421,31 @@ def export_run(
     q_rows = np.sort(rng.choice(len(ds.users), size=min(n_queries, len(ds.users)),
                                 replace=False))
     w_rows = np.sort(rng.choice(len(ds.users), size=min(4, len(ds.users)), replace=False))
-    report = _read_report(run_dir)
+    report = run.report()
     item_ids = ds.items["item_id"].astype(str).to_numpy()
     created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     common = {"format_version": 1, "created": created, "run_dir": str(run_dir.resolve()),
               "version": version, "schema": ds.schema.to_dict(), "config": to_dict(cfg),
-              "dataset": ds.summary(), "libraries": _versions(_library_version())}
+              "dataset": ds.summary(), "libraries": _versions(__version__)}
 
     planned: list[_Planned] = []
     log_counts = None
     for which in models:
-        model = _load_model(train, run_dir, which)
+        model = _load_model(run, which)
+        scorer = run.scorer(which)
         name = chosen[which]
         u_specs = _check_inputs(model.user_tower, ds.users, "user", which)
         _check_inputs(model.item_tower, ds.items, "item", which)
         log(f"{which}: embedding {len(item_ids)} catalogue items ...")
         item_emb = model.embed("item", ds.items, ds.schema)
         queries = model.embed("user", ds.users.iloc[q_rows], ds.schema)
-        query_scale = None
-        prior = float(getattr(model, "popularity_prior", 0.0))
-        if prior:  # rank by u.i / temperature + prior * log(1 + training count), as evaluated
-            if log_counts is None:  # counts saved with the run, so new items count 0
-                log_counts = train.run_item_log_counts(run_dir, ds.items)
+        if scorer.prior and log_counts is None:  # counts saved with the run: new items count 0
+            log_counts = run.item_log_counts(ds.items)
             if log_counts is None:  # a run saved before counts were recorded
-                log_counts = item_log_counts(train.prepare(ds, cfg).split.train, ds.items)
-            bias = prior * log_counts
-            query_scale = 1.0 / model.temperature
-            index_emb = np.concatenate([item_emb, bias[:, None]], axis=1).astype(np.float32)
-            index_queries = np.concatenate(
-                [queries * query_scale, np.ones((len(queries), 1), np.float32)], axis=1)
-        else:
-            index_emb, index_queries = item_emb, queries
+                log_counts = training_log_counts(prepare(ds, cfg).split.train, ds.items)
+        # The served score (scoring.Scorer) through one inner product, as evaluated.
+        index_emb = scorer.index_vectors(item_emb, log_counts)
+        index_queries = scorer.query_vectors(queries)
         params = None
         if index == "scann":
             try:
@@ -476,9 +461,9 @@ def export_run(
             raise type(err)(f"{name}: {err}") from None
         if gated.recall is not None:
             log(f"{which}: ANN recall@{gated.k} = {gated.recall:.4f} (gate {gate})")
-        module = RecommendModule(model.user_tower, gated.layer, gated.k, query_scale)
+        module = RecommendModule(model.user_tower, gated.layer, gated.k, scorer.query_scale)
         manifest = {**common, "name": name, "kind": "recommend", "model": which,
-                    "popularity_prior": prior, "temperature": float(model.temperature),
+                    "popularity_prior": scorer.prior, "temperature": scorer.temperature,
                     "index": index, "k": gated.k, "k_requested": k,
                     "catalogue_size": int(len(item_ids)),
                     "embedding_dim": int(item_emb.shape[1]),
@@ -518,20 +503,6 @@ def _serving_note(index: str) -> str:
     return "stock TF Serving (tensorflow/serving:2.20.0); stock TensorFlow ops only"
 
 
-def _library_version() -> str:
-    from tfrs_coldstart import __version__
-
-    return __version__
-
-
-def _read_report(run_dir: Path) -> dict[str, Any] | None:
-    p = run_dir / "report.json"
-    try:
-        return json.loads(p.read_text()) if p.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _save_quietly(module: Any, path: Path, options: tf.saved_model.SaveOptions) -> None:
     """``tf.saved_model.save`` without Keras's warnings about the towers' constructor args
     (the SavedModel's signatures never rebuild the Keras objects)."""
@@ -562,9 +533,9 @@ def _publish(planned: list[_Planned], base: Path, version: int, index: str,
                 model_dir.mkdir(parents=True, exist_ok=True)
                 _save_quietly(p.module, p.tmp,
                               _SAVE_OPTIONS[index if p.kind == "recommend" else "brute-force"])
-                extra = p.tmp / "assets.extra"
-                extra.mkdir(exist_ok=True)
-                with tf.io.TFRecordWriter(str(extra / WARMUP_FILE)) as w:
+                warmup_path = p.tmp / WARMUP_FILE
+                warmup_path.parent.mkdir(exist_ok=True)
+                with tf.io.TFRecordWriter(str(warmup_path)) as w:
                     for rec in p.warmup:
                         w.write(rec)
                 (p.tmp / MANIFEST_FILE).write_text(
@@ -606,8 +577,8 @@ def _publish(planned: list[_Planned], base: Path, version: int, index: str,
 # command line
 
 
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``tfrs-coldstart export`` (for the main CLI to reuse)."""
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``tfrs-coldstart export``."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run folder")
     p.add_argument("--index", choices=INDEX_KINDS, default=None,
                    help="scann (needs TF Serving with ScaNN ops) or brute-force (stock TF "
@@ -628,7 +599,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the student's item encoder")
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``tfrs-coldstart export RUN_DIR [...]``: one line per published model."""
     scann = {k: v for k, v in (("num_leaves", args.scann_num_leaves),
                                ("num_leaves_to_search", args.scann_leaves_to_search),
                                ("num_reordering_candidates", args.scann_reorder))
@@ -644,28 +616,3 @@ def cmd_export(args: argparse.Namespace) -> int:
                  else "")
         print(f"{m.name:<16} v{m.version}  {m.kind:<12} {m.path}{extra}")
     return 0
-
-
-def _run_cli(fn: Callable[[argparse.Namespace], int], p: argparse.ArgumentParser,
-             argv: Sequence[str] | None) -> int:
-    """Parse ``argv`` with ``p`` and run ``fn``; a bad input (ValueError and its project
-    subclasses, a missing or unreadable file) prints one line ``error: ...`` and exits 2.
-    Shared by the export, batch and add-items commands."""
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        return fn(args)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-def export_main(argv: Sequence[str] | None = None) -> int:
-    """``tfrs-coldstart export RUN_DIR [...]``: one line ``error: ...`` and exit 2 on bad input."""
-    p = argparse.ArgumentParser(prog="tfrs-coldstart export",
-                                description="export a run as TF Serving SavedModels")
-    add_export_arguments(p)
-    return _run_cli(cmd_export, p, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(export_main())

@@ -22,6 +22,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from tfrs_coldstart.errors import UserError
+
 INDEX_KINDS = ("scann", "brute-force")
 #: ScaNN's asymmetric hashing trains 16 centres per block, so it needs at least 16 items.
 SCANN_MIN_ITEMS = 16
@@ -31,7 +33,7 @@ _TIE_TOL = 1e-5  # exact-score tolerance under which two items count as tied
 SearchFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-class IndexBuildError(ValueError):
+class IndexBuildError(UserError, ValueError):
     """An index cannot be built from these items or parameters; the message says what to change."""
 
 

@@ -1,0 +1,32 @@
+"""What a run tells its user: one-line messages and named phases with their elapsed time."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+
+
+def log(msg: str) -> None:
+    """A line on stderr (stdout stays for results: tables, paths)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """``[name] ...`` when a phase starts and ``[name] done in N s`` when it ends."""
+    log(f"[{name}] ...")
+    start = time.time()
+    yield
+    log(f"[{name}] done in {time.time() - start:.1f} s")
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A setting that cannot act on the data says so once per process."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log(f"note: {message}")

@@ -1,0 +1,170 @@
+"""The ``run``, ``train``, ``distill`` and ``evaluate`` commands: data -> split -> teacher ->
+student -> evaluation -> report, each phase named in the log with its elapsed time."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tfrs_coldstart.config import RunConfig, load_config
+from tfrs_coldstart.console import log, phase
+from tfrs_coldstart.errors import ConfigError, RunError
+from tfrs_coldstart.evaluation import evaluate_popularity, metrics_table, prepare, protocol
+from tfrs_coldstart.modeling.models import student_sides
+from tfrs_coldstart.runs import RunDir, load_data
+from tfrs_coldstart.scoring import evaluate_model
+from tfrs_coldstart.training import fit_student, fit_teacher
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config``, ``--set`` and the data and output options of ``run`` and ``train``."""
+    p.add_argument("--config", help="YAML config file (keys as in config.yaml of any run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set teacher.epochs=10 (repeatable)")
+    p.add_argument("--data-dir", help="MovieLens folder, or a folder with interactions/users/items")
+    p.add_argument("--format", choices=["synthetic", "movielens", "tables", "tfds"],
+                   help="data format (default: synthetic, the embedded default)")
+    p.add_argument("--schema", help="schema YAML for --format tables")
+    p.add_argument("--output", "-o",
+                   help="run folder (default: runs/<format>; rerun an interrupted run to resume)")
+    p.add_argument("--quiet", action="store_true", help="no Keras progress bars")
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """Defaults, ``--config``, ``--set`` and the data options, checked before any data is read."""
+    overrides = list(args.overrides)
+    if args.data_dir:  # absolute, so the saved config works from any folder
+        overrides.append(f"data.data_dir={Path(args.data_dir).expanduser().resolve()}")
+        if not args.format:
+            overrides.append("data.format=movielens")
+    if args.format:
+        overrides.append(f"data.format={args.format}")
+    if args.schema:
+        overrides.append(f"data.schema={Path(args.schema).expanduser().resolve()}")
+    cfg = load_config(args.config, overrides)
+    if cfg.data.format in ("movielens", "tables") and not cfg.data.data_dir:
+        raise ConfigError(f"--format {cfg.data.format} needs --data-dir")
+    out = Path(args.output or f"runs/{cfg.data.format}")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--output {out} is a file; a run folder must be a folder (pass a new "
+                       "path or the folder of an earlier run)")
+    return dataclasses.replace(cfg, output_dir=str(out))
+
+
+def _verbose(args: argparse.Namespace) -> int | str:
+    return 0 if getattr(args, "quiet", False) else (1 if sys.stdout.isatty() else 2)
+
+
+def _finish(report: dict[str, Any], run: RunDir, cfg: RunConfig,
+            out_dir: str | Path | None = None) -> None:
+    with phase("report"):
+        paths = run.write_report(report, cfg.eval.headline_k, out_dir)
+    print(metrics_table(report, cfg.eval.headline_k))
+    print(f"report: {paths['md']} (json: {paths['json']}, chart: {paths['png']})")
+
+
+def run_pipeline(cfg: RunConfig, student: bool = True, verbose: int | str = "auto"
+                 ) -> dict[str, Any]:
+    """Train the teacher (and distil the student) into ``cfg.output_dir``; the report."""
+    run = RunDir(cfg.output_dir)
+    k = cfg.eval.headline_k
+    t0 = time.time()
+    with phase(f"data ({cfg.data.format})"):
+        ds = load_data(cfg)
+    with phase("split"):
+        prep = prepare(ds, cfg)
+        run.write_metadata(cfg, prep)
+    log(f"split: {prep.split.summary()}")
+    with phase("teacher"):
+        teacher = fit_teacher(prep, cfg.teacher, run, cfg.seed, verbose, k=k)
+    with phase("evaluation: popularity, teacher"):
+        models = {"popularity": evaluate_popularity(prep, cfg.eval.cutoffs),
+                  "teacher": evaluate_model(prep, teacher, run.scorer("teacher"), cfg.eval.cutoffs)}
+    if student:
+        with phase("student"):
+            st = fit_student(prep, teacher, cfg.student, run, cfg.seed, verbose, k=k)
+        with phase("evaluation: student"):
+            models["student"] = evaluate_model(
+                prep, st, run.scorer("student"), cfg.eval.cutoffs,
+                student_sides(ds.schema, cfg.student.distill_sides))
+    return {"dataset": ds.name, "protocol": protocol(cfg, prep), "models": models,
+            "seconds": round(time.time() - t0, 1)}
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+
+
+def run_command(args: argparse.Namespace, student: bool = True) -> int:
+    """``tfrs-coldstart run`` (``student=False``: ``train``)."""
+    cfg = resolve_config(args)
+    report = run_pipeline(cfg, student, _verbose(args))
+    _finish(report, RunDir(cfg.output_dir), cfg)
+    print(f"run folder: {cfg.output_dir}  ({report['seconds']} s)")
+    return 0
+
+
+def train_command(args: argparse.Namespace) -> int:
+    return run_command(args, student=False)
+
+
+def add_distill_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="run folder holding a trained teacher")
+    p.add_argument("--config", help="YAML config file applied over the run's config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--quiet", action="store_true")
+
+
+def distill_command(args: argparse.Namespace) -> int:
+    """``tfrs-coldstart distill --teacher RUN_DIR``: a student from a saved teacher."""
+    run = RunDir.open(args.teacher)
+    cfg = load_config(args.config, args.overrides, base=run.config)
+    with phase(f"data ({cfg.data.format})"):
+        ds = load_data(cfg)
+    with phase("split"):
+        prep = prepare(ds, cfg)
+    teacher = run.load_model("teacher")
+    with phase("student"):
+        st = fit_student(prep, teacher, cfg.student, run, cfg.seed, _verbose(args),
+                         k=cfg.eval.headline_k)
+    run.write_config(cfg)
+    report = run.report() or {"dataset": ds.name, "protocol": protocol(cfg, prep), "models": {}}
+    with phase("evaluation: student"):
+        report["models"]["student"] = evaluate_model(
+            prep, st, run.scorer("student"), cfg.eval.cutoffs,
+            student_sides(ds.schema, cfg.student.distill_sides))
+    _finish(report, run, cfg)
+    return 0
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a trained run folder")
+    p.add_argument("--output", "-o", help="report folder (default: the run folder)")
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """``tfrs-coldstart evaluate RUN_DIR``: the test-segment report of a run's models."""
+    run = RunDir.open(args.run_dir)
+    cfg = run.config
+    with phase(f"data ({cfg.data.format})"):
+        ds = load_data(cfg)
+    with phase("split"):
+        prep = prepare(ds, cfg)
+    with phase("evaluation"):
+        models = {"popularity": evaluate_popularity(prep, cfg.eval.cutoffs)}
+        for which in ("teacher", "student"):
+            if run.has_model(which):
+                sides = (student_sides(ds.schema, cfg.student.distill_sides)
+                         if which == "student" else None)
+                models[which] = evaluate_model(prep, run.load_model(which), run.scorer(which),
+                                               cfg.eval.cutoffs, sides)
+    report = {"dataset": ds.name, "protocol": protocol(cfg, prep), "models": models}
+    _finish(report, run, cfg, args.output)
+    return 0

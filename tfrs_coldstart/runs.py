@@ -1,0 +1,234 @@
+"""The run folder: one owner for everything a run writes and every reader of it.
+
+Layout of ``RUN_DIR``::
+
+    config.yaml  schema.yaml  split.json (seed, cold ids, training item counts)
+    <model>/     teacher | student | ...
+        preprocessing.json  weights/  history.json  scorer.json
+        checkpoints/last  backup/ (while training)  refit/ (student)
+    logs/<model>/      TensorBoard
+    report.json  report.md  report.png
+
+Training, evaluation, export, batch, fine-tuning and the CLI read and write runs through
+:class:`RunDir` only, so the layout lives in this file.
+
+Example::
+
+    run = RunDir.open("runs/synthetic")
+    model = run.load_model("student")
+    scorer = run.scorer("student")          # temperature and popularity prior
+    counts = run.item_log_counts(items)     # log(1 + training count) per catalogue row
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from tfrs_coldstart.config import RunConfig, config_from_yaml_dict, save_config
+from tfrs_coldstart.data import Dataset, Schema, load_dataset
+from tfrs_coldstart.errors import RunError
+from tfrs_coldstart.evaluation import Prepared, write_report
+from tfrs_coldstart.features.encoder import dummy_inputs
+from tfrs_coldstart.fileio import atomic_write_text
+from tfrs_coldstart.modeling.models import SIDES, TwoTowerModel, build_student, build_teacher
+from tfrs_coldstart.scoring import Scorer, log_counts
+
+MODELS = ("teacher", "student")
+CONFIG_FILE, SCHEMA_FILE, SPLIT_FILE = "config.yaml", "schema.yaml", "split.json"
+_MODEL_FILES = ("preprocessing.json", "history.json", "scorer.json")
+
+
+def load_data(cfg: RunConfig) -> Dataset:
+    """The dataset a config names (synthetic, MovieLens, tables or TFDS)."""
+    d = cfg.data
+    if d.format == "synthetic":
+        return load_dataset("synthetic", n_users=d.synthetic_users, n_items=d.synthetic_items,
+                            n_interactions=d.synthetic_interactions, seed=d.synthetic_seed)
+    if d.format == "tfds":
+        return load_dataset("tfds", name=d.tfds_name, data_dir=d.data_dir)
+    return load_dataset(d.format, data_dir=d.data_dir, schema_path=d.schema)
+
+
+class RunDir:
+    """A run folder. ``RunDir(path)`` for a new run, :meth:`open` for an existing one."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """An existing run; :class:`RunError` says how to make one when ``path`` is not."""
+        run = cls(path)
+        if not (run.path / CONFIG_FILE).is_file():
+            raise RunError(f"{run.path} is not a run folder (no {CONFIG_FILE}); create one with "
+                           "`tfrs-coldstart train` or `tfrs-coldstart run`")
+        return run
+
+    # ---- run-level files ------------------------------------------------------------------
+
+    @property
+    def config(self) -> RunConfig:
+        path = self.path / CONFIG_FILE
+        try:
+            values = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise RunError(f"cannot read {path}: {e}") from None
+        return config_from_yaml_dict(RunConfig, values or {})
+
+    @property
+    def schema(self) -> Schema:
+        return Schema.from_yaml(self.path / SCHEMA_FILE)
+
+    def write_config(self, cfg: RunConfig) -> None:
+        save_config(cfg, self.path / CONFIG_FILE)
+
+    def write_metadata(self, cfg: RunConfig, prep: Prepared) -> None:
+        """``config.yaml``, ``schema.yaml`` and ``split.json`` (cold ids, item counts)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_config(cfg)
+        prep.dataset.schema.to_yaml(self.path / SCHEMA_FILE)
+        counts = prep.split.train["item_id"].astype(str).value_counts()
+        atomic_write_text(self.path / SPLIT_FILE, json.dumps(
+            {"seed": prep.split.seed, "cold_users": list(prep.split.cold_users),
+             "cold_items": list(prep.split.cold_items),
+             "item_counts": {k: int(v) for k, v in counts.items()}}))
+
+    def _split_meta(self) -> dict[str, Any]:
+        path = self.path / SPLIT_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def item_counts(self) -> dict[str, int] | None:
+        """Training interactions per item id (None for runs saved without counts)."""
+        return self._split_meta().get("item_counts")
+
+    def item_log_counts(self, items: pd.DataFrame) -> np.ndarray | None:
+        """``log(1 + training count)`` per row of ``items``; items never trained on count 0."""
+        counts = self.item_counts()
+        return None if counts is None else log_counts(counts, items["item_id"])
+
+    def add_item_counts(self, interactions: pd.DataFrame) -> None:
+        """Add new interactions to the training item counts (the popularity prior's input)."""
+        meta = self._split_meta()
+        counts = meta.get("item_counts", {})
+        for item, n in interactions["item_id"].astype(str).value_counts().items():
+            counts[item] = int(counts.get(item, 0)) + int(n)
+        meta["item_counts"] = counts
+        atomic_write_text(self.path / SPLIT_FILE, json.dumps(meta))
+
+    def load_dataset(self) -> Dataset:
+        return load_data(self.config)
+
+    # ---- models -----------------------------------------------------------------------------
+
+    def model_dir(self, which: str) -> Path:
+        return self.path / which
+
+    def log_dir(self, which: str) -> Path:
+        return self.path / "logs" / which
+
+    def has_model(self, which: str) -> bool:
+        out = self.model_dir(which)
+        return (out / "preprocessing.json").is_file() and (out / "weights").is_dir()
+
+    def save_model(self, which: str, model: TwoTowerModel, states: dict[str, Any],
+                   info: dict[str, Any], scorer: Scorer) -> None:
+        """Weights (swapped in whole), preprocessing state, history and the served score."""
+        out = self.model_dir(which)
+        weights, tmp = out / "weights", out / ".weights.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_weights(str(tmp / "model"))
+        shutil.rmtree(weights, ignore_errors=True)
+        tmp.rename(weights)
+        atomic_write_text(out / "preprocessing.json", json.dumps(states))
+        atomic_write_text(out / "history.json", json.dumps(info, indent=1))
+        atomic_write_text(out / "scorer.json", json.dumps(scorer.to_dict()))
+
+    def history(self, which: str) -> dict[str, Any]:
+        path = self.model_dir(which) / "history.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def write_history(self, which: str, info: dict[str, Any]) -> None:
+        atomic_write_text(self.model_dir(which) / "history.json", json.dumps(info, indent=1))
+
+    def scorer(self, which: str) -> Scorer:
+        """The model's served score; runs saved before scorer.json keep the prior in history."""
+        path = self.model_dir(which) / "scorer.json"
+        if path.is_file():
+            return Scorer.from_dict(json.loads(path.read_text()))
+        cfg = self.config
+        temperature = cfg.teacher.temperature if which == "teacher" else cfg.student.temperature
+        return Scorer(temperature, float(self.history(which).get("popularity_prior", 0.0)))
+
+    def save_scorer(self, which: str, scorer: Scorer) -> None:
+        atomic_write_text(self.model_dir(which) / "scorer.json", json.dumps(scorer.to_dict()))
+
+    def load_model(self, which: str = "student") -> TwoTowerModel:
+        """Rebuild a trained teacher or student, weights restored; ``compile`` + ``fit``
+        continue training it."""
+        cfg = self.config
+        if which not in MODELS and not self.model_dir(which).is_dir():
+            raise RunError(f"unknown model {which!r}: use teacher or student")
+        out = self.model_dir(which)
+        if not self.has_model(which):
+            raise RunError(f"{out} holds no trained {which}; train it first "
+                           f"(`tfrs-coldstart {'train' if which == 'teacher' else 'distill'}`)")
+        states = json.loads((out / "preprocessing.json").read_text())
+        if which == "teacher":
+            model: TwoTowerModel = build_teacher(states, cfg.teacher)
+        else:
+            teacher = self.load_model("teacher") if self.has_model("teacher") else None
+            model = build_student(states, cfg.student, teacher)
+        for side in SIDES:
+            tower = model.tower(side)
+            tower(dummy_inputs(tower.encoder.state))
+        model.load_weights(str(out / "weights" / "model")).expect_partial()
+        return model
+
+    def copy_models_to(self, dst: RunDir) -> None:
+        """Config, schema, split and each model's weights and records (no checkpoints, backups
+        or logs) into a new run folder ``dst`` (fine-tuning starts from this copy)."""
+        dst.path.mkdir(parents=True)
+        for name in (CONFIG_FILE, SCHEMA_FILE, SPLIT_FILE):
+            if (self.path / name).is_file():
+                shutil.copy2(self.path / name, dst.path / name)
+        for which in MODELS:
+            if not self.has_model(which):
+                continue
+            src, out = self.model_dir(which), dst.model_dir(which)
+            out.mkdir()
+            shutil.copytree(src / "weights", out / "weights")
+            for name in _MODEL_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, out / name)
+
+    # ---- report -----------------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any] | None:
+        path = self.path / "report.json"
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def write_report(self, report: dict[str, Any], headline_k: int = 20,
+                     out_dir: str | Path | None = None) -> dict[str, Path]:
+        """``report.json``, ``report.md`` and ``report.png`` (in ``out_dir`` if given)."""
+        return write_report(report, out_dir or self.path, headline_k)
+
+
+def load_model(run_dir: str | Path, which: str = "student") -> TwoTowerModel:
+    """``RunDir.open(run_dir).load_model(which)``: a trained model from its run folder."""
+    return RunDir.open(run_dir).load_model(which)
