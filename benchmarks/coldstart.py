@@ -26,16 +26,27 @@ import time
 from pathlib import Path
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS first)
-from tfrs_coldstart import training as train
 from tfrs_coldstart.config import load_config
 from tfrs_coldstart.data import Dataset, Schema
-from tfrs_coldstart.evaluation import aggregate, metrics_table, write_report
+from tfrs_coldstart.evaluation import (
+    Prepared,
+    aggregate,
+    evaluate_popularity,
+    evaluate_score_fn,
+    metrics_table,
+    prepare,
+    protocol,
+    write_report,
+)
 from tfrs_coldstart.modeling.models import student_sides
+from tfrs_coldstart.runs import RunDir, load_data
+from tfrs_coldstart.scoring import evaluate_model
+from tfrs_coldstart.training import fit_student, fit_teacher
 
 ROOT = Path(__file__).resolve().parent
 
 
-def lightfm_scores(prep: train.Prepared, seed: int, epochs: int = 30):
+def lightfm_scores(prep: Prepared, seed: int, epochs: int = 30):
     """LightFM hybrid (WARP) with the same user/item features, one-hot encoded; None if absent."""
     try:
         from lightfm import LightFM
@@ -124,38 +135,39 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"data.format={args.format}", f"data.data_dir={args.data_dir}", *args.overrides]
     cfg = load_config(args.config, overrides)
     out = Path(args.out)
-    ds = with_shape(train.load_data(cfg), args.shape)
-    prep = train.prepare(ds, cfg)
+    ds = with_shape(load_data(cfg), args.shape)
+    prep = prepare(ds, cfg)
     sides = student_sides(ds.schema, cfg.student.distill_sides)
-    ks = cfg.eval.ks
+    ks = cfg.eval.cutoffs
     per_seed = []
     t_start = time.time()
     for seed in range(args.seeds):
-        run_dir = out / "runs" / f"seed{seed}"
-        c = dataclasses.replace(cfg, seed=seed, output_dir=str(run_dir))
-        train.save_run_metadata(c, prep, run_dir)
-        res = {"popularity": train.evaluate_popularity(prep, ks)}
+        run = RunDir(out / "runs" / f"seed{seed}")
+        c = dataclasses.replace(cfg, seed=seed, output_dir=str(run.path))
+        run.write_metadata(c, prep)
+        res = {"popularity": evaluate_popularity(prep, ks)}
         t0 = time.time()
-        teacher = train.fit_teacher(prep, c.teacher, run_dir, seed, verbose=2)
+        teacher = fit_teacher(prep, c.teacher, run, seed, verbose=2)
         t1 = time.time()
-        res["teacher"] = train.evaluate_model(prep, teacher, ks, sides)
-        student = train.fit_student(prep, teacher, c.student, run_dir, seed, verbose=2)
+        res["teacher"] = evaluate_model(prep, teacher, run.scorer("teacher"), ks, sides)
+        student = fit_student(prep, teacher, c.student, run, seed, verbose=2)
         t2 = time.time()
-        res["student"] = train.evaluate_model(prep, student, ks, sides)
+        res["student"] = evaluate_model(prep, student, run.scorer("student"), ks, sides)
         ablation = dataclasses.replace(c.student, distill_lambda=0.0, align_weight=0.0)
-        st0 = train.fit_student(prep, None if sides == ("user", "item") else teacher, ablation,
-                                run_dir, seed, verbose=2, name="student_lambda0")
-        res["student (lambda=0)"] = train.evaluate_model(prep, st0, ks, sides)
+        st0 = fit_student(prep, None if sides == ("user", "item") else teacher, ablation,
+                          run, seed, verbose=2, name="student_lambda0")
+        res["student (lambda=0)"] = evaluate_model(prep, st0, run.scorer("student_lambda0"), ks,
+                                                   sides)
         if not args.no_lightfm:
             fn = lightfm_scores(prep, seed)
             if fn is not None:  # a side without features has nothing for its unseen entities
-                res["lightfm (hybrid, WARP)"] = train.evaluate_score_fn(prep, fn, ks, sides)
+                res["lightfm (hybrid, WARP)"] = evaluate_score_fn(prep, fn, ks, sides)
         res["_timing"] = {"teacher_s": t1 - t0, "student_s": t2 - t1}
         per_seed.append(res)
         print(f"seed {seed} done in {time.time() - t0:.0f} s", file=sys.stderr)
     timing = [r.pop("_timing") for r in per_seed]
     report = {
-        "dataset": ds.name, "protocol": train.protocol(cfg, prep),
+        "dataset": ds.name, "protocol": protocol(cfg, prep),
         "models": aggregate(per_seed),
         "params": {"teacher": teacher.param_count(), "student": student.param_count(),
                    "student_with_training_only_id_sink": student.param_count(training=True)},

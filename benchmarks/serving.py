@@ -283,14 +283,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import tfrs_coldstart  # noqa: F401
     from tfrs_coldstart.data.schema import Schema
+    from tfrs_coldstart.serving.saved_model import MANIFEST_FILE, list_versions
 
     base = Path(args.base)
     users = (pd.read_parquet(args.users) if args.users.endswith(".parquet")
              else pd.read_csv(args.users, dtype=str))
     models = {}
     for name in [m for m in args.models.split(",") if m]:
-        versions = sorted(int(v.name) for v in (base / name).iterdir() if v.name.isdigit())
-        manifest = json.loads((base / name / str(versions[-1]) / "manifest.json").read_text())
+        versions = list_versions(base / name)
+        manifest = json.loads((base / name / str(versions[-1]) / MANIFEST_FILE).read_text())
         schema = Schema.from_dict(manifest["schema"])
         names = list(manifest["signatures"]["serving_default"]["inputs"])
         models[name] = user_requests(users, schema, names)

@@ -67,6 +67,10 @@ from common import (  # noqa: E402
     write_json,
     write_text,
 )
+from tfrs_coldstart.evaluation import prepare  # noqa: E402
+from tfrs_coldstart.runs import RunDir, load_data, load_model  # noqa: E402
+from tfrs_coldstart.scoring import Scorer, training_log_counts  # noqa: E402
+from tfrs_coldstart.training import fit_student, fit_teacher  # noqa: E402
 
 SECTIONS = ("retrieval", "towers", "e2e", "serving", "batch")
 GATE_OFF = 1e-6  # export_run's gate must be positive: this lets any recall through
@@ -116,9 +120,7 @@ class Run:
     def prepared(self) -> Any:
         """The run's split (made once)."""
         if self.prep is None:
-            from tfrs_coldstart import training as train
-
-            self.prep = train.prepare(self.dataset, train.load_run_config(self.run_dir))
+            self.prep = prepare(self.dataset, RunDir.open(self.run_dir).config)
         return self.prep
 
 
@@ -159,7 +161,6 @@ class Artifacts:
     # -- synthetic -----------------------------------------------------------------------------
     def synthetic(self, n_items: int, student: bool = False) -> Run:
         """A synthetic catalogue of ``n_items``; teacher: ``--teacher-epochs``, student: one."""
-        from tfrs_coldstart import training as train
         from tfrs_coldstart.data import synthetic
 
         a = self.args
@@ -175,24 +176,24 @@ class Artifacts:
             gen_s = time.perf_counter() - t
             cfg = self._synthetic_config(n_items)
             t = time.perf_counter()
-            prep = train.prepare(ds, cfg)
+            prep = prepare(ds, cfg)
             prep_s = time.perf_counter() - t
             run_dir = self.work / "runs" / label
-            train.save_run_metadata(cfg, prep, run_dir)
+            RunDir(run_dir).write_metadata(cfg, prep)
             log(f"[{label}] training the teacher ({a.teacher_epochs} epochs at most) ...")
             t = time.perf_counter()
-            train.fit_teacher(prep, cfg.teacher, run_dir, cfg.seed, verbose=0)
+            fit_teacher(prep, cfg.teacher, RunDir(run_dir), cfg.seed, verbose=0)
             run = Run(label, run_dir, ds, {"generate_s": gen_s, "split_s": prep_s,
                                            "teacher_fit_s": time.perf_counter() - t},
                       {"teacher"}, prep)
             self.runs[label] = run
         if student and "student" not in run.models:
-            cfg = train.load_run_config(run.run_dir)
+            cfg = RunDir.open(run.run_dir).config
             log(f"[{label}] training the student (1 epoch) ...")
             t = time.perf_counter()
-            teacher = train.load_model(run.run_dir, "teacher")
-            train.fit_student(run.prepared(), teacher, cfg.student, run.run_dir, cfg.seed,
-                              verbose=0)
+            teacher = load_model(run.run_dir, "teacher")
+            fit_student(run.prepared(), teacher, cfg.student, RunDir(run.run_dir), cfg.seed,
+                        verbose=0)
             run.timing["student_fit_s"] = time.perf_counter() - t
             run.models.add("student")
         return run
@@ -222,8 +223,6 @@ class Artifacts:
         if not (data / "u.data").is_file():
             raise Skip(f"MovieLens-100K not found at {data} (pass --ml100k or set "
                        "TFRS_COLDSTART_ML100K)")
-        from tfrs_coldstart import training as train
-
         run_dir = self.work / "runs" / "ml100k"
         log("[ml100k] `tfrs-coldstart run` with the default config (teacher + student) ...")
         res = time_command([cli_path(), "run", "--quiet", "--data-dir", str(data), "--output",
@@ -232,8 +231,8 @@ class Artifacts:
             raise RuntimeError(f"tfrs-coldstart run on ML-100K failed:\n{res['tail']}")
         timing = {"cli_wall_s": res["wall_s"], "load_average": res["load_average"],
                   **_fit_seconds(run_dir)}
-        cfg = train.load_run_config(run_dir)
-        run = Run("ml100k", run_dir, train.load_data(cfg), timing, {"teacher", "student"})
+        run = Run("ml100k", run_dir, load_data(RunDir.open(run_dir).config), timing,
+                  {"teacher", "student"})
         self.runs["ml100k"] = run
         return run
 
@@ -257,7 +256,6 @@ class Artifacts:
         """Export one model of a run with ``export_run`` (the real path), timing its phases.
 
         Models of one run and index kind share a base path (what a server serves)."""
-        from tfrs_coldstart import training as train
         from tfrs_coldstart.serving.export import default_names, export_run
 
         key = (run.label, kind, role)
@@ -278,7 +276,7 @@ class Artifacts:
                           ann_recall_gate=gate,
                           item_encoder=kind == "scann" and role == "student")
         seconds = time.perf_counter() - t0
-        name = default_names(train.load_run_config(run.run_dir), kind)[role]
+        name = default_names(RunDir.open(run.run_dir).config, kind)[role]
         (m,) = [m for m in done if m.name == name]
         exp = Export(run.label, kind, role, m.path, m.manifest, seconds, _phases(events))
         self.exports[key] = exp
@@ -440,37 +438,25 @@ def _tensors(inputs: dict[str, np.ndarray], fn: Any, size: int,
 
 
 def index_vectors(run: Run, which: str) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """The catalogue as the export indexes it: ``[item_emb, prior * log(1 + count)]`` with a
-    popularity prior (queries ``[u / temperature, 1]``), else the item embeddings."""
-    from tfrs_coldstart import training as train
-    from tfrs_coldstart.data.pipeline import item_log_counts
-
+    """The catalogue as the export indexes it (:meth:`Scorer.index_vectors`) and the model's
+    scorer as a dict."""
     ds = run.dataset
-    model = train.load_model(run.run_dir, which)
-    emb = model.embed("item", ds.items, ds.schema)
-    info = {"popularity_prior": float(getattr(model, "popularity_prior", 0.0)),
-            "temperature": float(model.temperature)}
-    if info["popularity_prior"]:
-        bias = info["popularity_prior"] * item_log_counts(run.prepared().split.train, ds.items)
-        emb = np.concatenate([emb, bias[:, None]], axis=1).astype(np.float32)
+    model = load_model(run.run_dir, which)
+    scorer = RunDir(run.run_dir).scorer(which)
+    emb = scorer.index_vectors(model.embed("item", ds.items, ds.schema),
+                               training_log_counts(run.prepared().split.train, ds.items))
     del model
     release()
-    return ds.items["item_id"].astype(str).to_numpy(), emb, info
+    return ds.items["item_id"].astype(str).to_numpy(), emb, scorer.to_dict()
 
 
 def _query_vectors(user_emb: np.ndarray, info: dict[str, Any]) -> np.ndarray:
-    """The index's query for user embeddings: ``[u / temperature, 1]`` with a prior."""
-    if not float(info.get("popularity_prior") or 0.0):
-        return np.asarray(user_emb, np.float32)
-    scale = 1.0 / float(info["temperature"])
-    return np.concatenate([user_emb * scale, np.ones((len(user_emb), 1), np.float32)],
-                          axis=1).astype(np.float32)
+    """The index's query for user embeddings (:meth:`Scorer.query_vectors`)."""
+    return Scorer.from_dict(info).query_vectors(user_emb)
 
 
 def _model_queries(run: Run, which: str, info: dict[str, Any], n: int, seed: int) -> np.ndarray:
-    from tfrs_coldstart import training as train
-
-    model = train.load_model(run.run_dir, which)
+    model = load_model(run.run_dir, which)
     users = run.dataset.users.iloc[_user_rows(run, n, seed)]
     q = model.embed("user", users, run.dataset.schema)
     del model
@@ -623,7 +609,7 @@ def compare_indexes(arts: Artifacts, run: Run, which: str, exports: dict[str, Ex
 def geometry(vectors: np.ndarray, info: dict[str, Any], truth: ExactTruth) -> dict[str, float]:
     """How hard the catalogue is for an approximate index: how tightly the item embeddings
     bunch (mean pairwise cosine, norm of their mean) and how close the exact top scores are."""
-    emb = vectors[:, :-1] if info.get("popularity_prior") else vectors
+    emb = vectors[:, :-1] if info.get("prior") else vectors
     rows = np.random.default_rng(0).choice(len(emb), size=min(2000, len(emb)), replace=False)
     sample = emb[rows] / np.maximum(np.linalg.norm(emb[rows], axis=1, keepdims=True), 1e-12)
     top = truth.top_scores
@@ -700,13 +686,12 @@ def epoch_times(run: Run, which: str, epochs: int = 2) -> list[float]:
     """Seconds per training epoch of a run's model on its training split (epoch 1 traces)."""
     import tensorflow as tf
 
-    from tfrs_coldstart import training as train
     from tfrs_coldstart.data.pipeline import interaction_dataset, item_probabilities
 
-    cfg = train.load_run_config(run.run_dir)
+    cfg = RunDir.open(run.run_dir).config
     prep = run.prepared()
     ds = run.dataset
-    model = train.load_model(run.run_dir, which)
+    model = load_model(run.run_dir, which)
     mcfg = cfg.teacher if which == "teacher" else cfg.student
     df = prep.split.train
     data = interaction_dataset(df, ds.users, ds.items, ds.schema.user_features,
@@ -747,8 +732,6 @@ def time_embed_user(path: Path, inputs: dict[str, np.ndarray], args: argparse.Na
 
 def section_towers(arts: Artifacts, args: argparse.Namespace) -> dict[str, Any]:
     """Parameters, query-tower latency/throughput (exported ``embed_user``), epoch time."""
-    from tfrs_coldstart import training as train
-
     run = arts.ml100k() if args.towers_run == "ml100k" else arts.synthetic(
         args.items[0], student=True)
     exps = {which: arts.scann_export(run, which) for which in ("teacher", "student")}
@@ -756,7 +739,7 @@ def section_towers(arts: Artifacts, args: argparse.Namespace) -> dict[str, Any]:
     b = args.batch_size
     for which in ("teacher", "student"):
         log(f"[{run.label}] {which}: parameters, query tower, epoch time ...")
-        model = train.load_model(run.run_dir, which)
+        model = load_model(run.run_dir, which)
         res: dict[str, Any] = {
             "user_tower_params": model.user_tower.param_count(),
             "item_tower_params": model.item_tower.param_count(),
@@ -842,9 +825,9 @@ def section_serving(arts: Artifacts, args: argparse.Namespace) -> dict[str, Any]
 
 def section_batch(arts: Artifacts, args: argparse.Namespace) -> dict[str, Any]:
     try:
-        from tfrs_coldstart.batch import local as batch
+        from tfrs_coldstart import batch
     except ImportError as e:
-        raise Skip(f"tfrs_coldstart.batch.local is not available ({e})") from None
+        raise Skip(f"tfrs_coldstart.batch is not available ({e})") from None
     import pandas as pd
 
     run = arts.synthetic(args.serve_items, student=True)

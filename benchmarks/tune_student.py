@@ -25,9 +25,12 @@ from pathlib import Path
 import numpy as np
 
 import tfrs_coldstart  # noqa: F401
-from tfrs_coldstart import training as train
 from tfrs_coldstart.config import load_config
-from tfrs_coldstart.evaluation import rank_metrics
+from tfrs_coldstart.evaluation import prepare, rank_metrics
+from tfrs_coldstart.modeling.models import TeacherModel
+from tfrs_coldstart.runs import RunDir, load_data
+from tfrs_coldstart.scoring import model_score_fn
+from tfrs_coldstart.training import fit_student, fit_teacher
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_dir:
         sets += ["data.format=movielens", f"data.data_dir={args.data_dir}"]
     base = load_config(args.config, sets)
-    ds = train.load_data(base)
-    prep = train.prepare(ds, base)
-    teachers: dict[str, train.TeacherModel] = {}
+    ds = load_data(base)
+    prep = prepare(ds, base)
+    teachers: dict[str, TeacherModel] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, trial in enumerate(args.trial or [""]):
             cfg = load_config(None, trial.split(), base=base)
@@ -52,15 +55,14 @@ def main(argv: list[str] | None = None) -> int:
             key = json.dumps(dataclasses.asdict(cfg.teacher), sort_keys=True)
             if key not in teachers and (cfg.student.distill_lambda > 0
                                         or cfg.student.align_weight > 0):
-                teachers[key] = train.fit_teacher(
-                    prep, cfg.teacher, Path(tmp) / f"t{len(teachers)}", cfg.seed, verbose=0,
-                    validation_only=True)
+                teachers[key] = fit_teacher(
+                    prep, cfg.teacher, RunDir(Path(tmp) / f"t{len(teachers)}"), cfg.seed,
+                    verbose=0, validation_only=True)
             student_cfg = dataclasses.replace(cfg.student, refit=False)
-            out = Path(tmp) / f"s{i}"
-            model = train.fit_student(prep, teachers.get(key), student_cfg, out, cfg.seed,
-                                      verbose=0)
-            info = json.loads((out / "student" / "history.json").read_text())
-            fn = train.model_score_fn(model, ds, prep.val.train)
+            run = RunDir(Path(tmp) / f"s{i}")
+            model = fit_student(prep, teachers.get(key), student_cfg, run, cfg.seed, verbose=0)
+            info = run.history("student")
+            fn = model_score_fn(model, run.scorer("student"), ds, prep.val.train)
             val = {s: round(rank_metrics(t, fn, (20,))["recall@20"], 4)
                    for s, t in prep.val_tasks.items() if len(t.user_rows)}
             row = {"trial": trial, "best_epoch": info["best_epoch"],

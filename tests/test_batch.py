@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_tables_run
+from conftest import copy_run
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from tfrs_coldstart.batch import (
@@ -35,16 +35,14 @@ HAS_BEAM = importlib.util.find_spec("apache_beam") is not None
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A tiny trained run (tables with a dense item vector) exported with ScaNN, k=20.
-
-    The student ranks by the dot product alone (popularity_prior=0), so an item made from a
-    user's best item ties with it.
+def setup(tiny_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The session's tiny trained run (tables with a dense item vector), its student set to
+    rank by the dot product alone (popularity prior 0, so an item made from a user's best
+    item ties with it), exported with ScaNN, k=20.
     """
     root = tmp_path_factory.mktemp("batch")
-    run, dataset, _, _, _ = make_tables_run(root, n_users=200, n_items=120, n_interactions=3000,
-                                            seed=5, dense_dim=4,
-                                            overrides=("student.popularity_prior=0.0",))
+    run = copy_run(tiny_run["run"], root / "run", student_prior=0.0)
+    dataset = tiny_run["ds"]
     base = root / "export"
     export_run(run, base, index="scann", k=K, dataset=dataset, log=lambda m: None)
     users_pq = root / "users.parquet"

@@ -33,9 +33,12 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from tfrs_coldstart import cli
+from tfrs_coldstart.errors import UserError
 from tfrs_coldstart.serving import devserver
+from tfrs_coldstart.serving import status as status_codes
 from tfrs_coldstart.serving.devserver import BatchingParameters, ConfigError, Server
-from tfrs_coldstart.serving.saved_model import WARMUP_FILE
+from tfrs_coldstart.serving.saved_model import WARMUP_FILE, list_versions
 
 REPO = Path(__file__).resolve().parents[1]
 ITEMS = [f"item{i}" for i in range(12)]
@@ -913,6 +916,48 @@ def test_batching_config_parsing(tmp_path: Path) -> None:
     path.write_text("max_batch_size { value: 0 }")
     with pytest.raises(ConfigError, match="max_batch_size must be >= 1"):
         devserver.parse_batching_config(path)
+
+
+def test_status_codes_map_both_ways() -> None:
+    """The server's HTTP status for a code and the client's code for an HTTP status agree."""
+    for http, code in status_codes.CODE_BY_HTTP.items():
+        assert status_codes.HTTP_STATUS[code] == http, code
+    assert set(status_codes.CODE_BY_HTTP) == set(status_codes.HTTP_STATUS.values()) - {200}
+    assert status_codes.code_for_http(418) == "UNKNOWN"
+    assert status_codes.code_name(grpc.StatusCode.NOT_FOUND.value[0]) == "NOT_FOUND"
+    assert status_codes.code_name(999) == "999"
+
+
+def test_version_folders(tmp_path: Path) -> None:
+    model = tmp_path / "num"
+    for name in ("3", "12"):
+        (model / name).mkdir(parents=True)
+        (model / name / "saved_model.pb").write_bytes(b"")
+    (model / "5").mkdir()  # still being written: not servable, but its number is taken
+    (model / ".tmp-7-1234").mkdir()
+    (model / ".added_items").mkdir()
+    assert list_versions(model) == [3, 12]
+    assert list_versions(model, complete_only=False) == [3, 5, 12]
+    assert list_versions(tmp_path / "missing") == []
+
+
+def test_serve_errors_are_one_line_exit_2(
+    tmp_path: Path,
+    server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no serving/models.config or batching.config picked up here
+    monkeypatch.delenv("TFRS_COLDSTART_DEBUG", raising=False)
+    assert issubclass(ConfigError, UserError) and issubclass(devserver.ListenError, UserError)
+    bad = tmp_path / "models.config"
+    bad.write_text("model_config_list { config { name: 'a' } bogus: 1 }")
+    assert cli.main(["serve", "--models-config", str(bad)]) == 2
+    assert "not a valid ModelServerConfig" in capsys.readouterr().err
+    (tmp_path / "export").mkdir()
+    taken = ["--grpc-port", str(server.grpc_port), "--rest-port", "0", "--no-batching"]
+    assert cli.main(["serve", "--model-base", str(tmp_path / "export"), *taken]) == 2
+    assert f"cannot listen for gRPC on 127.0.0.1:{server.grpc_port}" in capsys.readouterr().err
 
 
 def test_cli_serves_until_ctrl_c(tmp_path: Path) -> None:

@@ -13,14 +13,13 @@ from tfrs_coldstart import training as train
 from tfrs_coldstart.config import RunConfig, load_config
 from tfrs_coldstart.data import generate
 from tfrs_coldstart.data.pipeline import interaction_dataset, table_dataset
+from tfrs_coldstart.errors import RunError
+from tfrs_coldstart.evaluation import prepare
 from tfrs_coldstart.features.encoder import FeatureEncoder, build_state, dummy_inputs
-from tfrs_coldstart.modeling.models import (
-    build_student,
-    distillation_loss,
-    in_batch_logits,
-    student_sides,
-    student_states,
-)
+from tfrs_coldstart.modeling.losses import distillation_loss, in_batch_logits
+from tfrs_coldstart.modeling.models import build_student, student_sides, student_states
+from tfrs_coldstart.runs import RunDir, load_model
+from tfrs_coldstart.scoring import evaluate_model
 from tfrs_coldstart.serving.export import ItemEncoderModule
 
 FAST = ["teacher.epochs=3", "student.epochs=3", "teacher.patience=1", "student.patience=1",
@@ -36,10 +35,10 @@ def tiny_run(tiny_dataset, tmp_path_factory):
     """A trained teacher and student on the tiny synthetic set, saved in a run folder."""
     cfg = _cfg()
     run_dir = tmp_path_factory.mktemp("run")
-    prep = train.prepare(tiny_dataset, cfg)
-    train.save_run_metadata(cfg, prep, run_dir)
-    teacher = train.fit_teacher(prep, cfg.teacher, run_dir, verbose=0)
-    student = train.fit_student(prep, teacher, cfg.student, run_dir, verbose=0)
+    prep = prepare(tiny_dataset, cfg)
+    RunDir(run_dir).write_metadata(cfg, prep)
+    teacher = train.fit_teacher(prep, cfg.teacher, RunDir(run_dir), verbose=0)
+    student = train.fit_student(prep, teacher, cfg.student, RunDir(run_dir), verbose=0)
     return prep, teacher, student, run_dir
 
 
@@ -133,7 +132,7 @@ def test_reload_gives_identical_scores(tiny_run):
     prep, teacher, student, run_dir = tiny_run
     ds = prep.dataset
     for which, model in (("teacher", teacher), ("student", student)):
-        loaded = train.load_model(run_dir, which)
+        loaded = load_model(run_dir, which)
         for side in ("user", "item"):
             table = ds.users if side == "user" else ds.items
             np.testing.assert_allclose(loaded.embed(side, table, ds.schema),
@@ -154,8 +153,8 @@ def test_unseen_ids_and_categories_map_to_oov(tiny_run):
 
 
 def test_missing_run_errors_are_clear(tmp_path):
-    with pytest.raises(train.RunError, match="not a run folder"):
-        train.load_model(tmp_path / "nothing", "student")
+    with pytest.raises(RunError, match="not a run folder"):
+        load_model(tmp_path / "nothing", "student")
 
 
 @pytest.mark.parametrize("shape", ["items_only", "users_only"])
@@ -164,16 +163,16 @@ def test_one_sided_student_keeps_teacher_id_tower(shape, tmp_path):
                   with_user_features=shape != "items_only",
                   with_item_features=shape != "users_only")
     cfg = _cfg("teacher.epochs=1", "student.epochs=1")
-    prep = train.prepare(ds, cfg)
+    prep = prepare(ds, cfg)
     sides = student_sides(ds.schema)
     content = "item" if shape == "items_only" else "user"
     other = "user" if content == "item" else "item"
     assert sides == (content,)
-    teacher = train.fit_teacher(prep, cfg.teacher, tmp_path, verbose=0)
-    student = train.fit_student(prep, teacher, cfg.student, tmp_path, verbose=0)
+    teacher = train.fit_teacher(prep, cfg.teacher, RunDir(tmp_path), verbose=0)
+    student = train.fit_student(prep, teacher, cfg.student, RunDir(tmp_path), verbose=0)
     assert student.tower(other) is teacher.tower(other)
     assert not student.tower(content).uses_ids
-    result = train.evaluate_model(prep, student, (20,), sides)
+    result = evaluate_model(prep, student, RunDir(tmp_path).scorer("student"), (20,), sides)
     unservable = "cold_user" if content == "item" else "cold_item"
     assert result[unservable].get("fallback") == "popularity"
     assert result["cold_both"].get("fallback") == "popularity"
@@ -203,7 +202,7 @@ def test_no_teacher_and_featureless_side_is_an_error():
 
 def test_interrupted_fit_resumes_from_backup(tiny_dataset, tmp_path: Path):
     cfg = _cfg("teacher.epochs=3", "teacher.patience=10")
-    prep = train.prepare(tiny_dataset, cfg)
+    prep = prepare(tiny_dataset, cfg)
 
     class Interrupt(tf.keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -225,11 +224,11 @@ def test_interrupted_fit_resumes_from_backup(tiny_dataset, tmp_path: Path):
     train._fit = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
-            train.fit_teacher(prep, cfg.teacher, tmp_path, verbose=0)
+            train.fit_teacher(prep, cfg.teacher, RunDir(tmp_path), verbose=0)
     finally:
         train._fit = orig
     assert (tmp_path / "teacher" / "backup").is_dir()
-    train.fit_teacher(prep, cfg.teacher, tmp_path, verbose=0)
+    train.fit_teacher(prep, cfg.teacher, RunDir(tmp_path), verbose=0)
     import json
 
     info = json.loads((tmp_path / "teacher" / "history.json").read_text())

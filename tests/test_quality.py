@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from tfrs_coldstart import training as train
 from tfrs_coldstart.config import load_config
 from tfrs_coldstart.data import generate
+from tfrs_coldstart.evaluation import evaluate_popularity, prepare
+from tfrs_coldstart.runs import RunDir, load_data
+from tfrs_coldstart.scoring import evaluate_model
+from tfrs_coldstart.training import fit_student, fit_teacher
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +23,14 @@ def results(tmp_path_factory):
     cfg = load_config(None, ["teacher.epochs=8", "student.epochs=8", "teacher.batch_size=512",
                              "student.batch_size=512", "teacher.patience=3",
                              "student.patience=3", "student.refit=false"])
-    run_dir = tmp_path_factory.mktemp("quality")
-    prep = train.prepare(ds, cfg)
-    teacher = train.fit_teacher(prep, cfg.teacher, run_dir, verbose=0)
-    student = train.fit_student(prep, teacher, cfg.student, run_dir, verbose=0)
-    return {"popularity": train.evaluate_popularity(prep, (20,)),
-            "teacher": train.evaluate_model(prep, teacher, (20,)),
-            "student": train.evaluate_model(prep, student, (20,), ("user", "item"))}
+    run = RunDir(tmp_path_factory.mktemp("quality"))
+    prep = prepare(ds, cfg)
+    teacher = fit_teacher(prep, cfg.teacher, run, verbose=0)
+    student = fit_student(prep, teacher, cfg.student, run, verbose=0)
+    return {"popularity": evaluate_popularity(prep, (20,)),
+            "teacher": evaluate_model(prep, teacher, run.scorer("teacher"), (20,)),
+            "student": evaluate_model(prep, student, run.scorer("student"), (20,),
+                                      ("user", "item"))}
 
 
 def _r(results, model, segment):
@@ -56,11 +60,12 @@ def test_teacher_on_movielens_beats_popularity(ml100k_dir, tmp_path):
     """
     cfg = load_config(None, ["data.format=movielens", f"data.data_dir={ml100k_dir}",
                              "teacher.epochs=3"])
-    prep = train.prepare(train.load_data(cfg), cfg)
+    prep = prepare(load_data(cfg), cfg)
     assert prep.split.summary()["users"]["warm"] == 717
-    teacher = train.fit_teacher(prep, cfg.teacher, tmp_path, verbose=0)
-    got = train.evaluate_model(prep, teacher, (20,))
-    pop = train.evaluate_popularity(prep, (20,))
+    run = RunDir(tmp_path)
+    teacher = fit_teacher(prep, cfg.teacher, run, verbose=0)
+    got = evaluate_model(prep, teacher, run.scorer("teacher"), (20,))
+    pop = evaluate_popularity(prep, (20,))
     assert pop["warm"]["recall@20"] == pytest.approx(0.209, abs=0.002)
     assert got["warm"]["recall@20"] >= 0.30
     assert got["cold_item"]["recall@20"] >= pop["cold_item"]["recall@20"] + 0.1

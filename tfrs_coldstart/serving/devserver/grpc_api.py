@@ -65,7 +65,10 @@ class GrpcApi:
             _PredictionServicer(self), server
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(_ModelServicer(self), server)
-        bound = server.add_insecure_port(f"{host}:{port}")
+        try:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:  # newer grpcio raises here; older ones return 0
+            raise ListenError(f"cannot listen for gRPC on {host}:{port}: {exc}") from None
         if bound == 0:
             raise ListenError(f"cannot listen for gRPC on {host}:{port}")
         server.start()
