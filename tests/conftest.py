@@ -153,3 +153,40 @@ def make_recommender(items: list[str], k: int, version: int, *, dim: int, bucket
             return {"embedding": self._user(age, activity)}
 
     return _Recommender()
+
+
+EXPORT_K = 20  # results per query of the session's exports
+
+
+@pytest.fixture(scope="session")
+def run_dir(tiny_run: dict) -> Path:
+    """The session's tiny run folder (read-only)."""
+    return tiny_run["run"]
+
+
+@pytest.fixture(scope="session")
+def context(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the Docker build context: Dockerfile, .dockerignore, serving/ (+ export/)."""
+    import shutil
+
+    ctx = tmp_path_factory.mktemp("docker_context")
+    shutil.copy(REPO / "Dockerfile", ctx / "Dockerfile")
+    shutil.copy(REPO / ".dockerignore", ctx / ".dockerignore")
+    shutil.copytree(REPO / "serving", ctx / "serving")
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def exports(tiny_run: dict, context: Path) -> dict:
+    """The tiny run exported into the Docker context's export/ with a ScaNN and a
+    brute-force index (k = EXPORT_K)."""
+    from tfrs_coldstart.serving.export import export_run
+
+    base, run, dataset = context / "export", tiny_run["run"], tiny_run["ds"]
+    scann = export_run(run, base, index="scann", k=EXPORT_K, dataset=dataset,
+                       log=lambda m: None)
+    bf = export_run(run, base, index="brute-force", k=EXPORT_K, dataset=dataset,
+                    log=lambda m: None)
+    return {"base": base, "dataset": dataset,
+            "scann": {m.name: m for m in scann}, "bf": {m.name: m for m in bf}}
+

@@ -30,6 +30,8 @@ from tfrs_coldstart.data.pipeline import feature_arrays
 from tfrs_coldstart.serving.add_items import ADDED_ITEMS_DIR, AddItemsError, add_items
 from tfrs_coldstart.serving.export import export_run
 
+pytestmark = pytest.mark.slow  # trains a model or builds exports
+
 K = 20
 HAS_BEAM = importlib.util.find_spec("apache_beam") is not None
 
@@ -148,8 +150,10 @@ def test_version_resolution(setup: dict[str, Any]) -> None:
     assert set(m.required_columns[1:]) == set(setup["ds"].schema.names("user"))
     with pytest.raises(BatchError, match="does not exist"):
         resolve_version(base / "nope")
+    empty = setup["root"] / "no_versions"
+    empty.mkdir(exist_ok=True)
     with pytest.raises(BatchError, match="no SavedModel version"):
-        resolve_version(setup["root"] / "data")
+        resolve_version(empty)
     with pytest.raises(BatchError, match="not item_ids and scores"):
         ServedModel.load(base / "student_items")
 

@@ -69,3 +69,65 @@ def test_console_script_usage_error_is_short():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "invalid choice" in proc.stderr
+
+
+# Every command's errors take the one path of cli.main: one line, exit 2; with
+# TFRS_COLDSTART_DEBUG=1 the same error is raised with its traceback.
+COMMAND_ERRORS = [
+    (["run", "--set", "teacher.temperature=0"], "teacher.temperature"),
+    (["evaluate", "/nonexistent/run"], "not a run folder"),
+    (["export", "/nonexistent/run"], "does not exist"),
+    (["batch", "--model", "/nonexistent/model", "--users", "/nonexistent/u.csv", "--out",
+      "/tmp/never-written.parquet"], "/nonexistent"),
+    (["add-items", "--model", "/nonexistent/model", "/nonexistent/items.csv"], "/nonexistent"),
+    (["finetune", "/nonexistent/run", "--data", "/nonexistent/new.csv"], "/nonexistent"),
+    (["recommend", "--server", "127.0.0.1:9", "--model", "m", "--user", "{\"age\": \"1\"}",
+      "--timeout", "2", "--retries", "0"], "127.0.0.1:9"),
+    (["serve", "--models-config", "/nonexistent/models.config"], "/nonexistent"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), COMMAND_ERRORS, ids=lambda a: a[0])
+def test_every_command_error_exits_2_with_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("argv", "message"), COMMAND_ERRORS, ids=lambda a: a[0])
+def test_debug_switch_shows_the_traceback_of_every_command(argv, message, monkeypatch):
+    monkeypatch.setenv("TFRS_COLDSTART_DEBUG", "1")
+    with pytest.raises(Exception, match=message.replace(".", r"\.")):
+        main(argv)
+
+
+def test_settings_are_checked_before_any_data_is_read(tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["run", "--data-dir", str(tmp_path / "no-such-data"), "--output", str(out),
+            "--set", "student.learning_rate=-1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "student.learning_rate" in err and "no-such-data" not in err
+    assert not out.exists()
+
+
+def test_output_that_is_a_file_is_one_line(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["run", "--output", str(f), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and "Traceback" not in err
+
+
+def test_empty_segment_is_na_not_zero():
+    import numpy as np
+
+    from tfrs_coldstart.evaluation import SegmentTask, metrics_table, rank_metrics
+
+    empty = SegmentTask("cold_user", np.zeros(0, np.int64), np.arange(5), [], [])
+    seg = rank_metrics(empty, lambda u, i: np.zeros((len(u), len(i))), (20,))
+    assert seg["recall@20"] is None and seg["users"] == 0
+    table = metrics_table({"models": {"m": {"cold_user": seg}}}, 20)
+    assert "n/a" in table and "0.000" not in table

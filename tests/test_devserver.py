@@ -79,7 +79,7 @@ def publish(
     staging = base.parent / f".staging-{base.name}-{name}-{version}-{time.monotonic_ns()}"
     tf.saved_model.save(module, str(staging), signatures=signatures)
     if warmup:
-        (staging / "assets.extra").mkdir()
+        (staging / WARMUP_FILE).parent.mkdir()
         with tf.io.TFRecordWriter(str(staging / WARMUP_FILE)) as writer:
             for req in warmup:
                 entry = prediction_log_pb2.PredictionLog(

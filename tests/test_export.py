@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import site
 import subprocess
@@ -20,11 +19,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import EXPORT_K
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from tfrs_coldstart.cli import main as cli_main
 from tfrs_coldstart.data.pipeline import feature_arrays, item_log_counts
 from tfrs_coldstart.evaluation import prepare
-from tfrs_coldstart.runs import RunDir, load_data
+from tfrs_coldstart.runs import RunDir
 from tfrs_coldstart.serving.export import (
     BRUTE_FORCE_SUFFIX,
     PAD_ID,
@@ -32,7 +33,6 @@ from tfrs_coldstart.serving.export import (
     ExportError,
     RecommendModule,
     default_names,
-    export_main,
     export_run,
     input_specs,
 )
@@ -44,40 +44,15 @@ from tfrs_coldstart.serving.index import (
     scann_params,
 )
 
+pytestmark = pytest.mark.slow  # trains a model or builds exports
+
 REPO = Path(__file__).resolve().parents[1]
-K = 20
+K = EXPORT_K
 N_ROWS = 3  # real rows per request
 
 
 # --------------------------------------------------------------------------------------------
 # fixtures: one trained run, exported twice
-
-
-@pytest.fixture(scope="session")
-def run_dir(tiny_run: dict[str, Any]) -> Path:
-    """A trained teacher + student on tables holding every feature type (dense vector too)."""
-    return tiny_run["run"]
-
-
-@pytest.fixture(scope="session")
-def context(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the Docker build context: Dockerfile, .dockerignore, serving/ (+ export/)."""
-    ctx = tmp_path_factory.mktemp("docker_context")
-    shutil.copy(REPO / "Dockerfile", ctx / "Dockerfile")
-    shutil.copy(REPO / ".dockerignore", ctx / ".dockerignore")
-    shutil.copytree(REPO / "serving", ctx / "serving")
-    return ctx
-
-
-@pytest.fixture(scope="session")
-def exports(run_dir: Path, context: Path) -> dict[str, Any]:
-    base = context / "export"
-    dataset = load_data(_config(run_dir))
-    scann = export_run(run_dir, base, index="scann", k=K, dataset=dataset, log=lambda m: None)
-    bf = export_run(run_dir, base, index="brute-force", k=K, dataset=dataset,
-                    log=lambda m: None)
-    return {"base": base, "dataset": dataset,
-            "scann": {m.name: m for m in scann}, "bf": {m.name: m for m in bf}}
 
 
 def _jsonable(rows: dict[str, np.ndarray]) -> dict[str, list]:
@@ -390,7 +365,8 @@ def test_manifest(exports: dict[str, Any], run_dir: Path) -> None:
             assert man["created"] and man["libraries"]["tensorflow"]
             assert "signatures" in man
             if m.model == "student":
-                assert man["metrics"]["cold_item"]["recall@20"] >= 0  # from report.json
+                report = json.loads((run_dir / "report.json").read_text())
+                assert man["metrics"] == report["models"]["student"]  # copied from the run
             if m.kind != "recommend":
                 continue
             assert man["k"] == K and man["catalogue_size"] == len(exports["dataset"].items)
@@ -498,229 +474,16 @@ def test_failed_publish_rolls_back(run_dir: Path, exports: dict[str, Any],
 
 
 def test_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert export_main([str(tmp_path / "missing")]) == 2
+    assert cli_main(["export", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
-    assert export_main([str(run_dir), "--models", "student,oops"]) == 2
+    assert cli_main(["export", str(run_dir), "--models", "student,oops"]) == 2
     assert "subset of" in capsys.readouterr().err
     base = tmp_path / "export"
-    assert export_main([str(run_dir), "--base-dir", str(base), "--index", "brute-force",
+    assert cli_main(["export", str(run_dir), "--base-dir", str(base), "--index", "brute-force",
                         "--models", "teacher", "--k", "5", "--version", "7"]) == 0
     assert "teacher_bf" in capsys.readouterr().out
     assert _snapshot(base) and (base / "teacher_bf" / "7" / "saved_model.pb").is_file()
     assert json.loads((base / "teacher_bf" / "7" / "manifest.json").read_text())["k"] == 5
-
-
-# --------------------------------------------------------------------------------------------
-# packaging: Dockerfile, TF Serving configs, the ScaNN patch script
-
-DOCKER_INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY",
-                       "ENTRYPOINT", "VOLUME", "USER", "WORKDIR", "ARG", "ONBUILD",
-                       "STOPSIGNAL", "HEALTHCHECK", "SHELL", "MAINTAINER"}
-
-
-def parse_dockerfile(text: str) -> list[tuple[str, str, int]]:
-    """``(INSTRUCTION, arguments, line)`` with continuations joined and comments dropped."""
-    out: list[tuple[str, str, int]] = []
-    buf, start = "", 0
-    for no, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not buf and (not line or line.startswith("#")):
-            continue
-        if buf and line.startswith("#"):
-            continue
-        if not buf:
-            start = no
-        if line.endswith("\\"):
-            buf += line[:-1] + " "
-            continue
-        buf += line
-        word, _, rest = buf.partition(" ")
-        out.append((word.upper(), rest.strip(), start))
-        buf = ""
-    assert not buf, "Dockerfile ends inside a line continuation"
-    return out
-
-
-def _expand(s: str, args: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), ""), s)
-
-
-def test_dockerfile_parses_and_every_copy_source_exists(context: Path,
-                                                        exports: dict[str, Any]) -> None:
-    instrs = parse_dockerfile((context / "Dockerfile").read_text())
-    assert {i for i, _, _ in instrs} <= DOCKER_INSTRUCTIONS
-    global_args: dict[str, str] = {}
-    for ins, rest, _ in instrs:  # ARGs before the first FROM set the image names
-        if ins == "FROM":
-            break
-        assert ins == "ARG"
-        name, _, default = rest.partition("=")
-        global_args[name] = _expand(default, global_args)
-    stages: list[tuple[str, str]] = []
-    copies: list[tuple[str, list[str], str | None]] = []
-    for ins, rest, line in instrs:
-        if ins == "FROM":
-            m = re.fullmatch(r"(\S+)\s+AS\s+([a-z][a-z0-9_.-]*)", rest, re.I)
-            assert m, f"line {line}: every stage must be named (FROM image AS name)"
-            stages.append((_expand(m.group(1), global_args), m.group(2)))
-        elif ins == "COPY":
-            parts = rest.split()
-            frm = next((p.split("=", 1)[1] for p in parts if p.startswith("--from=")), None)
-            srcs = [p for p in parts if not p.startswith("--")][:-1]
-            assert srcs, f"line {line}: COPY needs a source and a destination"
-            copies.append((stages[-1][1], srcs, frm))
-        elif ins in ("ENTRYPOINT", "CMD") and rest.startswith("["):
-            assert all(isinstance(a, str) for a in json.loads(rest)), f"line {line}"
-    names = [n for _, n in stages]
-    assert len(names) == len(set(names))
-    assert names[-1] == "serving-scann"  # `docker build .` builds the ScaNN image
-    images = dict((n, img) for img, n in stages)
-    assert images["scann-build"] == "tensorflow/serving:2.20.0-devel"
-    assert images["stock"] == images["serving-scann"] == "tensorflow/serving:2.20.0"
-    ignore = (context / ".dockerignore").read_text().split()
-    for stage, srcs, frm in copies:
-        if frm is not None:
-            assert frm in names[:names.index(stage)], f"COPY --from={frm} before it is built"
-            continue
-        for src in srcs:
-            assert (context / src).exists(), f"{stage}: COPY source {src} missing after export"
-            top = src.strip("/").split("/")[0]
-            verdict = None
-            for pat in ignore:  # last matching .dockerignore pattern wins
-                neg = pat.startswith("!")
-                if re.fullmatch(pat.lstrip("!").rstrip("/").replace("*", "[^/]*"), top):
-                    verdict = not neg
-            assert not verdict, f"{src} is excluded from the build context by .dockerignore"
-
-
-def _parse_text_proto(path: Path, message: Any) -> Any:
-    from google.protobuf import text_format
-
-    return text_format.Parse(path.read_text(), message)
-
-
-def test_models_configs_name_exported_models(context: Path, exports: dict[str, Any]) -> None:
-    from tensorflow_serving.config import model_server_config_pb2
-
-    for cfg_file, variant in (("models.config", "scann"), ("models.stock.config", "bf")):
-        cfg = _parse_text_proto(context / "serving" / cfg_file,
-                                model_server_config_pb2.ModelServerConfig())
-        names = [c.name for c in cfg.model_config_list.config]
-        assert set(names) == set(exports[variant]), cfg_file
-        for c in cfg.model_config_list.config:
-            assert c.base_path == f"/models/{c.name}" and c.model_platform == "tensorflow"
-            assert c.model_version_policy.latest.num_versions == 2
-            local = exports["base"] / c.name  # the image copies export/ to /models
-            assert any((v / "saved_model.pb").is_file() for v in local.iterdir()
-                       if v.name.isdigit()), f"{cfg_file}: no version of {c.name}"
-
-
-def _serving_protos() -> dict[str, Any]:
-    """TF Serving's BatchingParameters and MonitoringConfig (not in the pip package), rebuilt
-    from their .proto definitions so the config files are checked field by field."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
-
-    F = descriptor_pb2.FieldDescriptorProto
-    pool = descriptor_pool.DescriptorPool()
-    wrappers = descriptor_pb2.FileDescriptorProto()
-    wrappers_pb2.DESCRIPTOR.CopyToProto(wrappers)
-    pool.Add(wrappers)
-    fd = descriptor_pb2.FileDescriptorProto(name="tfs_configs.proto", package="tensorflow.serving",
-                                            syntax="proto3",
-                                            dependency=["google/protobuf/wrappers.proto"])
-    b = fd.message_type.add(name="BatchingParameters")
-    for num, name, wrapper in ((1, "max_batch_size", "Int64Value"),
-                               (2, "batch_timeout_micros", "Int64Value"),
-                               (3, "max_enqueued_batches", "Int64Value"),
-                               (4, "num_batch_threads", "Int64Value"),
-                               (5, "thread_pool_name", "StringValue")):
-        b.field.add(name=name, number=num, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
-                    type_name=f".google.protobuf.{wrapper}")
-    b.field.add(name="allowed_batch_sizes", number=6, type=F.TYPE_INT64, label=F.LABEL_REPEATED)
-    b.field.add(name="pad_variable_length_inputs", number=7, type=F.TYPE_BOOL,
-                label=F.LABEL_OPTIONAL)
-    p = fd.message_type.add(name="PrometheusConfig")
-    p.field.add(name="enable", number=1, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
-    p.field.add(name="path", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-    mc = fd.message_type.add(name="MonitoringConfig")
-    mc.field.add(name="prometheus_config", number=1, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
-                 type_name=".tensorflow.serving.PrometheusConfig")
-    pool.Add(fd)
-    return {n: message_factory.GetMessageClass(
-        pool.FindMessageTypeByName(f"tensorflow.serving.{n}"))
-        for n in ("BatchingParameters", "MonitoringConfig")}
-
-
-def test_batching_and_monitoring_configs_parse() -> None:
-    protos = _serving_protos()
-    batching = _parse_text_proto(REPO / "serving" / "batching.config",
-                                 protos["BatchingParameters"]())
-    assert batching.max_batch_size.value >= 1 and batching.num_batch_threads.value >= 1
-    assert batching.batch_timeout_micros.value > 0
-    mon = _parse_text_proto(REPO / "serving" / "monitoring.config", protos["MonitoringConfig"]())
-    assert mon.prometheus_config.enable
-    assert mon.prometheus_config.path == "/monitoring/prometheus/metrics"
-
-
-def test_compose_file_builds_both_targets() -> None:
-    import yaml
-
-    compose = yaml.safe_load((REPO / "serving" / "docker-compose.yml").read_text())
-    targets = {s["build"]["target"] for s in compose["services"].values()}
-    stages = {m.group(1) for m in re.finditer(r"^FROM\s+\S+\s+AS\s+(\S+)",
-                                              (REPO / "Dockerfile").read_text(), re.M)}
-    assert targets == {"serving-scann", "stock"} and targets <= stages
-    for s in compose["services"].values():
-        assert (REPO / "serving" / s["build"]["context"] / s["build"]["dockerfile"]).is_file()
-        assert {"8500:8500", "8501:8501"} <= set(s["ports"])
-
-
-def test_scann_patch_script(tmp_path: Path) -> None:
-    """The TF Serving patch step, on miniature ScaNN and TF Serving trees."""
-    scann = tmp_path / "scann"
-    (scann / "scann" / "scann_ops" / "cc").mkdir(parents=True)
-    (scann / "MODULE.bazel").write_text(
-        'bazel_dep(name = "highway", version = "9.9.9", repo_name = "com_google_highway")\n'
-        'git_repository(\n  name = "cnpy",\n  remote = "https://github.com/x/cnpy.git",\n'
-        '  commit = "abc123",\n)\n')
-    build = scann / "scann" / "scann_ops" / "cc" / "BUILD.bazel"
-    build.write_text(
-        'load("@pybind11_bazel//:build_defs.bzl", "pybind_library")\n\n'
-        'cc_library(\n    name = "scann_ops",\n    deps = [\n'
-        '        "@local_config_tf//:libtensorflow_framework",\n'
-        '        "@local_config_tf//:tf_header_lib",\n        "@eigen",\n    ],\n'
-        '    alwayslink = 1,\n)\n\n'
-        'pybind_library(\n    name = "scann_npy",\n    srcs = ["scann_npy.cc"],\n'
-        '    copts = ["-DX=\\")\\""],\n)\n')
-    serving = tmp_path / "serving"
-    (serving / "tensorflow_serving" / "model_servers").mkdir(parents=True)
-    (serving / "WORKSPACE").write_text('workspace(name = "tf_serving")\n')
-    ops = serving / "tensorflow_serving" / "model_servers" / "BUILD"
-    ops.write_text('SUPPORTED_TENSORFLOW_OPS = if_v2([]) + [\n    "@x//y:z",\n]\n')
-    script = REPO / "serving" / "scann" / "patch_tf_serving.py"
-    for _ in range(2):  # idempotent
-        proc = subprocess.run([sys.executable, str(script), str(scann), str(serving)],
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-    text = build.read_text()
-    assert "local_config_tf" not in text and "pybind" not in text
-    assert '"@org_tensorflow//tensorflow/core:framework"' in text
-    assert '"@eigen_archive//:eigen3"' in text and 'name = "scann_ops"' in text
-    ws = (serving / "WORKSPACE").read_text()
-    assert ws.count('name = "com_google_scann"') == 1 and f'path = "{scann}"' in ws
-    assert "cnpy-abc123" in ws and "highway-9.9.9" in ws
-    assert (scann / "WORKSPACE").is_file()
-    ops_text = ops.read_text()
-    assert ops_text.count("@com_google_scann//scann/scann_ops/cc:scann_ops_kernels") == 1
-    namespace: dict[str, Any] = {"if_v2": lambda x: x}
-    exec(ops_text, namespace)  # still valid Starlark/Python: a list of labels
-    assert "@com_google_scann//scann/scann_ops/cc:scann_ops" in namespace[
-        "SUPPORTED_TENSORFLOW_OPS"]
-    bad = tmp_path / "not_serving"
-    bad.mkdir()
-    proc = subprocess.run([sys.executable, str(script), str(scann), str(bad)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 1 and "not a TF Serving source tree" in proc.stderr
 
 
 def _config(run_dir: Any) -> Any:

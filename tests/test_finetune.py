@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from tfrs_coldstart.cli import main as cli_main
 from tfrs_coldstart.data import DataError
 from tfrs_coldstart.finetune import (
     OOV_POLICY,
@@ -20,10 +21,11 @@ from tfrs_coldstart.finetune import (
     compile_for_finetuning,
     find_tables,
     finetune,
-    finetune_main,
     interaction_recall,
 )
 from tfrs_coldstart.runs import RunDir, load_data, load_model
+
+pytestmark = pytest.mark.slow  # trains a model or builds exports
 
 QUIET = {"log": lambda msg: None}
 
@@ -243,13 +245,13 @@ def test_finetune_cli(run: dict[str, Any], tmp_path: Path,
     data = tmp_path / "interactions.parquet"
     fit.to_parquet(data)
     out = tmp_path / "cli-run"
-    assert finetune_main([str(run["run"]), "--data", str(data), "--epochs", "1", "--out",
+    assert cli_main(["finetune", str(run["run"]), "--data", str(data), "--epochs", "1", "--out",
                           str(out), "--quiet", "--batch-size", "64"]) == 0
     text = capsys.readouterr().out
     assert "recall@20" in text and str(out) in text and (out / "finetune.json").is_file()
-    assert finetune_main([str(tmp_path / "nope"), "--data", str(data)]) == 2
+    assert cli_main(["finetune", str(tmp_path / "nope"), "--data", str(data)]) == 2
     assert capsys.readouterr().err.startswith("error: ")
-    assert finetune_main([str(run["run"]), "--data", str(tmp_path / "nothing")]) == 2
+    assert cli_main(["finetune", str(run["run"]), "--data", str(tmp_path / "nothing")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
 
 

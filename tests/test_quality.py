@@ -16,6 +16,7 @@ from tfrs_coldstart.runs import RunDir, load_data
 from tfrs_coldstart.scoring import evaluate_model
 from tfrs_coldstart.training import fit_student, fit_teacher
 
+pytestmark = pytest.mark.slow  # trains a model or builds exports
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):

@@ -279,7 +279,7 @@ def report_markdown(report: dict[str, Any], headline_k: int = 20) -> str:
 
 def plot_report(report: dict[str, Any], path: str | Path, headline_k: int = 20) -> None:
     """Grouped bar chart of Recall@K per segment and model, written atomically."""
-    import matplotlib
+    import matplotlib  # heavy, and only reports draw: imported when one is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -34,12 +34,14 @@ import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from tfrs_coldstart import __version__
 from tfrs_coldstart.config import RunConfig, to_dict
@@ -197,8 +199,6 @@ def warmup_records(name: str, specs: dict[str, tf.TensorSpec], rows: dict[str, n
     TF Serving replays them at load (``--enable_model_warmup``, on by default) so the first
     real request does not pay for graph initialisation and the ScaNN searcher build.
     """
-    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
-
     n = len(next(iter(rows.values())))
     out = []
     for sig in signature_names:
@@ -235,8 +235,7 @@ def _json_default(o: Any) -> Any:
 
 
 def _versions(library: str) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
+    """Versions of the libraries the export was made with (for the manifest)."""
     out = {"tensorflow": tf.__version__}
     for dist in ("tensorflow-recommenders", "scann", "tfrs-coldstart"):
         with contextlib.suppress(PackageNotFoundError):

@@ -104,6 +104,7 @@ class ModelManager:
 
     @property
     def model_names(self) -> list[str]:
+        """The models currently known (each with or without a loaded version)."""
         return sorted(self._models)
 
     def poll(self) -> None:
@@ -135,6 +136,7 @@ class ModelManager:
                 lv.close()
 
     def _poll_model(self, cfg: ModelConfig) -> None:
+        """One model: load what its policy wants and is new, then publish, then unload."""
         old = self._models.get(cfg.name) or _ModelState(cfg, {}, {})
         on_disk = _versions_on_disk(cfg.base_path)
         if not on_disk and cfg.name not in self._warned_empty:
@@ -231,6 +233,8 @@ class ModelManager:
     def status(
         self, name: str, version: int | None = None, label: str | None = None
     ) -> get_model_status_pb2.GetModelStatusResponse:
+        """ModelService.GetModelStatus: every version's state, newest first, with TF Serving's
+        NOT_FOUND texts for an unknown model or version."""
         state = self._models.get(name)
         if label is not None:
             if state is None or label not in state.config.labels:
@@ -252,6 +256,7 @@ class ModelManager:
         return response
 
     def close(self) -> None:
+        """Unload every version (their batchers finish the requests already queued)."""
         models, self._models = self._models, {}
         for st in models.values():
             for lv in st.available.values():

@@ -127,6 +127,7 @@ class RestApi:
         )
 
     async def _v1(self, request: web.Request) -> web.Response:
+        """Every ``/v1/...`` URL: route, answer, count; any failure becomes ``{"error"}``."""
         t0 = time.perf_counter()
         path = request.rel_url.raw_path
         body = await request.read() if request.method == "POST" else b""
@@ -184,6 +185,7 @@ class RestApi:
     def _predict(
         self, model: str, version: int | None, label: str | None, body: bytes
     ) -> dict[str, Any]:
+        """One predict body -> its JSON answer (runs on the thread pool, may wait for a batch)."""
         if not body.strip():
             raise invalid("JSON Parse error: The document is empty")
         try:

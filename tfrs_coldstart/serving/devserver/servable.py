@@ -107,6 +107,7 @@ class LoadedVersion:
             return batcher
 
     def signature(self, name: str, *, grpc_api: bool) -> Signature:
+        """The named signature (default: serving_default), with the API's own error for none."""
         name = name or SIGNATURE_DEFAULT
         sig = self.signatures.get(name)
         if sig is None:
@@ -191,6 +192,7 @@ class LoadedVersion:
     def predict(
         self, signature_name: str, inputs: dict[str, np.ndarray], *, grpc_api: bool = True
     ) -> dict[str, np.ndarray]:
+        """Run one request and wait for its outputs (warm-up replays requests this way)."""
         sig = self.signature(signature_name, grpc_api=grpc_api)
         return self.predict_future(sig, inputs).result()
 
@@ -219,6 +221,7 @@ class LoadedVersion:
         return count
 
     def close(self) -> None:
+        """Stop taking batched requests; those already queued still run."""
         with self._lock:
             self._closed = True
             batchers = list(self._batchers.values())

@@ -112,10 +112,12 @@ class Server:
 
     @property
     def rest_url(self) -> str:
+        """``http://host:port`` of the REST API (the bound port after ``start()``)."""
         return f"http://{self.host}:{self.rest_port}"
 
     @property
     def grpc_address(self) -> str:
+        """``host:port`` of the gRPC API (the bound port after ``start()``)."""
         return f"{self.host}:{self.grpc_port}"
 
     def poll_now(self) -> None:
