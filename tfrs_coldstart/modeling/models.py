@@ -18,6 +18,7 @@ import tensorflow_recommenders as tfrs
 from tfrs_coldstart.config import StudentConfig, TeacherConfig, TowerConfig
 from tfrs_coldstart.data.pipeline import table_dataset
 from tfrs_coldstart.data.schema import Schema
+from tfrs_coldstart.features.columns import IdColumn
 from tfrs_coldstart.features.encoder import Untracked, build_state
 from tfrs_coldstart.modeling.losses import contrastive_and_kl
 from tfrs_coldstart.modeling.towers import Tower
@@ -242,11 +243,9 @@ def student_states(schema: Schema, users: pd.DataFrame, items: pd.DataFrame, cfg
     states = {side: build_state(schema.side(side), table, f"{side}_id", False, no_ids)
               for side, table in (("user", users), ("item", items)) if side in sides}
     if item_id_sink > 0 and "item" in states:
-        ids = build_state((), items, "item_id", True, no_ids)
-        states["item"] = {**states["item"],
-                          **{k: {**v, "train_only": True, "dim": item_id_sink,
-                                 "dropout": item_id_sink_dropout}
-                             for k, v in ids.items()}}
+        sink = IdColumn.from_ids("item_id", items["item_id"]).as_sink(item_id_sink,
+                                                                       item_id_sink_dropout)
+        states["item"] = {**states["item"], sink.name: sink.to_dict()}
     return states
 
 
