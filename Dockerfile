@@ -1,10 +1,12 @@
 # TF Serving images holding the models exported by `tfrs-coldstart export` (see export/README.md).
 #
 #   docker build -t tfrs-coldstart-serving .                  # default: TF Serving 2.20 + ScaNN ops
-#   docker build --target stock -t tfrs-coldstart-serving:stock .   # official image, brute-force only
+#   docker build --target stock -t tfrs-coldstart-serving:stock .   # official image, partitioned index
 #
 # The default target compiles TF Serving from source with ScaNN's TensorFlow ops linked in (stock TF
 # Serving lacks them, and the last ready-made image with them, google/tf-serving-scann, is 2.11).
+# The `stock` target needs no build: it is the official image serving the partitioned exports
+# (`--index partitioned`, an approximate k-means index in TensorFlow's own ops).
 # The build takes hours and tens of GB; it has not been run on the machine this project was
 # written on (no Docker engine there). Build context: the repository root, after an export
 # (export/<name>/<version>/ must exist for every model named in serving/models*.config).
@@ -49,8 +51,9 @@ RUN bazel build --color=yes --curses=no --verbose_failures \
     bazel clean --expunge
 
 # ---------------------------------------------------------------------------------------------
-# Stage 2 (`--target stock`): the official image; serves brute-force exports (<name>_bf) and
-# the item encoder, which use stock TensorFlow ops only.
+# Stage 2 (`--target stock`): the official image; serves the partitioned exports (<name>_part,
+# approximate top-k at ANN speed) and the item encoder, which use TensorFlow's own ops only
+# (brute-force exports, <name>_bf, would load too: add them to serving/models.stock.config).
 FROM ${TF_SERVING_RUNTIME_IMAGE} AS stock
 
 COPY export/ /models/

@@ -77,6 +77,8 @@ GATE_OFF = 1e-6  # export_run's gate must be positive: this lets any recall thro
 GOALS = {
     "scann_recall": 0.95,  # recall@10 at 1M items
     "scann_speedup": 20.0,  # x brute-force queries/s at batch 1, 1M items
+    "partitioned_recall": 0.95,  # recall@10 at 1M items (issue 14)
+    "partitioned_speedup": 6.0,  # x brute-force queries/s at batch 1, 1M items (issue 14)
     "student_params": 5.0,  # x fewer query-tower parameters
     "student_speed": 3.0,  # x faster query tower
     "ml100k_train_s": 120.0,  # teacher + student
@@ -590,19 +592,37 @@ def compare_indexes(arts: Artifacts, run: Run, which: str, exports: dict[str, Ex
             truth = ExactTruth(ExactIndex(ids, vectors), _query_vectors(user_emb, info), k)
         res["recall@10"] = truth.recall(got, min(10, k))
         res[f"recall@{k}"] = truth.recall(got, k)
+        res["index_params"] = exp.manifest.get("index_params")
         out["kinds"][kind] = res
         release()
     out["geometry"] = geometry(vectors, info, truth)
-    s, bf = out["kinds"].get("scann"), out["kinds"].get("brute-force")
-    if s and bf:
-        bk = f"batch{args.batch_size}"
-        out["ratios"] = {
-            "qps_batch1": s["batch1"]["per_s"] / bf["batch1"]["per_s"],
+    bf = out["kinds"].get("brute-force")
+    for kind, key in (("scann", "ratios"), ("partitioned", "ratios_partitioned")):
+        s = out["kinds"].get(kind)
+        if s and bf:
+            out[key] = _ratios(s, bf, f"batch{args.batch_size}")
+    return out
+
+
+def _ratios(s: dict[str, Any], bf: dict[str, Any], bk: str) -> dict[str, Any]:
+    """An approximate index relative to brute force (speed: higher is better)."""
+    return {"qps_batch1": s["batch1"]["per_s"] / bf["batch1"]["per_s"],
             f"qps_{bk}": s[bk]["per_s"] / bf[bk]["per_s"],
             "p99_batch1": bf["batch1"]["p99_ms"] / s["batch1"]["p99_ms"],
             "size": s["size_mb"] / bf["size_mb"],
             "rss": (s["memory"]["rss_delta_mb"] / max(bf["memory"]["rss_delta_mb"], 1e-9)
                     if s["memory"] and bf["memory"] else None)}
+
+
+def _exports(arts: Artifacts, run: Run, which: str,
+             args: argparse.Namespace) -> dict[str, Export]:
+    """The exports compared on one run: ScaNN, brute force and (unless
+    ``--no-partitioned``) the partitioned index for the official TF Serving image, through
+    the same recall gate as ScaNN."""
+    out = {"scann": arts.scann_export(run, which),
+           "brute-force": arts.export(run, "brute-force", which)}
+    if not args.no_partitioned:
+        out["partitioned"] = arts.export(run, "partitioned", which, gate=args.scann_gate)
     return out
 
 
@@ -626,9 +646,8 @@ def section_retrieval(arts: Artifacts, args: argparse.Namespace) -> dict[str, An
     for n in args.items:
         try:
             run = arts.synthetic(n, student=_needs_student(args, n))
-            s = arts.scann_export(run, "teacher")
-            bf = arts.export(run, "brute-force", "teacher")
-            res = compare_indexes(arts, run, "teacher", {"scann": s, "brute-force": bf}, args)
+            res = compare_indexes(arts, run, "teacher", _exports(arts, run, "teacher", args),
+                                  args)
         except Exception as e:  # noqa: BLE001 - keep the other sizes; reported as failed
             traceback.print_exc()
             errors.append({"items": n, "error": f"{type(e).__name__}: {str(e)[:500]}"})
@@ -645,9 +664,7 @@ def section_retrieval(arts: Artifacts, args: argparse.Namespace) -> dict[str, An
             log(f"retrieval on ML-100K skipped: {e}")
         else:
             for which in ("student", "teacher"):
-                res = compare_indexes(arts, run, which,
-                                      {"scann": arts.scann_export(run, which),
-                                       "brute-force": arts.export(run, "brute-force", which)},
+                res = compare_indexes(arts, run, which, _exports(arts, run, which, args),
                                       args)
                 rows.append(res)
                 arts.drop_vectors(run, which)
@@ -904,6 +921,16 @@ def goals(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str, A
             out.append({"goal": f"ScaNN >= {GOALS['scann_speedup']:.0f}x brute-force queries/s "
                                 f"at batch 1 ({tag})", "measured": f"{r:.1f}x",
                         "met": r >= GOALS["scann_speedup"]})
+        p = big["kinds"].get("partitioned")
+        if p:
+            out.append({"goal": f"partitioned recall@10 >= {GOALS['partitioned_recall']} "
+                                f"({tag})", "measured": f"{p['recall@10']:.3f}",
+                        "met": p["recall@10"] >= GOALS["partitioned_recall"]})
+            r = big.get("ratios_partitioned", {}).get("qps_batch1")
+            if r is not None:
+                out.append({"goal": f"partitioned >= {GOALS['partitioned_speedup']:.0f}x "
+                                    f"brute-force queries/s at batch 1 ({tag})",
+                            "measured": f"{r:.1f}x", "met": r >= GOALS["partitioned_speedup"]})
     tw = sec.get("towers", {})
     if "ratios" in tw:
         r = tw["ratios"]
@@ -968,7 +995,8 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     for e in ret.get("errors", []):
         lines += [f"**retrieval at {e['items']:,} items failed** - `{e['error']}`", ""]
     if ret.get("rows"):
-        lines += ["### Retrieval: exported ScaNN against brute force, loaded back from disk", "",
+        lines += ["### Retrieval: exported ScaNN and partitioned against brute force, loaded back "
+                  "from disk", "",
                   "Each model is an exported `recommend` SavedModel (user tower + top-k index, "
                   f"k = {args.k}) loaded with `tf.saved_model.load`; queries are rows of the "
                   "users table (batch 1: one user per call, in turn). Recall is against exact "
@@ -981,8 +1009,11 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         for r in ret["rows"]:
             ip = r["index_params"]
             for kind, x in r["kinds"].items():
+                pp = x.get("index_params") or {}
                 setting = (f"{ip['num_leaves_to_search']}/{ip['num_leaves']}, "
-                           f"{ip['num_reordering_candidates']}" if kind == "scann" else "exact")
+                           f"{ip['num_reordering_candidates']}" if kind == "scann"
+                           else f"{pp.get('leaves_to_search')}/{pp.get('num_leaves')} leaves of "
+                                f"{pp.get('leaf_size')}" if kind == "partitioned" else "exact")
                 if kind == "scann" and (r.get("tuning") or {}).get("gate_lowered"):
                     setting += " (gate off: none reaches it)"
                 rows.append([f"{r['catalogue']} ({r['items']:,} items, {r['index_dim']}-d)",
@@ -996,15 +1027,17 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
                             "q/s b=1", "p50 ms b=1", "p99 ms b=1", f"users/s b={b}",
                             f"p50 ms b={b}", f"p99 ms b={b}", "size MB", "RSS MB", "load s"],
                            rows), ""]
-        rrows = [[f"{r['catalogue']} ({r['model']})", f"{x['qps_batch1']:.1f}x",
+        rrows = [[f"{r['catalogue']} ({r['model']})", kind, f"{x['qps_batch1']:.1f}x",
                   f"{x[f'qps_batch{b}']:.1f}x", f"{x['p99_batch1']:.1f}x", f"{x['size']:.2f}x",
                   f"{x['rss']:.2f}x" if x["rss"] is not None else "-"]
-                 for r in ret["rows"] for x in [r.get("ratios")] if x]
+                 for r in ret["rows"]
+                 for kind, key in (("scann", "ratios"), ("partitioned", "ratios_partitioned"))
+                 for x in [r.get(key)] if x]
         if rrows:
-            lines += ["ScaNN relative to brute force (speed: higher is better; size and "
-                      "memory: ScaNN / brute force):", "",
-                      md_table(["catalogue", "q/s b=1", f"users/s b={b}",
-                                "p99 b=1 (BF/ScaNN)", "size", "RSS"], rrows), ""]
+            lines += ["ScaNN and the partitioned index relative to brute force (speed: higher "
+                      "is better; size and memory: index / brute force):", "",
+                      md_table(["catalogue", "index", "q/s b=1", f"users/s b={b}",
+                                "p99 b=1 (BF/index)", "size", "RSS"], rrows), ""]
         geo = [[f"{r['catalogue']} ({r['model']})", g["item_mean_pairwise_cos"],
                 g["item_mean_norm"], g["top1_median"], g["top1_minus_top10_median"]]
                for r in ret["rows"] for g in [r.get("geometry")] if g]
@@ -1175,16 +1208,19 @@ def plots(results: dict[str, Any], out: Path, args: argparse.Namespace) -> list[
             a.legend(fontsize=8)
         made.append(_save(fig, out / "recall_vs_speed.png"))
     rrows = [r for r in results["sections"].get("retrieval", {}).get("rows", [])
-             if len(r.get("kinds", {})) == 2]
+             if {"scann", "brute-force"} <= set(r.get("kinds", {}))]
     if rrows:
         fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
         labels = [f"{r['catalogue']}\n{r['model']}" for r in rrows]
         x = np.arange(len(rrows))
         for a, key, title in ((ax[0], "batch1", "queries/s, batch 1"),
                               (ax[1], f"batch{b}", f"users/s, batch {b}")):
-            for off, kind in ((-0.2, "scann"), (0.2, "brute-force")):
-                a.bar(x + off, [r["kinds"][kind][key]["per_s"] for r in rrows], 0.4,
-                      label=kind)
+            kinds = [kd for kd in ("scann", "partitioned", "brute-force")
+                     if all(kd in r["kinds"] for r in rrows)]
+            w = 0.8 / len(kinds)
+            for j, kind in enumerate(kinds):
+                a.bar(x + (j - (len(kinds) - 1) / 2) * w,
+                      [r["kinds"][kind][key]["per_s"] for r in rrows], w, label=kind)
             a.set_xticks(x, labels, fontsize=8)
             a.set_yscale("log")
             a.set_title(f"exported recommend, loaded back: {title}")
@@ -1256,6 +1292,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the resident-memory measurement (a child process per model)")
     p.add_argument("--ml100k", default=str(ml100k_default()), help="MovieLens-100K folder")
     p.add_argument("--no-ml100k-retrieval", action="store_true")
+    p.add_argument("--no-partitioned", action="store_true",
+                   help="retrieval: skip the partitioned index (stock TF Serving) export")
     p.add_argument("--no-ml100k-serving", action="store_true")
     p.add_argument("--towers-run", choices=["ml100k", "synthetic"], default="ml100k",
                    help="dataset of the student/teacher comparison")

@@ -178,8 +178,8 @@ def context(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def exports(tiny_run: dict, context: Path) -> dict:
-    """The tiny run exported into the Docker context's export/ with a ScaNN and a
-    brute-force index (k = EXPORT_K)."""
+    """The tiny run exported into the Docker context's export/ with a ScaNN, a brute-force
+    and a partitioned index (k = EXPORT_K; versions 1, 2 and 3)."""
     from tfrs_coldstart.serving.export import export_run
 
     base, run, dataset = context / "export", tiny_run["run"], tiny_run["ds"]
@@ -187,6 +187,9 @@ def exports(tiny_run: dict, context: Path) -> dict:
                        log=lambda m: None)
     bf = export_run(run, base, index="brute-force", k=EXPORT_K, dataset=dataset,
                     log=lambda m: None)
+    part = export_run(run, base, index="partitioned", k=EXPORT_K, dataset=dataset,
+                      log=lambda m: None)
     return {"base": base, "dataset": dataset,
-            "scann": {m.name: m for m in scann}, "bf": {m.name: m for m in bf}}
+            "scann": {m.name: m for m in scann}, "bf": {m.name: m for m in bf},
+            "part": {m.name: m for m in part}}
 

@@ -105,7 +105,7 @@ def _parse_text_proto(path: Path, message: Any) -> Any:
 def test_models_configs_name_exported_models(context: Path, exports: dict[str, Any]) -> None:
     from tensorflow_serving.config import model_server_config_pb2
 
-    for cfg_file, variant in (("models.config", "scann"), ("models.stock.config", "bf")):
+    for cfg_file, variant in (("models.config", "scann"), ("models.stock.config", "part")):
         cfg = _parse_text_proto(context / "serving" / cfg_file,
                                 model_server_config_pb2.ModelServerConfig())
         names = [c.name for c in cfg.model_config_list.config]
@@ -116,6 +116,29 @@ def test_models_configs_name_exported_models(context: Path, exports: dict[str, A
             local = exports["base"] / c.name  # the image copies export/ to /models
             assert any((v / "saved_model.pb").is_file() for v in local.iterdir()
                        if v.name.isdigit()), f"{cfg_file}: no version of {c.name}"
+
+
+def test_stock_image_serves_the_partitioned_exports(context: Path,
+                                                    exports: dict[str, Any]) -> None:
+    """The official image's models are the partitioned ones (TensorFlow's own ops, ANN speed),
+    and the k8s Deployment (built from the `stock` target) probes one of them."""
+    import yaml
+    from tensorflow_serving.config import model_server_config_pb2
+
+    stock = _parse_text_proto(context / "serving" / "models.stock.config",
+                              model_server_config_pb2.ModelServerConfig())
+    names = {c.name for c in stock.model_config_list.config}
+    recommend = {n for n, m in exports["part"].items() if m.kind == "recommend"}
+    assert recommend and recommend <= names
+    assert all(exports["part"][n].index == "partitioned" for n in recommend)
+    assert all(n.endswith("_part") for n in recommend)
+    deployment_file = REPO / "serving" / "k8s" / "deployment.yaml"
+    deployment = yaml.safe_load(deployment_file.read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    probed = {container[p]["httpGet"]["path"].rsplit("/", 1)[1]
+              for p in ("readinessProbe", "startupProbe")}
+    assert probed and probed <= recommend, probed
+    assert "--target stock" in deployment_file.read_text()
 
 
 def _serving_protos() -> dict[str, Any]:

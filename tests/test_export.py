@@ -1,7 +1,7 @@
 """Export contract tests: what TF Serving would load, loaded the way TF Serving loads it.
 
 One tiny run is trained per session (tables with every feature type, 2 epochs) and exported
-with a ScaNN and a brute-force index. Every SavedModel is then loaded by TensorFlow's
+with a ScaNN, a brute-force and a partitioned index. Every SavedModel is then loaded by TensorFlow's
 graph-mode loader in a clean interpreter that has TensorFlow (and, for ScaNN, the ScaNN op
 library) but cannot import this project.
 """
@@ -30,6 +30,7 @@ from tfrs_coldstart.serving.export import (
     BRUTE_FORCE_SUFFIX,
     PAD_ID,
     PAD_SCORE,
+    PARTITIONED_SUFFIX,
     ExportError,
     RecommendModule,
     default_names,
@@ -186,12 +187,18 @@ def _clean_load(tmp: Path, models: list[Any], ds: Any, import_scann: bool) -> di
 
 @pytest.fixture(scope="session")
 def loaded(exports: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Both variants loaded by TF's graph-mode loader in clean processes."""
+    """Every variant loaded by TF's graph-mode loader in clean processes (ScaNN's ops
+    registered for the ScaNN variant only)."""
     ds = exports["dataset"]
     return {"scann": _clean_load(tmp_path_factory.mktemp("clean_scann"),
                                  list(exports["scann"].values()), ds, import_scann=True),
             "bf": _clean_load(tmp_path_factory.mktemp("clean_bf"),
-                              list(exports["bf"].values()), ds, import_scann=False)}
+                              list(exports["bf"].values()), ds, import_scann=False),
+            "part": _clean_load(tmp_path_factory.mktemp("clean_part"),
+                                list(exports["part"].values()), ds, import_scann=False)}
+
+
+VARIANTS = ("scann", "bf", "part")
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,14 +207,19 @@ def loaded(exports: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) ->
 
 def test_names_versions_and_layout(exports: dict[str, Any], run_dir: Path) -> None:
     cfg = _config(run_dir)
-    sc, bf = exports["scann"], exports["bf"]
+    sc, bf, part = exports["scann"], exports["bf"], exports["part"]
     assert set(sc) == {"student", "teacher", "student_items"}
     assert set(bf) == {"student" + BRUTE_FORCE_SUFFIX, "teacher" + BRUTE_FORCE_SUFFIX,
                        "student_items"}
+    assert set(part) == {"student" + PARTITIONED_SUFFIX, "teacher" + PARTITIONED_SUFFIX,
+                         "student_items"}
+    assert {default_names(cfg, "partitioned")[r] for r in ("student", "teacher",
+                                                           "student_items")} == set(part)
     assert set(default_names(cfg, "scann").values()) == set(sc)
     assert {m.version for m in sc.values()} == {1}
     assert {m.version for m in bf.values()} == {2}  # one version per export: next free
-    for m in [*sc.values(), *bf.values()]:
+    assert {m.version for m in part.values()} == {3}
+    for m in [*sc.values(), *bf.values(), *part.values()]:
         assert m.path == exports["base"] / m.name / str(m.version)
         assert (m.path / "saved_model.pb").is_file()
         assert (m.path / "assets.extra" / "tf_serving_warmup_requests").is_file()
@@ -216,11 +228,12 @@ def test_names_versions_and_layout(exports: dict[str, Any], run_dir: Path) -> No
 
 
 def test_clean_process_cannot_import_the_project(loaded: dict[str, Any]) -> None:
-    for variant in ("scann", "bf"):
+    for variant in VARIANTS:
         assert loaded[variant]["project_importable"] is False
         assert not any(str(REPO) == p.rstrip("/") for p in loaded[variant]["sys_path"])
     assert loaded["scann"]["scann_imported"] is True
     assert loaded["bf"]["scann_imported"] is False
+    assert loaded["part"]["scann_imported"] is False
 
 
 def _spec_entry(s: Any) -> list:
@@ -228,7 +241,7 @@ def _spec_entry(s: Any) -> list:
 
 
 def test_signatures_match_the_contract(exports: dict[str, Any], loaded: dict[str, Any]) -> None:
-    for variant in ("scann", "bf"):
+    for variant in VARIANTS:
         for name, m in exports[variant].items():
             sigs = loaded[variant]["models"][name]["signatures"]
             want_inputs = {k: _spec_entry(s) for k, s in m.module.specs.items()}
@@ -262,7 +275,7 @@ def test_signatures_match_the_contract(exports: dict[str, Any], loaded: dict[str
 def test_top_k_equals_the_in_process_model(exports: dict[str, Any],
                                            loaded: dict[str, Any]) -> None:
     ds = exports["dataset"]
-    for variant in ("scann", "bf"):
+    for variant in VARIANTS:
         for name, m in exports[variant].items():
             res = loaded[variant]["models"][name]["results"]
             for key, (sig, feats) in _requests(m, ds).items():
@@ -297,8 +310,9 @@ def test_index_is_the_whole_catalogue_and_brute_force_is_exact(
     bias = student["popularity_prior"] * item_log_counts(train_df, ds.items)
     exact = ExactIndex(ds.items["item_id"].astype(str).to_numpy(),
                        np.concatenate([item_emb, bias[:, None]], axis=1))
-    for variant in ("scann", "bf"):
-        name = "student" if variant == "scann" else "student" + BRUTE_FORCE_SUFFIX
+    for variant in VARIANTS:
+        name = "student" + {"scann": "", "bf": BRUTE_FORCE_SUFFIX,
+                            "part": PARTITIONED_SUFFIX}[variant]
         m = exports[variant][name]
         feats = {k: users[k] for k in m.module.specs}
         q = m.module.embed_user(feats)["embedding"].numpy() / m.manifest["temperature"]
@@ -321,13 +335,16 @@ def test_graph_ops_are_tensorflow_own(loaded: dict[str, Any]) -> None:
             assert "Scann>ScannSearchBatched" in m["ops"]
         else:
             assert m["not_tensorflow_ops"] == [], name
-    for name, m in loaded["bf"]["models"].items():
-        assert m["not_tensorflow_ops"] == [], name
-        assert not [o for o in m["ops"] if "scann" in o.lower()], name
+    for variant in ("bf", "part"):  # what the official tensorflow/serving image can load
+        for name, m in loaded[variant]["models"].items():
+            assert m["not_tensorflow_ops"] == [], name
+            assert not [o for o in m["ops"] if "scann" in o.lower()], name
+    part = loaded["part"]["models"]["student" + PARTITIONED_SUFFIX]["ops"]
+    assert {"TopKV2", "GatherV2", "BatchMatMulV2"} <= set(part)  # centroids, leaves, re-score
 
 
 def test_warmup_records_parse_and_run(exports: dict[str, Any], loaded: dict[str, Any]) -> None:
-    for variant in ("scann", "bf"):
+    for variant in VARIANTS:
         for name, m in exports[variant].items():
             warm = loaded[variant]["models"][name]["warmup"]
             sigs = {"serving_default", "embed_user"} if m.kind == "recommend" else {
@@ -343,7 +360,7 @@ def test_warmup_records_parse_and_run(exports: dict[str, Any], loaded: dict[str,
 
 def test_unseen_feature_values_still_get_k_results(exports: dict[str, Any],
                                                    loaded: dict[str, Any]) -> None:
-    for variant in ("scann", "bf"):
+    for variant in VARIANTS:
         for name, m in exports[variant].items():
             if m.kind != "recommend":
                 continue
@@ -356,7 +373,7 @@ def test_unseen_feature_values_still_get_k_results(exports: dict[str, Any],
 
 def test_manifest(exports: dict[str, Any], run_dir: Path) -> None:
     cfg = _config(run_dir)
-    for variant in ("scann", "bf"):
+    for variant in VARIANTS:
         for m in exports[variant].values():
             man = json.loads((m.path / "manifest.json").read_text())
             assert man["name"] == m.name and man["version"] == m.version
@@ -376,6 +393,16 @@ def test_manifest(exports: dict[str, Any], run_dir: Path) -> None:
                 assert p["dimensions_per_block"] == 2
                 assert man["ann_recall"]["recall"] >= man["ann_recall"]["gate"] == 0.95
                 assert man["ann_recall"]["queries"] == len(exports["dataset"].users)
+            elif variant == "part":
+                p = man["index_params"]
+                assert man["index"] == "partitioned" and "stock TF Serving" in man["serving"]
+                assert p["num_clusters"] <= round(len(exports["dataset"].items) ** 0.5)
+                assert 1 <= p["leaves_to_search"] <= p["num_leaves"]
+                assert p["index_rows"] == p["num_leaves"] * p["leaf_size"]
+                assert man["ann_recall"]["recall"] >= man["ann_recall"]["gate"] == 0.95
+                assert man["ann_recall"]["exact"] is False
+                assert man["ann_recall"]["trials"][-1]["leaves_to_search"] == p[
+                    "leaves_to_search"]
             else:
                 assert man["ann_recall"] == {"recall": 1.0, "exact": True, "k": K}
 

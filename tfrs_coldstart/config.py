@@ -54,9 +54,33 @@ def _one_of(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
     _check(obj, name, getattr(obj, name) in allowed, f"must be one of {', '.join(allowed)}")
 
 
+WEIGHT_TRANSFORMS = ("none", "raw", "log1p", "threshold:<value>")
+
+
+def check_weight_transform(transform: str) -> None:
+    """Raise ValueError unless ``transform`` is one of :data:`WEIGHT_TRANSFORMS`."""
+    if transform in ("none", "raw", "log1p"):
+        return
+    head, _, value = transform.partition(":")
+    try:
+        ok = head == "threshold" and float(value) == float(value)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"must be one of {', '.join(WEIGHT_TRANSFORMS)}, got {transform!r}")
+
+
+def _weight_transform(obj: Any) -> None:
+    try:
+        check_weight_transform(obj.interaction_weight)
+    except ValueError as e:
+        raise _FieldError("interaction_weight", str(e)) from None
+
+
 DATA_FORMATS = ("synthetic", "movielens", "tables", "tfds")
-INDEX_KINDS = ("scann", "brute-force")
+INDEX_KINDS = ("scann", "partitioned", "brute-force")
 DISTILL_SIDES = ("auto", "both", "user", "item")
+ID_FEATURE_MODES = ("frozen", "finetune", "learned")
 
 
 @dataclass(frozen=True)
@@ -100,8 +124,13 @@ class TowerConfig:
     # Training only: each content feature of an example is blanked with this probability, so
     # the tower cannot lean on one near-unique feature (a title) as an ID would be leaned on.
     feature_dropout: float = 0.0
+    # Student towers only: how a feature declared `ids_of: user|item` is embedded. frozen: the
+    # teacher's trained ID table, fixed; finetune: a trained copy of it; learned: one embedding
+    # per value from scratch, as an ordinary feature. The teacher always learns it per value.
+    id_features: str = "frozen"
 
     def __post_init__(self) -> None:
+        _one_of(self, "id_features", ID_FEATURE_MODES)
         for name in ("feature_dim", "output_dim", "numeric_buckets", "min_count"):
             if getattr(self, name) < 1:
                 raise _FieldError(name, f"must be at least 1, got {getattr(self, name)}")
@@ -125,11 +154,15 @@ class TeacherConfig:
     epochs: int = 40
     patience: int = 4
     weight_decay: float = 0.0  # Adam's decoupled weight decay (0: none)
+    # How an interaction's `weight` column (rating, play count) weighs it in the loss:
+    # none | raw | log1p | threshold:X (1 at or above X, else 0); see pipeline.interaction_weights
+    interaction_weight: str = "none"
 
     def __post_init__(self) -> None:
         _positive(self, "temperature", "learning_rate")
         _at_least(self, 1, "batch_size", "epochs")
         _at_least(self, 0, "patience", "weight_decay")
+        _weight_transform(self)
 
 
 @dataclass(frozen=True)
@@ -159,6 +192,7 @@ class StudentConfig:
     # validation (BENCHMARKS.md "Tuning": cold segments +0.04, warm -0.05 over 3 seeds).
     item_id_sink: int = 32
     item_id_sink_dropout: float = 0.0  # training: share of examples whose sink is zeroed
+    interaction_weight: str = "none"  # as TeacherConfig.interaction_weight
     learning_rate: float = 0.005
     batch_size: int = 1024
     epochs: int = 40
@@ -169,6 +203,7 @@ class StudentConfig:
         _at_least(self, 1, "batch_size", "epochs")
         _at_least(self, 0, "patience", "distill_lambda", "align_weight")
         _one_of(self, "distill_sides", DISTILL_SIDES)
+        _weight_transform(self)
         if self.popularity_prior is not None:
             _at_least(self, 0, "popularity_prior")
         if self.item_id_sink < 0:
@@ -198,8 +233,9 @@ class EvalConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     base_dir: str = "export"
-    index: str = "scann"  # scann | brute-force
+    index: str = "scann"  # scann | partitioned | brute-force
     k: int = 100
+    recommend_name: str = "recommend"  # the unified model: teacher for known, student for new
     student_name: str = "student"
     teacher_name: str = "teacher"
     item_encoder_name: str = "student_items"
@@ -207,15 +243,18 @@ class ExportConfig:
     scann_num_leaves: int | None = None  # None: about sqrt(n_items)
     scann_leaves_to_search: int | None = None
     scann_reorder: int | None = None
+    partitioned_num_clusters: int | None = None  # k-means cells; None: about sqrt(n_items)
+    partitioned_leaves_to_search: int | None = None  # None: raised by the recall gate
 
     def __post_init__(self) -> None:
         _one_of(self, "index", INDEX_KINDS)
         _at_least(self, 1, "k")
         _fraction(self, "ann_recall_gate", upper_inclusive=True)
-        for name in ("scann_num_leaves", "scann_leaves_to_search", "scann_reorder"):
+        for name in ("scann_num_leaves", "scann_leaves_to_search", "scann_reorder",
+                     "partitioned_num_clusters", "partitioned_leaves_to_search"):
             if getattr(self, name) is not None:
                 _at_least(self, 1, name)
-        for name in ("student_name", "teacher_name", "item_encoder_name"):
+        for name in ("recommend_name", "student_name", "teacher_name", "item_encoder_name"):
             v = getattr(self, name)
             _check(self, name, bool(v) and not v.startswith(".")
                    and all(c.isalnum() or c in "_-." for c in v),

@@ -78,6 +78,62 @@ def segment_tasks(split: ColdStartSplit, users: pd.DataFrame,
     return tasks
 
 
+def mixed_task(split: ColdStartSplit, users: pd.DataFrame, items: pd.DataFrame) -> SegmentTask:
+    """The mixed-catalogue task: warm users (of the warm-test and cold-item segments) rank the
+    whole catalogue, warm and cold items together, minus their training items; relevant are
+    all their held-out items (warm test + cold-item interactions).
+
+    It shows what one served index does: a score scale that buries or floods new items moves
+    their share of the top K away from their share of what users really chose.
+    """
+    u_index = pd.Index(users["user_id"].astype(str))
+    i_index = pd.Index(items["item_id"].astype(str))
+    cand = np.sort(i_index.get_indexer([*split.warm_items, *split.cold_items]))
+    pos = pd.Series(np.arange(len(cand)), index=i_index[cand])
+    held = pd.concat([split.relevant_warm(), split.cold_item])
+    train_by_user = split.train.groupby("user_id")["item_id"].apply(list).to_dict()
+    user_rows, relevant, excluded = [], [], []
+    for uid, its in held.groupby("user_id", sort=True)["item_id"].apply(list).items():
+        rel = np.unique(pos.reindex(its).dropna().to_numpy(dtype=np.int64))
+        if not len(rel):
+            continue
+        user_rows.append(u_index.get_loc(uid))
+        relevant.append(rel)
+        ex = pos.reindex(train_by_user.get(uid, [])).dropna().to_numpy(dtype=np.int64)
+        excluded.append(np.setdiff1d(ex, rel))
+    return SegmentTask("mixed", np.asarray(user_rows, np.int64), cand, relevant, excluded)
+
+
+def cold_share(task: SegmentTask, score_fn: ScoreFn, cold_rows: np.ndarray,
+               k: int = 20) -> dict[str, float | None]:
+    """Share of cold items in the top ``k`` against their share of the relevant items.
+
+    ``cold_rows``: rows of the items table that are cold. Returns ``top_k`` (mean over users
+    of the cold share of their top k), ``held_out`` (cold share of all relevant items) and
+    ``ratio`` (top_k / held_out; within [0.5, 2] means neither buried nor flooded).
+    """
+    if not len(task.user_rows):
+        return {"top_k": None, "held_out": None, "ratio": None}
+    is_cold = np.isin(task.candidate_rows, cold_rows)
+    shares = []
+    chunk = max(1, min(1024, (1 << 25) // max(len(task.candidate_rows), 1)))
+    for start in range(0, len(task.user_rows), chunk):
+        rows = task.user_rows[start:start + chunk]
+        scores = np.asarray(score_fn(rows, task.candidate_rows), np.float32).copy()
+        for j in range(len(rows)):
+            ex = task.excluded[start + j]
+            if len(ex):
+                scores[j, ex] = -np.inf
+        kk = min(k, scores.shape[1])
+        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        shares.extend(is_cold[top].mean(axis=1).tolist())
+    rel = np.concatenate(task.relevant)
+    held_out = float(is_cold[rel].mean())
+    top_k = float(np.mean(shares))
+    return {"top_k": top_k, "held_out": held_out,
+            "ratio": top_k / held_out if held_out > 0 else None}
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A dataset with its test split, validation split and their ranking tasks."""
@@ -87,6 +143,17 @@ class Prepared:
     val: ColdStartSplit
     tasks: dict[str, SegmentTask]
     val_tasks: dict[str, SegmentTask]
+
+    def mixed(self, validation: bool = False) -> SegmentTask:
+        """The mixed-catalogue task of the test split (or of the validation split)."""
+        split = self.val if validation else self.split
+        return mixed_task(split, self.dataset.users, self.dataset.items)
+
+    def cold_item_rows(self, validation: bool = False) -> np.ndarray:
+        """Rows of the items table that are cold in the test (or validation) split."""
+        split = self.val if validation else self.split
+        index = pd.Index(self.dataset.items["item_id"].astype(str))
+        return np.sort(index.get_indexer(list(split.cold_items)))
 
 
 def prepare(dataset: Dataset, cfg: RunConfig) -> Prepared:
@@ -204,6 +271,14 @@ def evaluate_popularity(prep: Prepared, ks: Sequence[int]) -> dict[str, dict]:
     """The popularity baseline on the test segments."""
     fn = popularity_score_fn(prep.split.train, prep.dataset.items)
     return evaluate_scores(prep.tasks, dict.fromkeys(prep.tasks, fn), ks)
+
+
+def evaluate_mixed(prep: Prepared, fn: ScoreFn, ks: Sequence[int],
+                   k_share: int = 20) -> dict[str, Any]:
+    """Mixed-catalogue metrics of one scorer: recall/NDCG@K and the cold-item share."""
+    task = prep.mixed()
+    return {**rank_metrics(task, fn, ks),
+            "cold_share": cold_share(task, fn, prep.cold_item_rows(), k_share)}
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path, headline_k: int = 20) -> dict:

@@ -41,6 +41,7 @@ from tfrs_coldstart.modeling.models import SIDES, TwoTowerModel, build_student, 
 from tfrs_coldstart.scoring import Scorer, log_counts
 
 MODELS = ("teacher", "student")
+RECOMMEND = "recommend"  # the unified model: the teacher and the student, one scorer
 CONFIG_FILE, SCHEMA_FILE, SPLIT_FILE = "config.yaml", "schema.yaml", "split.json"
 _MODEL_FILES = ("preprocessing.json", "history.json", "scorer.json")
 
@@ -172,7 +173,16 @@ class RunDir:
         temperature = cfg.teacher.temperature if which == "teacher" else cfg.student.temperature
         return Scorer(temperature, float(self.history(which).get("popularity_prior", 0.0)))
 
-    def save_scorer(self, which: str, scorer: Scorer) -> None:
+    def has_scorer(self, which: str) -> bool:
+        """Whether a model's served score was saved (``recommend`` has no weights of its own:
+        it is the teacher and the student with a scorer tuned for them together)."""
+        return (self.model_dir(which) / "scorer.json").is_file()
+
+    def save_scorer(self, which: str, scorer: Scorer, info: dict[str, Any] | None = None
+                    ) -> None:
+        """The served score of ``which`` (and, optionally, how it was chosen: history.json)."""
+        if info is not None:
+            self.write_history(which, info)
         atomic_write_text(self.model_dir(which) / "scorer.json", json.dumps(scorer.to_dict()))
 
     def load_model(self, which: str = "student") -> TwoTowerModel:

@@ -35,6 +35,7 @@ from tfrs_coldstart.evaluation import (
     rank_metrics,
 )
 from tfrs_coldstart.modeling.models import TwoTowerModel
+from tfrs_coldstart.modeling.unified import UnifiedRecommender
 
 PRIOR_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -51,10 +52,20 @@ def training_log_counts(train: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Scorer:
-    """The ranking score of one model: its temperature and the popularity prior's weight."""
+    """The ranking score of one model.
+
+    ``score(u, i) = u . i / temperature + w(u) * log(1 + count(i)) + new_item_bias * new(i)``
+
+    ``w(u)`` is ``prior`` for users the model knows and ``cold_user_prior`` (default: the same)
+    for users it does not: where content says little about a new user, their ranking leans
+    on popularity. ``new(i)`` is 1 for items unseen in training (their count is 0, so the
+    prior alone would bury them in a catalogue shared with popular items).
+    """
 
     temperature: float
     prior: float = 0.0
+    cold_user_prior: float | None = None
+    new_item_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -63,52 +74,99 @@ class Scorer:
     def with_prior(self, prior: float) -> Scorer:
         return dataclasses.replace(self, prior=float(prior))
 
+    def replace(self, **changes: Any) -> Scorer:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def cold_prior(self) -> float:
+        return self.prior if self.cold_user_prior is None else self.cold_user_prior
+
+    @property
+    def uses_counts(self) -> bool:
+        return bool(self.prior or self.cold_prior)
+
+    def user_prior(self, n: int, user_known: np.ndarray | None = None) -> np.ndarray:
+        """``w(u)`` per user: ``float32 [n]`` (every user known when ``user_known`` is None)."""
+        if user_known is None:
+            return np.full(n, self.prior, np.float32)
+        return np.where(np.asarray(user_known, bool), self.prior, self.cold_prior
+                        ).astype(np.float32)
+
     def item_bias(self, item_log_counts: np.ndarray) -> np.ndarray:
-        """``prior * log(1 + count)``: ``float32 [n_items]``."""
+        """``prior * log(1 + count)``: ``float32 [n_items]`` (known users' item bias)."""
         return (self.prior * np.asarray(item_log_counts, np.float32)).astype(np.float32)
 
-    def score_fn(self, user_emb: np.ndarray, item_emb: np.ndarray,
-                 item_log_counts: np.ndarray) -> ScoreFn:
+    def score_fn(self, user_emb: np.ndarray, item_emb: np.ndarray, item_log_counts: np.ndarray,
+                 user_known: np.ndarray | None = None,
+                 item_new: np.ndarray | None = None) -> ScoreFn:
         """Scores for :func:`evaluation.rank_metrics`; rows index the embedding tables."""
-        bias = self.item_bias(item_log_counts) if self.prior else None
-        return embedding_score_fn(user_emb / self.temperature, item_emb, bias)
+        queries = user_emb / self.temperature
+        logc = np.asarray(item_log_counts, np.float32)
+        w = self.user_prior(len(user_emb), user_known)
+        extra = (self.new_item_bias * np.asarray(item_new, np.float32)
+                 if item_new is not None and self.new_item_bias else None)
+        if user_known is None and extra is None:
+            bias = self.item_bias(logc) if self.prior else None
+            return embedding_score_fn(queries, item_emb, bias)
+
+        def fn(u: np.ndarray, i: np.ndarray) -> np.ndarray:
+            out = queries[u] @ item_emb[i].T + w[u][:, None] * logc[i][None, :]
+            return out + extra[i][None, :] if extra is not None else out
+        return fn
 
     def scores(self, user_emb: np.ndarray, item_emb: np.ndarray,
                item_log_counts: np.ndarray) -> np.ndarray:
-        """Dense ``float32 [n_users, n_items]`` scores."""
-        out = user_emb @ item_emb.T / self.temperature
-        if self.prior:
-            out = out + self.item_bias(item_log_counts)[None, :]
-        return out.astype(np.float32)
+        """Dense ``float32 [n_users, n_items]`` scores (every user known, no new items)."""
+        fn = self.score_fn(user_emb, item_emb, item_log_counts)
+        return np.asarray(fn(np.arange(len(user_emb)), np.arange(len(item_emb))), np.float32)
 
     # The index form: one inner product gives the served score, so any top-k index (ScaNN,
-    # brute force) ranks exactly as evaluated. Without a prior the index holds the plain
-    # embeddings (the ranking is the same; scores are u.i, unscaled).
+    # brute force) ranks exactly as evaluated. The index holds ``[item_emb, log(1 + count),
+    # new]`` and the query ``[user_emb / temperature, w(u), new_item_bias]`` (columns only
+    # when used). Without them the index holds the plain embeddings and the query the plain
+    # user embedding (the same ranking; scores are u.i, unscaled).
+    @property
+    def extra_columns(self) -> int:
+        return int(self.uses_counts) + int(bool(self.new_item_bias))
+
     @property
     def query_scale(self) -> float | None:
-        """Factor on the query embedding inside the served graph; None: no prior column."""
-        return 1.0 / self.temperature if self.prior else None
+        """Factor on the query embedding inside the served graph; None: plain embeddings."""
+        return 1.0 / self.temperature if self.extra_columns else None
 
-    def index_vectors(self, item_emb: np.ndarray, item_log_counts: np.ndarray) -> np.ndarray:
-        """``[item_emb, prior * log(1 + count)]`` with a prior, else ``item_emb``."""
-        if not self.prior:
-            return np.asarray(item_emb, np.float32)
-        return np.concatenate([item_emb, self.item_bias(item_log_counts)[:, None]],
-                              axis=1).astype(np.float32)
+    def index_vectors(self, item_emb: np.ndarray, item_log_counts: np.ndarray | None,
+                      item_new: np.ndarray | None = None) -> np.ndarray:
+        """The catalogue as the index holds it: ``float32 [n_items, dim + extra_columns]``."""
+        parts = [np.asarray(item_emb, np.float32)]
+        if self.uses_counts:
+            assert item_log_counts is not None, "a popularity prior needs the item counts"
+            parts.append(np.asarray(item_log_counts, np.float32)[:, None])
+        if self.new_item_bias:
+            new = np.zeros(len(item_emb)) if item_new is None else np.asarray(item_new)
+            parts.append(new.astype(np.float32)[:, None])
+        return np.concatenate(parts, axis=1).astype(np.float32)
 
-    def query_vectors(self, user_emb: np.ndarray) -> np.ndarray:
-        """``[user_emb / temperature, 1]`` with a prior, else ``user_emb``."""
-        if not self.prior:
+    def query_vectors(self, user_emb: np.ndarray,
+                      user_known: np.ndarray | None = None) -> np.ndarray:
+        """Queries for :meth:`index_vectors`: ``float32 [n_users, dim + extra_columns]``."""
+        if not self.extra_columns:
             return np.asarray(user_emb, np.float32)
-        ones = np.ones((len(user_emb), 1), np.float32)
-        return np.concatenate([user_emb / self.temperature, ones], axis=1).astype(np.float32)
+        parts = [np.asarray(user_emb, np.float32) / self.temperature]
+        if self.uses_counts:
+            parts.append(self.user_prior(len(user_emb), user_known)[:, None])
+        if self.new_item_bias:
+            parts.append(np.full((len(user_emb), 1), self.new_item_bias, np.float32))
+        return np.concatenate(parts, axis=1).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Scorer:
-        return cls(float(values["temperature"]), float(values.get("prior", 0.0)))
+        cold = values.get("cold_user_prior")
+        return cls(float(values["temperature"]), float(values.get("prior", 0.0)),
+                   None if cold is None else float(cold),
+                   float(values.get("new_item_bias", 0.0)))
 
 
 def model_score_fn(model: TwoTowerModel, scorer: Scorer, ds: Dataset,
@@ -144,3 +202,89 @@ def evaluate_model(prep: Prepared, model: TwoTowerModel, scorer: Scorer, ks: tup
     """Test-segment metrics of a model's served score (see :func:`evaluate_score_fn`)."""
     fn = model_score_fn(model, scorer, prep.dataset, prep.split.train)
     return evaluate_score_fn(prep, fn, ks, sides)
+
+
+# ---- the unified model: the teacher for known users and items, the student for new ones ----
+
+
+def unified_score_fn(unified: UnifiedRecommender, scorer: Scorer, ds: Dataset,
+                     train: pd.DataFrame, known_users: set[str] | None = None,
+                     known_items: set[str] | None = None) -> ScoreFn:
+    """The served score of the unified model over every user and item of ``ds``.
+
+    ``known_*``: ids to treat as known (default: the teacher's vocabularies). On validation
+    they are the validation split's training entities, so pseudo-cold users and items get
+    the student even if a teacher saw them.
+    """
+    users, u_known = unified.embed("user", ds.users, ds.schema)
+    items, i_known = unified.embed("item", ds.items, ds.schema)
+    if known_users is not None or known_items is not None:
+        student_u = unified.student.embed("user", ds.users, ds.schema)
+        student_i = unified.student.embed("item", ds.items, ds.schema)
+        if known_users is not None:
+            u_known &= ds.users["user_id"].astype(str).isin(known_users).to_numpy()
+            users = np.where(u_known[:, None], users, student_u)
+        if known_items is not None:
+            i_known &= ds.items["item_id"].astype(str).isin(known_items).to_numpy()
+            items = np.where(i_known[:, None], items, student_i)
+    return scorer.score_fn(users, items, training_log_counts(train, ds.items), u_known,
+                           ~i_known)
+
+
+def _val_recall(fn: ScoreFn, prep: Prepared, segments: tuple[str, ...], k: int) -> float:
+    vals = [rank_metrics(prep.val_tasks[s], fn, (k,))[f"recall@{k}"] for s in segments
+            if len(prep.val_tasks[s].user_rows)]
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def tune_unified(unified: UnifiedRecommender, prep: Prepared, grid: tuple[float, ...] = PRIOR_GRID,
+                 k: int = 20, bias_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
+                 ) -> tuple[Scorer, dict[str, Any]]:
+    """The unified model's score, chosen on the validation split.
+
+    The prior for known users maximises validation recall@k over the warm and cold-item
+    segments (known users); the prior for new users over cold-user and cold-both; the new
+    item bias over the validation mixed catalogue (warm users ranking warm and new items
+    together). Known = the validation split's training entities, so pass a teacher trained
+    on that part only (``fit_teacher(..., validation_only=True)``).
+    """
+    ds, v = prep.dataset, prep.val
+    known_users = set(v.train["user_id"].astype(str))
+    known_items = set(v.train["item_id"].astype(str))
+    users, u_known = unified.embed("user", ds.users, ds.schema)
+    items, i_known = unified.embed("item", ds.items, ds.schema)
+    u_known &= ds.users["user_id"].astype(str).isin(known_users).to_numpy()
+    i_known &= ds.items["item_id"].astype(str).isin(known_items).to_numpy()
+    su = unified.student.embed("user", ds.users, ds.schema)
+    si = unified.student.embed("item", ds.items, ds.schema)
+    users = np.where(u_known[:, None], users, su)
+    items = np.where(i_known[:, None], items, si)
+    counts = training_log_counts(v.train, ds.items)
+    base = Scorer(unified.temperature)
+
+    def recall(sc: Scorer, segments: tuple[str, ...]) -> float:
+        return _val_recall(sc.score_fn(users, items, counts, u_known, ~i_known), prep,
+                           segments, k)
+
+    warm = {str(w): recall(base.replace(prior=w, cold_user_prior=w), ("warm", "cold_item"))
+            for w in grid}
+    prior = max(grid, key=lambda w: warm[str(w)])
+    cold = {str(w): recall(base.replace(prior=prior, cold_user_prior=w),
+                           ("cold_user", "cold_both")) for w in grid}
+    cold_prior = max(grid, key=lambda w: cold[str(w)])
+    scorer = base.replace(prior=prior, cold_user_prior=cold_prior)
+    mixed = prep.mixed(validation=True)
+    bias = {}
+    for b in bias_grid:
+        fn = scorer.replace(new_item_bias=b).score_fn(users, items, counts, u_known, ~i_known)
+        bias[str(b)] = float(rank_metrics(mixed, fn, (k,))[f"recall@{k}"] or 0.0)
+    new_bias = max(bias_grid, key=lambda b: bias[str(b)])
+    return scorer.replace(new_item_bias=new_bias), {
+        "prior_search": warm, "cold_user_prior_search": cold, "new_item_bias_search": bias}
+
+
+def evaluate_unified(prep: Prepared, unified: UnifiedRecommender, scorer: Scorer,
+                     ks: tuple[int, ...]) -> dict[str, dict]:
+    """Test-segment metrics of the unified served model (teacher for known, student for new)."""
+    fn = unified_score_fn(unified, scorer, prep.dataset, prep.split.train)
+    return evaluate_score_fn(prep, fn, ks)

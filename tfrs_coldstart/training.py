@@ -19,7 +19,11 @@ import tensorflow as tf
 from tfrs_coldstart.config import StudentConfig, TeacherConfig
 from tfrs_coldstart.console import log, phase, warn_once
 from tfrs_coldstart.data import SEGMENTS
-from tfrs_coldstart.data.pipeline import interaction_dataset, item_probabilities
+from tfrs_coldstart.data.pipeline import (
+    interaction_dataset,
+    interaction_weights,
+    item_probabilities,
+)
 from tfrs_coldstart.evaluation import Prepared, SegmentTask, rank_metrics, servable
 from tfrs_coldstart.features.encoder import dummy_inputs
 from tfrs_coldstart.modeling.models import (
@@ -73,7 +77,8 @@ class ValidationRecall(tf.keras.callbacks.Callback):
 def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float,
          batch_size: int, epochs: int, patience: int, val_segments: tuple[str, ...],
          run: RunDir, name: str, seed: int, verbose: int | str = "auto",
-         k: int = 20, weight_decay: float = 0.0) -> dict[str, Any]:
+         k: int = 20, weight_decay: float = 0.0,
+         interaction_weight: str = "none") -> dict[str, Any]:
     """Keras fit with validation recall@k, early stopping, checkpoints, TensorBoard and resume.
 
     Checkpoints go to ``<run>/<name>/``; no ``val_segments``: a refit for a fixed number of
@@ -82,9 +87,13 @@ def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float
     ds = prep.dataset
     out = run.model_dir(name)
     prob = item_probabilities(train_df, ds.items["item_id"].astype(str))
+    weights = interaction_weights(train_df, interaction_weight)
+    if interaction_weight != "none" and weights is None:
+        warn_once(f"interaction_weight={interaction_weight} has no effect: the interactions "
+                  "have no weight column")
     data = interaction_dataset(train_df, ds.users, ds.items, ds.schema.user_features,
                                ds.schema.item_features, batch_size, shuffle=True, seed=seed,
-                               item_prob=prob)
+                               item_prob=prob, weights=weights)
     for side in SIDES:  # create the variables now: BackupAndRestore needs a built model
         tower = model.tower(side)
         tower(dummy_inputs(tower.encoder.state))
@@ -136,7 +145,8 @@ def fit_teacher(prep: Prepared, cfg: TeacherConfig, run: RunDir, seed: int = 0,
                             _entities(ds.items, "item", train_df), cfg.tower)
     model = build_teacher(states, cfg)
     info = _fit(model, train_df, prep, cfg.learning_rate, cfg.batch_size, cfg.epochs,
-                cfg.patience, ("warm",), run, "teacher", seed, verbose, k, cfg.weight_decay)
+                cfg.patience, ("warm",), run, "teacher", seed, verbose, k, cfg.weight_decay,
+                cfg.interaction_weight)
     run.save_model("teacher", model, states, info, Scorer(cfg.temperature))
     return model
 
@@ -167,7 +177,8 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
         model.cache_teacher(_entities(ds.users, "user", train_df),
                             _entities(ds.items, "item", train_df), ds.schema)
         info = _fit(model, train_df, prep, cfg.learning_rate, cfg.batch_size, cfg.epochs,
-                    cfg.patience, val_segments, run, name, seed, verbose, k)
+                    cfg.patience, val_segments, run, name, seed, verbose, k,
+                    interaction_weight=cfg.interaction_weight)
     info["sides"] = list(sides)
     scorer = Scorer(cfg.temperature, float(cfg.popularity_prior or 0.0))
     if cfg.popularity_prior is None:
@@ -190,6 +201,6 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
             shutil.rmtree(run.model_dir(name) / "backup", ignore_errors=True)
             info["refit"] = _fit(model, full, prep, cfg.learning_rate, cfg.batch_size,
                                  info["best_epoch"], 0, (), run, f"{name}/refit", seed, verbose,
-                                 k)
+                                 k, interaction_weight=cfg.interaction_weight)
     run.save_model(name, model, states, info, scorer)
     return model

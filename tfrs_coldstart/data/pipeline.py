@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from tfrs_coldstart.config import check_weight_transform
 from tfrs_coldstart.data.schema import FeatureSpec, FeatureType
 
 
@@ -65,6 +66,30 @@ def item_log_counts(train: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
     return np.log1p(counts).astype(np.float32)
 
 
+def interaction_weights(interactions: pd.DataFrame, transform: str) -> np.ndarray | None:
+    """Loss weight of each interaction from its ``weight`` column (a rating, a play count).
+
+    ``none``: every interaction weighs 1 (returns None); ``raw``: the weight itself;
+    ``log1p``: ``log(1 + weight)``; ``threshold:X``: 1 where the weight is at least X, else
+    0 (the interaction stays an in-batch negative for others but teaches nothing as a
+    positive). Weights are scaled to mean 1, so the learning rate means the same; an
+    interactions table without a ``weight`` column gives None.
+    """
+    check_weight_transform(transform)
+    if transform == "none" or "weight" not in interactions.columns:
+        return None
+    w = interactions["weight"].to_numpy(dtype=np.float64)
+    if transform == "log1p":
+        w = np.log1p(np.maximum(w, 0.0))
+    elif transform.startswith("threshold:"):
+        w = (w >= float(transform.split(":", 1)[1])).astype(np.float64)
+    w = np.maximum(w, 0.0)
+    mean = w.mean() if len(w) else 0.0
+    if not mean > 0:
+        raise ValueError(f"interaction weights ({transform}) are all zero: nothing to learn")
+    return (w / mean).astype(np.float32)
+
+
 def interaction_dataset(
     interactions: pd.DataFrame,
     users: pd.DataFrame,
@@ -75,11 +100,14 @@ def interaction_dataset(
     shuffle: bool = True,
     seed: int = 0,
     item_prob: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> tf.data.Dataset:
-    """Batches ``{"user": {...}, "item": {...}, "item_prob": float32 [batch]}``.
+    """Batches ``{"user": {...}, "item": {...}, "item_prob": float32 [batch]}`` (plus
+    ``"weight": float32 [batch]`` when ``weights`` are given, see :func:`interaction_weights`).
 
     ``users``/``items`` are the entity tables; ``item_prob`` is aligned with
-    ``items`` rows (default: frequency in ``interactions``).
+    ``items`` rows (default: frequency in ``interactions``); ``weights`` with
+    ``interactions`` rows.
     """
     u_index = pd.Index(users["user_id"].astype(str))
     i_index = pd.Index(items["item_id"].astype(str))
@@ -93,12 +121,20 @@ def interaction_dataset(
     item_t = {k: tf.constant(v) for k, v in feature_arrays(items, item_specs, "item_id").items()}
     prob_t = tf.constant(np.maximum(item_prob, 1e-9).astype(np.float32))
 
-    def gather(u: tf.Tensor, i: tf.Tensor) -> dict[str, Any]:
-        return {"user": {k: tf.gather(v, u) for k, v in user_t.items()},
-                "item": {k: tf.gather(v, i) for k, v in item_t.items()},
-                "item_prob": tf.gather(prob_t, i)}
+    def gather(u: tf.Tensor, i: tf.Tensor, *w: tf.Tensor) -> dict[str, Any]:
+        out = {"user": {k: tf.gather(v, u) for k, v in user_t.items()},
+               "item": {k: tf.gather(v, i) for k, v in item_t.items()},
+               "item_prob": tf.gather(prob_t, i)}
+        if w:
+            out["weight"] = w[0]
+        return out
 
-    ds = tf.data.Dataset.from_tensor_slices((u_rows.astype(np.int64), i_rows.astype(np.int64)))
+    cols: tuple[np.ndarray, ...] = (u_rows.astype(np.int64), i_rows.astype(np.int64))
+    if weights is not None:
+        if len(weights) != len(interactions):
+            raise ValueError(f"{len(weights)} weights for {len(interactions)} interactions")
+        cols += (np.asarray(weights, np.float32),)
+    ds = tf.data.Dataset.from_tensor_slices(cols)
     if shuffle:
         ds = ds.shuffle(min(len(u_rows), 1_000_000), seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(

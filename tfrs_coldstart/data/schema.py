@@ -18,7 +18,7 @@ import yaml
 from tfrs_coldstart.errors import UserError
 from tfrs_coldstart.fileio import atomic_write_text
 
-__all__ = ["DataError", "FeatureSpec", "FeatureType", "Schema", "ID_COLUMNS"]
+__all__ = ["DataError", "FeatureSpec", "FeatureType", "Schema", "ID_COLUMNS", "ID_SIDES"]
 
 #: Reserved id column per side; never a feature name.
 ID_COLUMNS = {"user": "user_id", "item": "item_id"}
@@ -44,7 +44,11 @@ class FeatureType(enum.StrEnum):
 
 
 _STRING_TYPES = (FeatureType.CATEGORICAL, FeatureType.TEXT, FeatureType.MULTI_HOT)
-_SPEC_KEYS = ("name", "type", "separator", "dim", "nullable", "max_tokens")
+_SPEC_KEYS = ("name", "type", "separator", "dim", "nullable", "max_tokens", "ids_of")
+#: Feature types whose values may be declared as IDs of users or items (``ids_of``).
+_ID_VALUED_TYPES = (FeatureType.CATEGORICAL, FeatureType.MULTI_HOT)
+#: The sides an ``ids_of`` feature may name.
+ID_SIDES = tuple(ID_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ class FeatureSpec:
     ``separator`` only matters for ``multi_hot``; ``dim`` is required for ``dense_vector``;
     ``nullable`` allows missing values (filled with ``""`` for string types and ``0.0`` /
     zeros for numbers); ``max_tokens`` optionally caps the vocabulary of string features.
+    ``ids_of`` ("user" or "item", categorical and multi_hot only) declares that the values are
+    IDs of that side (a user's friends, an item's series): a student then embeds them through
+    the teacher's trained ID table instead of learning one embedding per value from scratch.
     """
 
     name: str
@@ -62,6 +69,7 @@ class FeatureSpec:
     dim: int | None = None
     nullable: bool = False
     max_tokens: int | None = None
+    ids_of: str | None = None
 
     def __post_init__(self) -> None:
         # Accept the plain string form ("numeric") so specs can be built by hand easily.
@@ -120,6 +128,17 @@ class FeatureSpec:
             raise DataError(
                 f"feature '{self.name}': 'nullable' must be true or false, got {self.nullable!r}"
             )
+        if self.ids_of is not None:
+            if self.type not in _ID_VALUED_TYPES:
+                raise DataError(
+                    f"feature '{self.name}': 'ids_of' only applies to categorical and multi_hot "
+                    f"features (this one is {self.type.value}); remove it"
+                )
+            if self.ids_of not in ID_SIDES:
+                raise DataError(
+                    f"feature '{self.name}': 'ids_of' must be 'user' or 'item' (whose IDs the "
+                    f"values are), got {self.ids_of!r}"
+                )
 
     @property
     def is_string(self) -> bool:
@@ -137,6 +156,8 @@ class FeatureSpec:
             d["nullable"] = True
         if self.max_tokens is not None:
             d["max_tokens"] = self.max_tokens
+        if self.ids_of is not None:
+            d["ids_of"] = self.ids_of
         return d
 
 

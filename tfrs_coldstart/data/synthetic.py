@@ -8,6 +8,10 @@ Generative story (so that a content-only tower *can* learn cold start):
   the optional ``embedding`` is a noisy random projection of the latent vector;
 - a user's taste = mean of their interest tags' vectors + age-bucket and region offsets +
   small noise; ``activity`` sets how many interactions they have;
+- optionally (``n_friends`` > 0) a social graph: each user lists up to ``n_friends`` other
+  users as ``friends`` (a multi_hot of user IDs, ``ids_of: user``), drawn mostly
+  (``FRIEND_HOME``) from users of the same favourite category, i.e. the same taste cluster,
+  so a new user's taste follows their friends' and who their friends are is their content;
 - score(u, i) = BETA * taste_u . item_i + log popularity_i (Zipf over a random item ranking);
   each user draws their items without replacement from softmax(score) (Gumbel-top-k).
 
@@ -42,6 +46,7 @@ _AGE_P = (0.05, 0.25, 0.3, 0.2, 0.12, 0.08)
 _N_REGIONS = 12
 _CHUNK_CELLS = 4_000_000  # per user chunk: float32 scores of about 16 MB
 _SIR_POOL_MIN = 4096
+FRIEND_HOME = 0.85  # share of a user's friends drawn from their own taste cluster
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -208,6 +213,20 @@ def _sample_sir(rng: np.random.Generator, taste: np.ndarray, item_vec: np.ndarra
     return np.concatenate(us), np.concatenate(its)
 
 
+def _friends(rng: np.random.Generator, fav: np.ndarray, n_clusters: int, n_friends: int,
+             user_ids: np.ndarray) -> list[str]:
+    """Each user's friends ("|"-joined user IDs), mostly from their own favourite category."""
+    n = len(fav)
+    order = np.argsort(fav, kind="stable")
+    counts = np.bincount(fav, minlength=n_clusters)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    raw = _draw_from_blocks(rng, n_friends, fav, starts, counts, order, FRIEND_HOME, n)
+    raw[raw == np.arange(n)[:, None]] = n  # never one's own friend
+    n_valid = rng.integers(max(1, n_friends // 2), n_friends + 1, size=n)
+    rows = _dedupe_rows(raw, n_valid, n)
+    return _join_rows(rows, list(user_ids), n, "|")
+
+
 def generate(
     n_users: int = 2000,
     n_items: int = 1000,
@@ -218,18 +237,27 @@ def generate(
     dense_dim: int = 0,
     with_user_features: bool = True,
     with_item_features: bool = True,
+    n_friends: int = 0,
 ) -> Dataset:
     """Generate a deterministic synthetic dataset (see the module docstring for the story).
 
     Every user has >= 5 interactions (no repeated user-item pair); every item is in the items
     table even without interactions. ``with_*_features=False`` gives that side no features
     (schema side empty, table holds only the id) while keeping the same interactions.
+    ``n_friends`` > 0 adds the users' ``friends`` feature (user IDs of their own taste cluster,
+    ``ids_of: user``; between half of ``n_friends`` and ``n_friends`` per user), also when
+    ``with_user_features=False`` (then it is the users' only content).
     """
     _check(n_users, n_items, n_interactions, n_categories, n_tags, dense_dim)
+    if isinstance(n_friends, bool) or not isinstance(n_friends, (int, np.integer)) or not (
+            0 <= n_friends < n_users):
+        raise DataError(f"synthetic.generate: n_friends must be an integer in [0, n_users), "
+                        f"got {n_friends!r}")
     n_users, n_items, n_interactions = int(n_users), int(n_items), int(n_interactions)
     C, T = int(n_categories), int(n_tags)
-    r_struct, r_items, r_users, r_text, r_emb, r_sample = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)
+    # The 7th stream (friends) is spawned after the others, so they do not depend on it.
+    r_struct, r_items, r_users, r_text, r_emb, r_sample, r_social = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(7)
     )
 
     # Categories and tags.
@@ -305,6 +333,11 @@ def generate(
             FeatureSpec("activity", FeatureType.NUMERIC),
             FeatureSpec("interests", FeatureType.MULTI_HOT),
         )
+
+    if n_friends > 0:
+        users["friends"] = pd.Series(_friends(r_social, fav, C, int(n_friends), user_ids),
+                                     dtype=object)
+        user_specs += (FeatureSpec("friends", FeatureType.MULTI_HOT, ids_of="user"),)
 
     items = pd.DataFrame({"item_id": pd.Series(item_ids, dtype=object)})
     item_specs: tuple[FeatureSpec, ...] = ()

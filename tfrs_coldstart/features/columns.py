@@ -44,7 +44,7 @@ import tensorflow as tf
 
 from tfrs_coldstart.config import TowerConfig
 from tfrs_coldstart.data.schema import FeatureSpec, FeatureType
-from tfrs_coldstart.errors import RunError
+from tfrs_coldstart.errors import ConfigError, RunError
 
 __all__ = [
     "COLUMN_TYPES",
@@ -53,8 +53,10 @@ __all__ = [
     "DenseVectorColumn",
     "FeatureColumn",
     "IdColumn",
+    "IdsOfColumn",
     "MultiHotColumn",
     "NumericColumn",
+    "SharedIds",
     "TextColumn",
     "build_columns",
     "column_from_dict",
@@ -71,6 +73,10 @@ _EMPTY_VOCABULARY = ["[EMPTY]"]  # a lookup needs one entry; every value then ma
 #: The layers of one column by role ("lookup", "emb", ...); the keys are part of the
 #: checkpoint paths (``encoder/_parts/<state key>/<role>``), so they never change.
 Layers = Mapping[str, Any]
+#: The teacher's ID layers by side: ``{"user": {"lookup": StringLookup, "emb": Embedding}}``.
+SharedIds = Mapping[str, Mapping[str, Any]]
+#: How a student embeds an ``ids_of`` feature (``TowerConfig.id_features``).
+SHARED_ID_MODES = ("frozen", "finetune")
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,9 +209,13 @@ class FeatureColumn(abc.ABC):
         """The JSON form saved in ``preprocessing.json``; always holds ``"type": kind``."""
 
     @abc.abstractmethod
-    def build_layers(self, cfg: TowerConfig) -> dict[str, Any]:
+    def build_layers(self, cfg: TowerConfig,
+                     shared_ids: SharedIds | None = None) -> dict[str, Any]:
         """This column's Keras layers by role. The creation order and the layer names fix
-        the variable names of saved weights: never change them for an existing type."""
+        the variable names of saved weights: never change them for an existing type.
+
+        ``shared_ids`` maps a side to the teacher's ID layers of that side (``"lookup"``,
+        ``"emb"``); only an :class:`IdsOfColumn` reads it."""
 
     @abc.abstractmethod
     def encode(self, layers: Layers, inputs: Mapping[str, tf.Tensor],
@@ -303,7 +313,8 @@ class IdColumn(FeatureColumn):
             out["dropout"] = self.dropout
         return out
 
-    def build_layers(self, cfg: TowerConfig) -> dict[str, Any]:
+    def build_layers(self, cfg: TowerConfig,
+                     shared_ids: SharedIds | None = None) -> dict[str, Any]:
         width = cfg.id_dim if self.dim is None else self.dim
         layers = _lookup_embedding(self.name, self.vocabulary, width, mask_token=None)
         if self.train_only:
@@ -359,7 +370,8 @@ class CategoricalColumn(FeatureColumn):
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.kind, "vocabulary": list(self.vocabulary)}
 
-    def build_layers(self, cfg: TowerConfig) -> dict[str, Any]:
+    def build_layers(self, cfg: TowerConfig,
+                     shared_ids: SharedIds | None = None) -> dict[str, Any]:
         return _lookup_embedding(self.name, self.vocabulary, cfg.feature_dim, mask_token=None)
 
     def encode(self, layers: Layers, inputs: Mapping[str, tf.Tensor],
@@ -395,7 +407,8 @@ class MultiHotColumn(FeatureColumn):
         return {"type": self.kind, "vocabulary": list(self.vocabulary),
                 "separator": self.separator}
 
-    def build_layers(self, cfg: TowerConfig) -> dict[str, Any]:
+    def build_layers(self, cfg: TowerConfig,
+                     shared_ids: SharedIds | None = None) -> dict[str, Any]:
         return _lookup_embedding(self.name, self.vocabulary, cfg.feature_dim, mask_token="")
 
     def encode(self, layers: Layers, inputs: Mapping[str, tf.Tensor],
@@ -430,7 +443,8 @@ class TextColumn(FeatureColumn):
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.kind, "vocabulary": list(self.vocabulary)}
 
-    def build_layers(self, cfg: TowerConfig) -> dict[str, Any]:
+    def build_layers(self, cfg: TowerConfig,
+                     shared_ids: SharedIds | None = None) -> dict[str, Any]:
         vec = tf.keras.layers.TextVectorization(
             vocabulary=list(self.vocabulary) or _EMPTY_VOCABULARY,
             output_sequence_length=TEXT_LEN)
@@ -474,7 +488,8 @@ class NumericColumn(FeatureColumn):
         return {"type": self.kind, "mean": self.mean, "variance": self.variance,
                 "boundaries": list(self.boundaries)}
 
-    def build_layers(self, cfg: TowerConfig) -> dict[str, Any]:
+    def build_layers(self, cfg: TowerConfig,
+                     shared_ids: SharedIds | None = None) -> dict[str, Any]:
         disc = tf.keras.layers.Discretization(bin_boundaries=list(self.boundaries) or [0.0])
         return {"disc": disc, "emb": tf.keras.layers.Embedding(
             len(self.boundaries) + 2, cfg.feature_dim, name=f"{_safe(self.name)}_embedding")}
@@ -511,7 +526,8 @@ class DenseVectorColumn(FeatureColumn):
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.kind, "dim": self.dim}
 
-    def build_layers(self, cfg: TowerConfig) -> dict[str, Any]:
+    def build_layers(self, cfg: TowerConfig,
+                     shared_ids: SharedIds | None = None) -> dict[str, Any]:
         return {"proj": tf.keras.layers.Dense(cfg.feature_dim,
                                               name=f"{_safe(self.name)}_projection")}
 
@@ -523,10 +539,91 @@ class DenseVectorColumn(FeatureColumn):
         return tf.TensorSpec([None, self.dim], tf.float32, name=self.input_key)
 
 
-#: Column class by state "type": every FeatureType value, plus "id".
+@dataclass(frozen=True, eq=True)
+class IdsOfColumn(FeatureColumn):
+    """A feature whose values are IDs of users or items (schema ``ids_of``), in a student.
+
+    Embedded through the *teacher's* trained ID table of that side (its ``__id__`` lookup and
+    embedding), so a new user's friends place them where the teacher put those friends: a
+    ``multi_hot`` list gives the mean of its IDs' rows, a ``categorical`` value its ID's row;
+    an ID unknown to the teacher gets the teacher's OOV row and an empty cell zeros. ``mode``
+    ``frozen`` reads the teacher's table itself (never trained here, and saved once: it is
+    the teacher's variable); ``finetune`` trains a copy, initialised from the teacher's.
+    The block is the teacher's ``id_dim`` wide. The teacher itself embeds such a feature as an
+    ordinary one (learned per value): it is what trains the ID tables.
+    """
+
+    kind: ClassVar[str] = "ids_of"
+
+    ids_of: str = "user"  # whose IDs the values are
+    multi: bool = True  # multi_hot (a list); False: categorical (one ID)
+    separator: str = "|"
+    mode: str = "frozen"  # frozen | finetune
+
+    def __post_init__(self) -> None:
+        if self.mode not in SHARED_ID_MODES:
+            raise RunError(f"preprocessing state of '{self.name}': mode must be one of "
+                           f"{SHARED_ID_MODES}, got {self.mode!r}")
+
+    @classmethod
+    def from_spec(cls, spec: FeatureSpec, mode: str) -> IdsOfColumn:
+        """The column of an ``ids_of`` feature; it has no state of its own to adapt."""
+        return cls(spec.name, ids_of=str(spec.ids_of),
+                   multi=spec.type is FeatureType.MULTI_HOT, separator=spec.separator,
+                   mode=mode)
+
+    @classmethod
+    def from_dict(cls, name: str, state: Mapping[str, Any]) -> IdsOfColumn:
+        _check_kind(cls, name, state)
+        return cls(name, ids_of=str(state["ids_of"]), multi=bool(state["multi"]),
+                   separator=str(state.get("separator", "|")), mode=str(state["mode"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, "ids_of": self.ids_of, "multi": self.multi,
+                "separator": self.separator, "mode": self.mode}
+
+    def build_layers(self, cfg: TowerConfig,
+                     shared_ids: SharedIds | None = None) -> dict[str, Any]:
+        teacher = (shared_ids or {}).get(self.ids_of)
+        if not teacher:
+            raise ConfigError(
+                f"feature '{self.name}' holds {self.ids_of} IDs and is embedded through the "
+                f"teacher's {self.ids_of} ID table (id_features={self.mode}), but no teacher "
+                f"with {self.ids_of} IDs was given; pass the teacher, or set "
+                "student.tower.id_features=learned")
+        lookup, emb = teacher["lookup"], teacher["emb"]
+        if not emb.built:  # a teacher not called yet: its weights are restored later
+            emb.build((None,))
+        if self.mode == "frozen":
+            return {"lookup": lookup, "emb": emb}
+        copy = tf.keras.layers.Embedding(emb.input_dim, emb.output_dim,
+                                         name=f"{_safe(self.name)}_embedding")
+        copy.build((None,))
+        copy.embeddings.assign(emb.embeddings)  # starts at the teacher's trained table
+        return {"lookup": lookup, "emb": copy}
+
+    def encode(self, layers: Layers, inputs: Mapping[str, tf.Tensor],
+               training: bool) -> tf.Tensor:
+        raw = inputs[self.name]
+        if self.multi:
+            ids = tf.strings.split(raw, sep=self.separator).to_tensor("")
+        else:
+            ids = tf.reshape(raw, [-1, 1])
+        emb = layers["emb"](layers["lookup"](ids))  # unknown ids: the teacher's OOV row
+        if self.mode == "frozen":
+            emb = tf.stop_gradient(emb)
+        mask = tf.cast(tf.not_equal(ids, ""), emb.dtype)[..., None]  # padding, empty cells
+        return tf.math.divide_no_nan(tf.reduce_sum(emb * mask, axis=1),
+                                     tf.reduce_sum(mask, axis=1))
+
+    def input_spec(self) -> tf.TensorSpec:
+        return _string_spec(self.input_key)
+
+
+#: Column class by state "type": every FeatureType value, plus "id" and "ids_of".
 COLUMN_TYPES: dict[str, type[FeatureColumn]] = {
     cls.kind: cls for cls in (IdColumn, CategoricalColumn, NumericColumn, TextColumn,
-                              MultiHotColumn, DenseVectorColumn)
+                              MultiHotColumn, DenseVectorColumn, IdsOfColumn)
 }
 
 
@@ -555,12 +652,22 @@ def columns_to_state(columns: Sequence[FeatureColumn]) -> dict[str, dict[str, An
 
 
 def build_columns(specs: Sequence[FeatureSpec], table: pd.DataFrame, id_column: str,
-                  use_ids: bool, cfg: TowerConfig) -> list[FeatureColumn]:
+                  use_ids: bool, cfg: TowerConfig,
+                  id_features: str = "learned") -> list[FeatureColumn]:
     """One side's columns from the *training* entities' rows only: the ID column first (when
-    ``use_ids``), then the schema's features in schema order."""
+    ``use_ids``), then the schema's features in schema order.
+
+    ``id_features`` (a student's ``TowerConfig.id_features``) says how ``ids_of`` features
+    are embedded: ``frozen``/``finetune`` through the teacher's ID table (an
+    :class:`IdsOfColumn`), ``learned`` (the teacher's way) as ordinary features.
+    """
     columns: list[FeatureColumn] = []
     if use_ids:
         columns.append(IdColumn.from_ids(id_column, table[id_column]))
     for spec in specs:
-        columns.append(COLUMN_TYPES[spec.type.value].from_training(spec, table[spec.name], cfg))
+        if spec.ids_of is not None and id_features in SHARED_ID_MODES:
+            columns.append(IdsOfColumn.from_spec(spec, id_features))
+        else:
+            columns.append(
+                COLUMN_TYPES[spec.type.value].from_training(spec, table[spec.name], cfg))
     return columns

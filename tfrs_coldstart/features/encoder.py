@@ -22,6 +22,7 @@ from tfrs_coldstart.features.columns import (
     ID_FEATURE,
     FeatureColumn,
     IdColumn,
+    SharedIds,
     build_columns,
     columns_from_state,
     columns_to_state,
@@ -39,9 +40,14 @@ def build_state(
     id_column: str,
     use_ids: bool,
     cfg: TowerConfig,
+    id_features: str = "learned",
 ) -> State:
-    """Vocabularies and statistics of one side, from the training entities' rows only."""
-    return columns_to_state(build_columns(specs, table, id_column, use_ids, cfg))
+    """Vocabularies and statistics of one side, from the training entities' rows only.
+
+    ``id_features``: how ``ids_of`` features are embedded (see :func:`build_columns`; a
+    student passes its ``TowerConfig.id_features``, the teacher keeps ``learned``).
+    """
+    return columns_to_state(build_columns(specs, table, id_column, use_ids, cfg, id_features))
 
 
 class Untracked:
@@ -57,10 +63,12 @@ class FeatureEncoder(tf.keras.layers.Layer):
     Input: ``dict[name -> tensor]`` (each column's :meth:`~FeatureColumn.input_spec`); extra
     keys are ignored, so a content-only encoder never sees an ID even when one is passed.
     Output: ``float32 [batch, output_width]``, the columns' blocks in state order.
+    ``shared_ids`` (side -> the teacher's ID layers, see :meth:`id_layers`) is what a
+    student's ``ids_of`` columns embed through; other encoders need none.
     """
 
     def __init__(self, state: Mapping[str, Mapping[str, Any]], cfg: TowerConfig,
-                 **kwargs: Any) -> None:
+                 shared_ids: SharedIds | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         # Held outside Keras' attribute tracking: vocabularies can hold a million ids.
         self._holder = Untracked(state)
@@ -69,7 +77,7 @@ class FeatureEncoder(tf.keras.layers.Layer):
         # Layers by state key and role: ``_parts/<key>/<role>`` are the checkpoint paths.
         self._parts: dict[str, Mapping[str, Any]] = {}
         for name, col in self.columns.items():
-            self._parts[name] = col.build_layers(cfg)
+            self._parts[name] = col.build_layers(cfg, shared_ids)
 
     @property
     def state(self) -> Mapping[str, Mapping[str, Any]]:
@@ -100,6 +108,25 @@ class FeatureEncoder(tf.keras.layers.Layer):
         for name, col in self.columns.items():
             if not col.served:
                 self._parts[name] = col.serving_layers(self._parts[name])
+
+    def id_layers(self) -> dict[str, tf.keras.layers.Layer] | None:
+        """The served ID column's ``{"lookup": StringLookup, "emb": Embedding}`` (None without
+        one): what a student's ``ids_of`` features of this side embed through."""
+        for name, col in self.columns.items():
+            if isinstance(col, IdColumn) and col.served:
+                return dict(self._parts[name])
+        return None
+
+    def known(self, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """``bool [batch]``: whether each row's ID is in the training vocabulary (not OOV).
+
+        The unified served model asks this of the teacher: a known ID gets the teacher's
+        embedding, an unseen one the student's.
+        """
+        for name, col in self.columns.items():
+            if isinstance(col, IdColumn) and col.served:
+                return self._parts[name]["lookup"](inputs[col.column]) > 0  # 0: the OOV bucket
+        raise ValueError("this encoder reads no ID: it cannot tell known entities apart")
 
     @property
     def feature_names(self) -> list[str]:

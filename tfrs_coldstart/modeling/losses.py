@@ -43,39 +43,49 @@ def in_batch_logits(query: tf.Tensor, candidates: tf.Tensor, temperature: float,
     return logits
 
 
+def kl_rows(teacher_logits: tf.Tensor, student_logits: tf.Tensor,
+            temperature: float) -> tf.Tensor:
+    """Per row ``KL(softmax(t / T) || softmax(s / T))``: ``[batch, n]`` -> ``[batch]``."""
+    t = tf.cast(teacher_logits, tf.float32) / temperature
+    s = tf.cast(student_logits, tf.float32) / temperature
+    p = tf.stop_gradient(tf.nn.softmax(t, axis=1))
+    return (tf.nn.softmax_cross_entropy_with_logits(labels=p, logits=s)
+            - tf.nn.softmax_cross_entropy_with_logits(labels=p, logits=t))
+
+
 def distillation_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor,
-                      temperature: float) -> tf.Tensor:
-    """Mean over rows of ``KL(softmax(t / T) || softmax(s / T))``: ``[batch, n]`` -> scalar.
+                      temperature: float, weight: tf.Tensor | None = None) -> tf.Tensor:
+    """Mean over rows of ``KL(softmax(t / T) || softmax(s / T))``: ``[batch, n]`` -> scalar
+    (``weight [batch]``: each row's weight in the mean).
 
     Multiply by ``T**2`` (as the caller does) to keep gradient scale independent of T.
     Computed as ``CE(p, s) - CE(p, t)`` with ``p = softmax(t / T)``: two fused
     cross-entropy kernels instead of three softmax passes over a ``[batch, batch]`` matrix.
     """
-    t = tf.cast(teacher_logits, tf.float32) / temperature
-    s = tf.cast(student_logits, tf.float32) / temperature
-    p = tf.stop_gradient(tf.nn.softmax(t, axis=1))
-    kl = (tf.nn.softmax_cross_entropy_with_logits(labels=p, logits=s)
-          - tf.nn.softmax_cross_entropy_with_logits(labels=p, logits=t))
-    return tf.reduce_mean(kl)
+    kl = kl_rows(teacher_logits, student_logits, temperature)
+    return tf.reduce_mean(kl if weight is None else kl * weight)
 
 
 def contrastive_and_kl(q: tf.Tensor, c: tf.Tensor, tq: tf.Tensor, tc: tf.Tensor,
                         prob: tf.Tensor | None, keys: tf.Tensor | None,
                         student_temperature: float,
-                        teacher_temperature: float, kd_temperature: float
-                        ) -> tuple[tf.Tensor, tf.Tensor]:
+                        teacher_temperature: float, kd_temperature: float,
+                        weight: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
     """A distilling student's ``(L_C, mean KL)`` from one pair of ``[batch, batch]`` logits.
 
     L_C is what ``tfrs.tasks.Retrieval`` computes (the sum over queries of the softmax
     cross-entropy with the diagonal as labels), taken here from the logits the KL needs
     anyway: building them twice cost a third of a distillation step. (XLA compiling this was
     measured slower on CPU.) ``prob`` / ``keys`` None switch off log-Q / hit removal.
-    ``tests/test_models.py`` checks both terms against the task and a hand computation.
+    ``weight [batch]`` weighs each query's terms (interaction weights, as the task's
+    ``sample_weight``). ``tests/test_models.py`` checks both terms against the task and a
+    hand computation.
     """
     hits = accidental_hits(keys) if keys is not None else None
     t_logits = in_batch_logits(tq, tc, teacher_temperature, prob, hits=hits)
     s_logits = in_batch_logits(q, c, student_temperature, prob, hits=hits)
     n = tf.shape(s_logits)[0]
-    contrastive = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(
-        labels=tf.eye(n, tf.shape(s_logits)[1]), logits=s_logits))
-    return contrastive, distillation_loss(t_logits, s_logits, kd_temperature)
+    ce = tf.nn.softmax_cross_entropy_with_logits(labels=tf.eye(n, tf.shape(s_logits)[1]),
+                                                 logits=s_logits)
+    contrastive = tf.reduce_sum(ce if weight is None else ce * weight)
+    return contrastive, distillation_loss(t_logits, s_logits, kd_temperature, weight)

@@ -60,6 +60,7 @@ class TwoTowerModel(tfrs.Model):
             q, c,
             candidate_sampling_probability=features["item_prob"] if self.logq_correction else None,
             candidate_ids=keys if keys is not None else self.candidate_keys(features),
+            sample_weight=features.get("weight"),
             compute_metrics=not training,
         )
 
@@ -185,7 +186,8 @@ class StudentModel(TwoTowerModel):
         if self.cfg.distill_lambda > 0:
             contrastive, kl = contrastive_and_kl(q, c, tq, tc, prob, ids, self.temperature,
                                                   self.teacher.temperature,
-                                                  self.cfg.distill_temperature)
+                                                  self.cfg.distill_temperature,
+                                                  features.get("weight"))
             temp = self.cfg.distill_temperature
             # L_C from tfrs.tasks.Retrieval is a *sum* over the batch's queries (its loss uses
             # Reduction.SUM), so the KL is summed over the same queries: lambda = 1 weighs
@@ -240,7 +242,8 @@ def student_states(schema: Schema, users: pd.DataFrame, items: pd.DataFrame, cfg
     width: read in training, zeros at inference, never an input of the served tower.
     """
     no_ids = dataclasses.replace(cfg, id_dim=0)
-    states = {side: build_state(schema.side(side), table, f"{side}_id", False, no_ids)
+    states = {side: build_state(schema.side(side), table, f"{side}_id", False, no_ids,
+                                cfg.id_features)
               for side, table in (("user", users), ("item", items)) if side in sides}
     if item_id_sink > 0 and "item" in states:
         sink = IdColumn.from_ids("item_id", items["item_id"]).as_sink(item_id_sink,
@@ -257,8 +260,15 @@ def build_teacher(states: dict[str, dict[str, Any]], cfg: TeacherConfig) -> Teac
 
 def build_student(states: dict[str, dict[str, Any]], cfg: StudentConfig,
                   teacher: TeacherModel | None) -> StudentModel:
-    """Content-only towers for the sides in ``states``; the teacher's ID tower for the others."""
+    """Content-only towers for the sides in ``states``; the teacher's ID tower for the others.
+
+    A student's ``ids_of`` features embed through the teacher's ID layers (shared_ids).
+    """
     towers = {}
+    shared_ids = None
+    if teacher is not None:
+        shared_ids = {s: layers for s in SIDES
+                      if (layers := teacher.tower(s).encoder.id_layers()) is not None}
     tower_cfg = cfg.tower
     if teacher is not None and len(states) < len(SIDES):
         # The ID side is the teacher's: the content side must embed into the same space size.
@@ -266,7 +276,7 @@ def build_student(states: dict[str, dict[str, Any]], cfg: StudentConfig,
         tower_cfg = dataclasses.replace(cfg.tower, output_dim=teacher.tower(other).cfg.output_dim)
     for side in SIDES:
         if side in states:
-            towers[side] = Tower(states[side], tower_cfg, name=f"{side}_tower")
+            towers[side] = Tower(states[side], tower_cfg, shared_ids, name=f"{side}_tower")
         elif teacher is not None:
             towers[side] = teacher.tower(side)
         else:

@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrs_coldstart.config import TowerConfig
+from tfrs_coldstart.features.columns import SharedIds
 from tfrs_coldstart.features.encoder import FeatureEncoder
 
 
@@ -16,13 +17,15 @@ class Tower(tf.keras.Model):
 
     ``state`` comes from :func:`tfrs_coldstart.features.encoder.build_state`; whether the
     tower uses IDs is decided there (a served :class:`~tfrs_coldstart.features.IdColumn`),
-    so a content-only tower has no ID lookup at all.
+    so a content-only tower has no ID lookup at all. ``shared_ids`` (side -> the teacher's
+    ID layers) is passed to a student's tower whose ``ids_of`` features embed through them.
     """
 
-    def __init__(self, state: dict[str, Any], cfg: TowerConfig, **kwargs: Any) -> None:
+    def __init__(self, state: dict[str, Any], cfg: TowerConfig,
+                 shared_ids: SharedIds | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.cfg = cfg
-        self.encoder = FeatureEncoder(state, cfg)
+        self.encoder = FeatureEncoder(state, cfg, shared_ids)
         layers: list[tf.keras.layers.Layer] = []
         for width in cfg.hidden:
             layers.append(tf.keras.layers.Dense(width, activation="relu"))

@@ -8,15 +8,17 @@ What is written (DESIGN.md, serving contract)::
         manifest.json                              schema, config, metrics, index, recall
 
 Names (defaults from the run's ``export`` config): ``student`` and ``teacher`` for the
-``recommend`` models with a ScaNN index; ``student_bf`` and ``teacher_bf`` with a
-brute-force index (so a stock TF Serving never meets a ScaNN version under the same
-name); ``student_items`` for the student's item encoder. Explicit ``names`` are used
+``recommend`` models with a ScaNN index; ``student_part`` and ``teacher_part`` with a
+partitioned index, ``student_bf`` and ``teacher_bf`` with a brute-force index (so a stock TF
+Serving never meets a ScaNN version under the same name); ``student_items`` for the
+student's item encoder. Explicit ``names`` are used
 as given.
 
 Each version is written to a hidden temporary folder beside its final place and renamed
 into place once every model of the export is complete, so TF Serving (which only loads
 folders named by an integer) never sees half a model, and a failed export leaves nothing.
-The models hold only TensorFlow ops (plus ScaNN's ``Scann>*`` ops in the ScaNN variant):
+The models hold only TensorFlow ops (plus ScaNN's ``Scann>*`` ops in the ScaNN variant; the
+partitioned and brute-force variants hold TensorFlow's own ops only):
 nothing of this project is needed to serve them.
 """
 
@@ -48,24 +50,31 @@ from tfrs_coldstart.config import RunConfig, to_dict
 from tfrs_coldstart.data.pipeline import feature_arrays
 from tfrs_coldstart.errors import RunError, UserError
 from tfrs_coldstart.evaluation import prepare
+from tfrs_coldstart.modeling.unified import UnifiedRecommender
 from tfrs_coldstart.runs import RunDir
-from tfrs_coldstart.scoring import training_log_counts
+from tfrs_coldstart.scoring import Scorer, training_log_counts
 from tfrs_coldstart.serving.index import (
     INDEX_KINDS,
     GatedIndex,
     IndexBuildError,
     build_gated_index,
+    partitioned_params,
     scann_params,
 )
 from tfrs_coldstart.serving.saved_model import MANIFEST_FILE, WARMUP_FILE, list_versions
 
-MODELS = ("student", "teacher")
+MODELS = ("recommend", "student", "teacher")
 BRUTE_FORCE_SUFFIX = "_bf"
+PARTITIONED_SUFFIX = "_part"
+#: Model-name suffix by index kind: one name never holds versions needing different servers.
+INDEX_SUFFIXES = {"scann": "", "partitioned": PARTITIONED_SUFFIX,
+                  "brute-force": BRUTE_FORCE_SUFFIX}
 #: What fills result slots an approximate search could not fill (never seen in practice
 #: once the recall gate passed, but the output shape is always ``[batch, k]``).
 PAD_ID = ""
 PAD_SCORE = float(np.finfo(np.float32).min)
 _SAVE_OPTIONS = {"scann": tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]),
+                 "partitioned": tf.saved_model.SaveOptions(),
                  "brute-force": tf.saved_model.SaveOptions()}
 
 
@@ -77,12 +86,14 @@ class ExportError(UserError, ValueError):
 # signatures and modules
 
 
-def input_specs(tower: tf.keras.Model) -> dict[str, tf.TensorSpec]:
+def input_specs(tower: Any) -> dict[str, tf.TensorSpec]:
     """The raw inputs a served tower reads, by name, batch first: each served column's
     :meth:`~tfrs_coldstart.features.FeatureColumn.input_spec`, in state order (a student's
-    training-only ID sink is not an input: it gives zeros when serving)."""
+    training-only ID sink is not an input: it gives zeros when serving). A unified tower
+    (``.towers``: the teacher's and the student's) reads the union of its towers' inputs."""
     specs: dict[str, tf.TensorSpec] = {}
-    for col in tower.encoder.columns.values():
+    towers = getattr(tower, "towers", (tower,))
+    for col in (c for t in towers for c in t.encoder.columns.values()):
         if not col.served:
             continue
         key = col.input_key
@@ -112,22 +123,34 @@ class RecommendModule(tf.Module):
     Calling the module in Python runs the same concrete functions.
     """
 
-    def __init__(self, user_tower: tf.keras.Model, index: tf.keras.Model, k: int,
-                 query_scale: float | None = None) -> None:
+    def __init__(self, user_tower: Any, index: tf.keras.Model, k: int,
+                 scorer: Scorer | None = None) -> None:
         super().__init__(name="recommend")
-        self.user_tower = user_tower
+        self.user_tower = user_tower  # a Tower, or a UnifiedTower (teacher or student per row)
         self.index = index
         self.k = k
         self.specs = input_specs(user_tower)
-        # With a popularity prior the index holds [item_emb, prior * log(1 + count)], so the
-        # query is [user_emb / temperature, 1] and scores are the model's ranking scores.
-        self.query_scale = query_scale
+        # The index holds scoring.Scorer.index_vectors: [item_emb, log(1 + count), new], and
+        # the query is [user_emb / temperature, w(user), new_item_bias] (Scorer.query_vectors,
+        # in-graph), so the index's scores are the evaluated ranking scores.
+        self.scorer = scorer
 
         def query(features: dict[str, tf.Tensor]) -> tf.Tensor:
             q = self.user_tower(features, training=False)
-            if self.query_scale is None:
+            sc = self.scorer
+            if sc is None or not sc.extra_columns:
                 return q
-            return tf.concat([q * self.query_scale, tf.ones_like(q[:, :1])], axis=1)
+            cols = [q / sc.temperature]
+            ones = tf.ones_like(q[:, :1])
+            if sc.uses_counts:
+                if hasattr(self.user_tower, "known") and sc.cold_prior != sc.prior:
+                    known = self.user_tower.known(features)[:, None]
+                    cols.append(tf.where(known, sc.prior * ones, sc.cold_prior * ones))
+                else:
+                    cols.append(sc.prior * ones)
+            if sc.new_item_bias:
+                cols.append(sc.new_item_bias * ones)
+            return tf.concat(cols, axis=1)
 
         def serve(**features: tf.Tensor) -> dict[str, tf.Tensor]:
             scores, ids = self.index(query(features), k=self.k)
@@ -275,11 +298,12 @@ class _Planned:
 
 
 def default_names(cfg: RunConfig, index: str) -> dict[str, str]:
-    """Model names by role (``student``, ``teacher``, ``student_items``) for one index kind."""
+    """Model names by role (``recommend``, ``student``, ``teacher``, ``student_items``) for
+    one index kind."""
     e = cfg.export
-    suffix = BRUTE_FORCE_SUFFIX if index == "brute-force" else ""
-    return {"student": e.student_name + suffix, "teacher": e.teacher_name + suffix,
-            "student_items": e.item_encoder_name}
+    suffix = INDEX_SUFFIXES.get(index, "")
+    return {"recommend": e.recommend_name + suffix, "student": e.student_name + suffix,
+            "teacher": e.teacher_name + suffix, "student_items": e.item_encoder_name}
 
 
 def _open_run(run_dir: Path) -> RunDir:
@@ -340,13 +364,14 @@ def _check_inputs(tower: Any, table: pd.DataFrame, side: str,
 def export_run(
     run_dir: str | os.PathLike[str],
     base_dir: str | os.PathLike[str] | None = None,
-    models: Sequence[str] = MODELS,
+    models: Sequence[str] | None = None,
     index: str | None = None,
     k: int | None = None,
     version: int | None = None,
     names: dict[str, str] | None = None,
     ann_recall_gate: float | None = None,
     scann: dict[str, int | None] | None = None,
+    partitioned: dict[str, int | None] | None = None,
     item_encoder: bool = True,
     n_queries: int = 1000,
     dataset: Any = None,
@@ -354,13 +379,18 @@ def export_run(
 ) -> list[ExportedModel]:
     """Export a trained run's ``recommend`` models (and the student's item encoder).
 
+    ``models``: roles to export (default: every one the run has): ``recommend`` (the one
+    model a client needs: the teacher for known users and items, the student for new ones,
+    in one index), ``student`` (content only) and ``teacher`` (IDs + content).
+
     ``None`` arguments come from the run's ``export`` config (``base_dir``, ``index``,
     ``k``, ``ann_recall_gate``; ``scann`` keys ``num_leaves``, ``num_leaves_to_search``,
-    ``num_reordering_candidates`` override ``scann_*``). ``version``: the integer version
-    for every model of this export (default: one more than the highest existing version
-    of any of them). ``dataset``: the run's data, already loaded (default: loaded from
-    the run's config). Raises :class:`ExportError` (or the index's ``AnnRecallError``)
-    and leaves nothing behind on any failure.
+    ``num_reordering_candidates`` override ``scann_*``; ``partitioned`` keys
+    ``num_clusters``, ``leaves_to_search`` override ``partitioned_*``). ``version``: the
+    integer version for every model of this export (default: one more than the highest
+    existing version of any of them). ``dataset``: the run's data, already loaded
+    (default: loaded from the run's config). Raises :class:`ExportError` (or the index's
+    ``AnnRecallError``) and leaves nothing behind on any failure.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
@@ -371,6 +401,9 @@ def export_run(
     index = index or e.index
     k = int(k if k is not None else e.k)
     gate = float(ann_recall_gate if ann_recall_gate is not None else e.ann_recall_gate)
+    if models is None:
+        models = tuple(m for m in MODELS if (run.has_scorer(m) if m == "recommend"
+                                             else run.has_model(m)))
     models = tuple(models)
     if index not in INDEX_KINDS:
         raise ExportError(f"unknown index {index!r}; use one of {', '.join(INDEX_KINDS)}")
@@ -383,11 +416,11 @@ def export_run(
         raise ExportError(f"version must be a positive integer, got {version!r}")
     unknown = sorted(set(names or {}) - {*MODELS, "student_items"})
     if unknown:
-        raise ExportError(f"unknown model role(s) {unknown} in names; roles are student, "
-                          "teacher and student_items")
+        raise ExportError(f"unknown model role(s) {unknown} in names; roles are recommend, "
+                          "student, teacher and student_items")
     role_names = {**default_names(cfg, index), **(names or {})}
-    roles = [m for m in models] + (["student_items"] if item_encoder and "student" in models
-                                   else [])
+    roles = [m for m in models] + (["student_items"] if item_encoder and (
+        "student" in models or "recommend" in models) else [])
     chosen = {r: role_names[r] for r in roles}
     if len(set(chosen.values())) != len(chosen):
         raise ExportError(f"two models of this export share a name: {chosen}")
@@ -416,6 +449,8 @@ def export_run(
     scann_over = {"num_leaves": e.scann_num_leaves, "num_leaves_to_search":
                   e.scann_leaves_to_search, "num_reordering_candidates": e.scann_reorder,
                   **(scann or {})}
+    part_over = {"num_clusters": e.partitioned_num_clusters,
+                 "leaves_to_search": e.partitioned_leaves_to_search, **(partitioned or {})}
     rng = np.random.default_rng(0)
     q_rows = np.sort(rng.choice(len(ds.users), size=min(n_queries, len(ds.users)),
                                 replace=False))
@@ -429,22 +464,50 @@ def export_run(
 
     planned: list[_Planned] = []
     log_counts = None
+    loaded: dict[str, Any] = {}
+
+    def load(which: str) -> Any:
+        if which not in loaded:
+            loaded[which] = _load_model(run, which)
+        return loaded[which]
+
     for which in models:
-        model = _load_model(run, which)
-        scorer = run.scorer(which)
         name = chosen[which]
-        u_specs = _check_inputs(model.user_tower, ds.users, "user", which)
-        _check_inputs(model.item_tower, ds.items, "item", which)
+        user_known = item_known = None
+        if which == "recommend":
+            if not run.has_scorer("recommend"):
+                raise ExportError(f"{run_dir} has no tuned `recommend` score (recommend/"
+                                  "scorer.json): it was trained before the unified model or "
+                                  "without a student in the teacher's space; retrain it with "
+                                  "`tfrs-coldstart run` (student.space=teacher)")
+            try:
+                model = UnifiedRecommender(load("teacher"), load("student"))
+            except ValueError as err:
+                raise ExportError(f"cannot export recommend from {run_dir}: {err}") from None
+            user_tower, item_tower = model.towers["user"], model.towers["item"]
+        else:
+            model = load(which)
+            user_tower, item_tower = model.user_tower, model.item_tower
+        scorer = run.scorer(which)
+        u_specs = _check_inputs(user_tower, ds.users, "user", which)
+        _check_inputs(item_tower, ds.items, "item", which)
         log(f"{which}: embedding {len(item_ids)} catalogue items ...")
-        item_emb = model.embed("item", ds.items, ds.schema)
-        queries = model.embed("user", ds.users.iloc[q_rows], ds.schema)
-        if scorer.prior and log_counts is None:  # counts saved with the run: new items count 0
+        if which == "recommend":
+            item_emb, item_known = model.embed("item", ds.items, ds.schema)
+            queries, user_known = model.embed("user", ds.users.iloc[q_rows], ds.schema)
+            log(f"{which}: {int(item_known.sum())} items from the teacher, "
+                f"{int((~item_known).sum())} new ones from the student")
+        else:
+            item_emb = model.embed("item", ds.items, ds.schema)
+            queries = model.embed("user", ds.users.iloc[q_rows], ds.schema)
+        if scorer.uses_counts and log_counts is None:  # saved with the run: new items count 0
             log_counts = run.item_log_counts(ds.items)
             if log_counts is None:  # a run saved before counts were recorded
                 log_counts = training_log_counts(prepare(ds, cfg).split.train, ds.items)
         # The served score (scoring.Scorer) through one inner product, as evaluated.
-        index_emb = scorer.index_vectors(item_emb, log_counts)
-        index_queries = scorer.query_vectors(queries)
+        index_emb = scorer.index_vectors(item_emb, log_counts,
+                                         None if item_known is None else ~item_known)
+        index_queries = scorer.query_vectors(queries, user_known)
         params = None
         if index == "scann":
             try:
@@ -452,6 +515,12 @@ def export_run(
                     kk: (int(v) if v is not None else None) for kk, v in scann_over.items()})
             except TypeError as err:
                 raise ExportError(f"unknown ScaNN parameter: {err}") from None
+        elif index == "partitioned":
+            try:
+                params = partitioned_params(len(item_ids), index_emb.shape[1], k, **{
+                    kk: (int(v) if v is not None else None) for kk, v in part_over.items()})
+            except TypeError as err:
+                raise ExportError(f"unknown partitioned-index parameter: {err}") from None
         log(f"{which}: building the {index} index (k={min(k, len(item_ids))}) ...")
         try:
             gated = build_gated_index(item_ids, index_emb, index_queries, k, index, gate,
@@ -460,9 +529,11 @@ def export_run(
             raise type(err)(f"{name}: {err}") from None
         if gated.recall is not None:
             log(f"{which}: ANN recall@{gated.k} = {gated.recall:.4f} (gate {gate})")
-        module = RecommendModule(model.user_tower, gated.layer, gated.k, scorer.query_scale)
+        module = RecommendModule(user_tower, gated.layer, gated.k, scorer)
         manifest = {**common, "name": name, "kind": "recommend", "model": which,
                     "popularity_prior": scorer.prior, "temperature": scorer.temperature,
+                    "scorer": scorer.to_dict(),
+                    "new_items": (None if item_known is None else int((~item_known).sum())),
                     "index": index, "k": gated.k, "k_requested": k,
                     "catalogue_size": int(len(item_ids)),
                     "embedding_dim": int(item_emb.shape[1]),
@@ -474,8 +545,9 @@ def export_run(
         rows = _rows(ds.users.iloc[w_rows], ds, "user", u_specs)
         planned.append(_Planned(name, "recommend", which, module, manifest,
                                 warmup_records(name, u_specs, rows, list(module.signatures()))))
-        if which == "student" and "student_items" in chosen:
-            enc = ItemEncoderModule(model.item_tower)
+        if "student_items" in chosen and which == ("student" if "student" in models
+                                                   else "recommend"):
+            enc = ItemEncoderModule(load("student").item_tower)
             iname = chosen["student_items"]
             i_rows = _rows(ds.items.iloc[:4], ds, "item", enc.specs)
             planned.append(_Planned(iname, "item_encoder", which, enc, {
@@ -580,20 +652,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``tfrs-coldstart export``."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run folder")
     p.add_argument("--index", choices=INDEX_KINDS, default=None,
-                   help="scann (needs TF Serving with ScaNN ops) or brute-force (stock TF "
-                        "Serving); default: the run's export.index (scann)")
+                   help="scann (needs TF Serving with ScaNN ops), partitioned (approximate, "
+                        "stock TF Serving) or brute-force (exact, stock TF Serving); default: "
+                        "the run's export.index (scann)")
     p.add_argument("--base-dir", default=None,
                    help="model base path; models go to BASE/<name>/<version> (default: export)")
     p.add_argument("--k", type=int, default=None, help="results per query (default 100)")
-    p.add_argument("--models", default=",".join(MODELS),
-                   help="comma-separated: student,teacher (default both)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated: recommend,student,teacher (default: every one the "
+                        "run has)")
     p.add_argument("--version", type=int, default=None,
                    help="integer version (default: next free); existing ones are never replaced")
     p.add_argument("--ann-recall-gate", type=float, default=None,
-                   help="minimum recall@k of ScaNN against exact search (default 0.95)")
+                   help="minimum recall@k of an approximate index (ScaNN, partitioned) "
+                        "against exact search (default 0.95)")
     p.add_argument("--scann-num-leaves", type=int, default=None)
     p.add_argument("--scann-leaves-to-search", type=int, default=None)
     p.add_argument("--scann-reorder", type=int, default=None)
+    p.add_argument("--partitioned-num-clusters", type=int, default=None,
+                   help="k-means cells of the partitioned index (default about sqrt(items))")
+    p.add_argument("--partitioned-leaves-to-search", type=int, default=None,
+                   help="leaves scored exactly per query (default: raised until the recall "
+                        "gate passes)")
     p.add_argument("--no-item-encoder", action="store_true",
                    help="skip the student's item encoder")
 
@@ -604,10 +684,15 @@ def run(args: argparse.Namespace) -> int:
                                ("num_leaves_to_search", args.scann_leaves_to_search),
                                ("num_reordering_candidates", args.scann_reorder))
              if v is not None}
+    part = {k: v for k, v in (("num_clusters", args.partitioned_num_clusters),
+                              ("leaves_to_search", args.partitioned_leaves_to_search))
+            if v is not None}
     done = export_run(args.run_dir, base_dir=args.base_dir,
-                      models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+                      models=(None if args.models is None else
+                              tuple(m.strip() for m in args.models.split(",") if m.strip())),
                       index=args.index, k=args.k, version=args.version,
                       ann_recall_gate=args.ann_recall_gate, scann=scann or None,
+                      partitioned=part or None,
                       item_encoder=not args.no_item_encoder)
     for m in done:
         rec = m.manifest.get("ann_recall") or {}

@@ -8,12 +8,17 @@ asymmetric hashing with 2 dimensions per block for scoring, and an exact
 re-ordering of a few times ``k`` candidates. An approximate index is only
 published when its recall@k against exact search on real user queries reaches a
 gate (default 0.95): a silently bad index looks healthy in every other check.
+
+:class:`PartitionedTopK` is the approximate index for the official TF Serving image: a
+k-means partition of the catalogue searched with TensorFlow's own ops only (centroid
+scores, top leaves, an exact re-score of their items, top-k), so no custom op is needed.
 """
 
 from __future__ import annotations
 
 import math
 import uuid
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,9 +27,16 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+# k-means for the partitioned index: scikit-learn's KMeans (k-means++ seeding, Lloyd
+# iterations, deterministic under random_state) is a well-kept, well-tested implementation;
+# TensorFlow's own (tf.compat.v1.estimator.experimental.KMeans) went away with the
+# estimators in TF 2.16, and a hand-written loop would be one more thing to get right.
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+
 from tfrs_coldstart.errors import UserError
 
-INDEX_KINDS = ("scann", "brute-force")
+INDEX_KINDS = ("scann", "partitioned", "brute-force")
 #: ScaNN's asymmetric hashing trains 16 centres per block, so it needs at least 16 items.
 SCANN_MIN_ITEMS = 16
 _TIE_TOL = 1e-5  # exact-score tolerance under which two items count as tied
@@ -154,6 +166,210 @@ class _ScaNN(tfrs.layers.factorized_top_k.ScaNN):
         self._build_searcher = build_searcher
 
 
+#: Floats gathered per chunk of queries by the partitioned index (64 MB): a large batch is
+#: searched in chunks so memory stays bounded whatever the batch size.
+PARTITIONED_GATHER_BUDGET = 1 << 24
+#: Items the partitioned index's k-means trains on at most (all items are then assigned).
+PARTITIONED_MAX_SAMPLE = 250_000
+_LEAVES_GROWTH = 1.5  # the recall gate raises leaves_to_search by this factor per step
+
+
+def partitioned_params(
+    n_items: int,
+    dim: int,
+    k: int = 100,
+    num_clusters: int | None = None,
+    leaves_to_search: int | None = None,
+    training_iterations: int = 20,
+    training_sample_size: int | None = None,
+) -> dict[str, Any]:
+    """Parameters of a :class:`PartitionedTopK` over ``n_items`` embeddings of width ``dim``.
+
+    ``num_clusters`` k-means cells (default ``sqrt(n)``, like ScaNN's tree);
+    ``leaves_to_search`` leaves scored exactly per query (``None``: chosen at build time so
+    that they hold about ``max(8 * k, 2% of n)`` items; the recall gate raises it until
+    recall@k passes). A value given explicitly is listed in ``overridden`` and never tuned.
+    """
+    if n_items < 1:
+        raise IndexBuildError("cannot size a partitioned index for an empty catalogue")
+    if dim < 1:
+        raise IndexBuildError(f"embedding width must be positive, got {dim}")
+    for name, v in (("num_clusters", num_clusters), ("leaves_to_search", leaves_to_search)):
+        if v is not None and int(v) < 1:
+            raise IndexBuildError(f"partitioned {name} must be at least 1, got {v}")
+    clusters = num_clusters if num_clusters is not None else round(math.sqrt(n_items))
+    clusters = max(1, min(int(clusters), n_items))
+    overridden = [name for name, v in (("num_clusters", num_clusters),
+                                       ("leaves_to_search", leaves_to_search)) if v is not None]
+    return {"num_clusters": clusters,
+            "leaves_to_search": None if leaves_to_search is None else int(leaves_to_search),
+            "target_candidates": max(8 * max(1, int(k)), math.ceil(0.02 * n_items)),
+            "training_iterations": int(training_iterations),
+            "training_sample_size": int(training_sample_size
+                                        or min(n_items, PARTITIONED_MAX_SAMPLE)),
+            "distance_measure": "dot_product", "overridden": overridden}
+
+
+def _kmeans_cells(emb: np.ndarray, clusters: int, iterations: int, sample: int,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(centroids [c, dim], cell of each item [n])``, empty cells dropped.
+
+    k-means trains on a random sample of at most ``sample`` items, then every item goes to
+    its nearest centroid (in chunks, so memory stays bounded at a million items).
+    """
+    n = len(emb)
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=min(n, max(1, sample)), replace=False))
+    clusters = max(1, min(clusters, len(rows)))
+    with warnings.catch_warnings():  # duplicate embeddings give fewer distinct cells: fine
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        km = KMeans(n_clusters=clusters, n_init=1, max_iter=max(1, iterations),
+                    random_state=seed, algorithm="lloyd").fit(emb[rows])
+    centroids = km.cluster_centers_.astype(np.float32)
+    sq = (centroids * centroids).sum(axis=1)
+    cell = np.empty(n, np.int64)
+    step = max(1, (1 << 24) // clusters)
+    for s in range(0, n, step):
+        cell[s:s + step] = np.argmin(sq[None, :] - 2.0 * emb[s:s + step] @ centroids.T, axis=1)
+    used, cell = np.unique(cell, return_inverse=True)
+    return centroids[used], cell.reshape(-1)
+
+
+def _leaf_size(sizes: np.ndarray, dim: int) -> int:
+    """Rows per leaf: a cell bigger than this is split into several leaves (sharing its
+    centroid), a smaller one is padded. Chosen to minimise the work of a search (padded rows
+    scored, weighted by the ~10% of leaves a search reads, plus one centroid per leaf), so a
+    few oversized k-means cells do not pad every leaf to their size."""
+    mean = float(sizes.mean())
+    cands = {max(1, math.ceil(mean * r)) for r in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)}
+    cands.add(int(sizes.max()))
+
+    def cost(m: int) -> float:
+        leaves = np.ceil(sizes / m)
+        return 0.1 * float((leaves * m).sum()) + float(leaves.sum())
+
+    return min(sorted(cands), key=cost)
+
+
+class PartitionedTopK(tfrs.layers.factorized_top_k.TopK):
+    """Approximate top-k over a k-means partition, in TensorFlow's own ops only.
+
+    Export time: k-means (scikit-learn) splits the catalogue into cells; each cell is cut
+    into leaves of ``leaf_size`` rows (padded), held as a ``[n_leaves, leaf_size, dim]``
+    embedding table, a ``[n_leaves, leaf_size]`` table of item rows (``n`` marks padding)
+    and the leaves' centroids. Query time: score the centroids, take the best
+    ``leaves_to_search`` leaves, gather their items, score them exactly, top-k. Slots no
+    reachable item fills score ``-inf`` with id ``""``. Scores are exact dot products, so
+    what the index finds is ranked as brute force ranks it. The layer is called like the
+    TFRS top-k layers: ``layer(queries, k=k) -> (scores [b, k], ids [b, k])``.
+    """
+
+    def __init__(self, query_model: tf.keras.Model | None = None, k: int = 10,
+                 params: Mapping[str, Any] | None = None, name: str | None = None) -> None:
+        super().__init__(k=k, name=name)
+        self.query_model = query_model
+        self._params = dict(params or {})
+        self._built_index = False
+        self.leaves_to_search = 1
+        self.n_items = self.n_leaves = self.leaf_size = self.dim = 0
+
+    def index(self, candidates: tf.Tensor,
+              identifiers: tf.Tensor | None = None) -> PartitionedTopK:
+        emb = np.asarray(candidates, np.float32)
+        if emb.ndim != 2 or not len(emb):
+            raise IndexBuildError(f"the partitioned index needs a non-empty [n, dim] matrix, "
+                                  f"got shape {emb.shape}")
+        n, dim = emb.shape
+        ids = (np.arange(n).astype(str) if identifiers is None
+               else np.asarray(identifiers).astype(object))
+        p = {**partitioned_params(n, dim, self._k), **self._params}
+        centroids, cell = _kmeans_cells(emb, int(p["num_clusters"]),
+                                        int(p["training_iterations"]),
+                                        int(p["training_sample_size"]))
+        sizes = np.bincount(cell, minlength=len(centroids))
+        m = _leaf_size(sizes, dim)
+        order = np.argsort(cell, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        leaf_rows, leaf_cent = [], []
+        for c in range(len(centroids)):
+            members = order[starts[c]:starts[c + 1]]
+            for s in range(0, len(members), m):
+                block = np.full(m, n, np.int32)
+                block[:len(members[s:s + m])] = members[s:s + m]
+                leaf_rows.append(block)
+                leaf_cent.append(centroids[c])
+        rows = np.stack(leaf_rows)
+        table = np.concatenate([emb, np.zeros((1, dim), np.float32)])[rows]
+        self.n_items, self.n_leaves, self.leaf_size, self.dim = n, len(rows), m, dim
+        self._centroids = tf.Variable(np.stack(leaf_cent), trainable=False, name="centroids")
+        self._leaf_emb = tf.Variable(table, trainable=False, name="leaf_embeddings")
+        self._leaf_rows = tf.Variable(rows, trainable=False, name="leaf_rows")
+        self._identifiers = tf.Variable(
+            tf.constant(np.concatenate([ids, np.array([""], object)]), tf.string),
+            trainable=False, name="identifiers")
+        if p.get("leaves_to_search") is not None:
+            search = int(p["leaves_to_search"])
+        else:
+            search = math.ceil(int(p["target_candidates"]) / m)
+        self.leaves_to_search = max(1, min(search, self.n_leaves))
+        self._params = {**p, "num_clusters": int(len(centroids))}
+        self._built_index = True
+        self._reset_tf_function_cache()
+        return self
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """What the manifest records: the partition's shape and the query-time setting."""
+        p = {k: v for k, v in self._params.items() if k != "target_candidates"}
+        p["overridden"] = list(p.get("overridden", []))  # plain data, not Keras's wrapper
+        return {**p, "num_leaves": self.n_leaves, "leaf_size": self.leaf_size,
+                "leaves_to_search": self.leaves_to_search,
+                "index_rows": self.n_leaves * self.leaf_size}
+
+    def _search(self, q: tf.Tensor, k: int) -> tuple[tf.Tensor, tf.Tensor]:
+        """One chunk of queries ``[c, dim]`` -> ``(scores [c, k], item rows [c, k])``."""
+        n, width = self.n_items, self.leaves_to_search * self.leaf_size
+        _, leaves = tf.math.top_k(tf.matmul(q, self._centroids, transpose_b=True),
+                                  k=self.leaves_to_search)
+        emb = tf.reshape(tf.gather(self._leaf_emb, leaves), [-1, width, self.dim])
+        rows = tf.reshape(tf.gather(self._leaf_rows, leaves), [-1, width])
+        scores = tf.linalg.matvec(emb, q)
+        scores = tf.where(rows < n, scores, tf.constant(-np.inf, tf.float32))
+        if width < k:  # fewer reachable slots than k: pad, the caller sees -inf / ""
+            scores = tf.pad(scores, [[0, 0], [0, k - width]], constant_values=-np.inf)
+            rows = tf.pad(rows, [[0, 0], [0, k - width]], constant_values=n)
+        top, pos = tf.math.top_k(scores, k=k)
+        return top, tf.gather(rows, pos, batch_dims=1)
+
+    def call(self, queries: tf.Tensor | dict[str, tf.Tensor],
+             k: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        if not self._built_index:
+            raise ValueError("The `index` method must be called first to create the "
+                             "retrieval index.")
+        k = int(k if k is not None else self._k)
+        if self.query_model is not None:
+            queries = self.query_model(queries)
+        q = tf.convert_to_tensor(queries, tf.float32)
+        # Chunks of queries bound the gathered [chunk, leaves * leaf_size, dim] tensor.
+        per_query = self.leaves_to_search * self.leaf_size * self.dim
+        chunk_max = max(1, PARTITIONED_GATHER_BUDGET // per_query)
+        b = tf.shape(q)[0]
+        chunk = tf.maximum(1, tf.minimum(b, chunk_max))
+        n_chunks = tf.maximum(1, (b + chunk - 1) // chunk)  # an empty batch: one pad row
+        q = tf.pad(q, [[0, n_chunks * chunk - b], [0, 0]])
+        chunks = tf.reshape(q, [n_chunks, chunk, self.dim])
+        scores, rows = tf.map_fn(
+            lambda c: self._search(c, k), chunks, parallel_iterations=1,
+            fn_output_signature=(tf.TensorSpec([None, k], tf.float32),
+                                 tf.TensorSpec([None, k], tf.int32)))
+        scores = tf.reshape(scores, [-1, k])[:b]
+        rows = tf.reshape(rows, [-1, k])[:b]
+        return scores, tf.gather(self._identifiers, rows)
+
+    def is_exact(self) -> bool:
+        return False
+
+
 def build_index(
     user_tower: tf.keras.Model | None,
     item_ids: np.ndarray,
@@ -166,12 +382,16 @@ def build_index(
 
     ``user_tower`` becomes the layer's query model (raw features in); pass ``None`` to
     query with embeddings. ``k`` is clamped to the catalogue size. ``params`` are
-    :func:`scann_params` output (default: computed from the catalogue; unused by brute force).
+    :func:`scann_params` (ScaNN) or :func:`partitioned_params` (partitioned) output (default:
+    computed from the catalogue; unused by brute force).
     """
     ids, emb = _check_catalogue(item_ids, item_emb)
     k = max(1, min(int(k), len(ids)))
     if kind == "brute-force":
         layer = tfrs.layers.factorized_top_k.BruteForce(user_tower, k=k)
+    elif kind == "partitioned":
+        p = dict(params) if params else partitioned_params(len(ids), emb.shape[1], k)
+        return PartitionedTopK(user_tower, k=k, params=p).index(emb, ids)
     elif kind == "scann":
         if len(ids) < SCANN_MIN_ITEMS:
             raise IndexBuildError(
@@ -349,7 +569,9 @@ def build_gated_index(
 ) -> GatedIndex:
     """Build an index over item embeddings and enforce the ANN-recall gate on ``queries``.
 
-    Brute force is exact (not measured). For ScaNN, the parameters the caller did not set
+    Brute force is exact (not measured). For the partitioned index, ``leaves_to_search``
+    (unless the caller set it) is raised by half, on the one built partition, until the gate
+    passes or every leaf is searched. For ScaNN, the parameters the caller did not set
     among ``num_leaves_to_search`` and ``num_reordering_candidates`` are doubled, whichever
     gains more recall first (probed on the built index, then rebuilt), until the gate
     passes or both are at their maximum; a final recall below ``gate`` raises
@@ -359,7 +581,7 @@ def build_gated_index(
     k = max(1, min(int(k), len(ids)))
     if kind == "brute-force":
         return GatedIndex(build_index(None, ids, emb, k, kind), kind, k, {}, None, None, 0, [])
-    if kind != "scann":
+    if kind not in ("scann", "partitioned"):
         raise IndexBuildError(f"unknown index kind {kind!r}; use one of {', '.join(INDEX_KINDS)}")
     if not gate > 0:
         raise IndexBuildError(f"ann_recall_gate must be positive, got {gate}")
@@ -368,6 +590,8 @@ def build_gated_index(
         raise IndexBuildError(
             f"the recall gate needs real user query embeddings [n, {emb.shape[1]}], "
             f"got shape {q.shape}")
+    if kind == "partitioned":
+        return _gated_partitioned(ids, emb, q, k, gate, params)
     p = dict(params) if params else scann_params(len(ids), emb.shape[1], k)
     exact = ExactIndex(ids, emb)
     fixed = set(p.get("overridden", []))
@@ -415,3 +639,32 @@ def build_gated_index(
             f"export.scann_reorder (now {p['num_reordering_candidates']}), lower "
             "export.scann_num_leaves, or export with --index brute-force (exact)")
     return GatedIndex(layer, kind, k, p, recall, gate, len(q), trials)
+
+
+def _gated_partitioned(ids: np.ndarray, emb: np.ndarray, q: np.ndarray, k: int, gate: float,
+                       params: Mapping[str, Any] | None) -> GatedIndex:
+    """The partitioned index's gate: ``leaves_to_search`` is a query-time setting, so the
+    partition is built once and searched with more leaves until recall@k reaches ``gate``."""
+    p = dict(params) if params else partitioned_params(len(ids), emb.shape[1], k)
+    layer = build_index(None, ids, emb, k, "partitioned", p)
+    assert isinstance(layer, PartitionedTopK)
+    exact = ExactIndex(ids, emb)
+    fixed = "leaves_to_search" in p.get("overridden", [])
+    trials: list[dict[str, Any]] = []
+    while True:
+        recall = ann_recall(layer, exact, q, k)
+        trials.append({"leaves_to_search": layer.leaves_to_search, "recall": recall})
+        if recall >= gate or fixed or layer.leaves_to_search >= layer.n_leaves:
+            break
+        layer.leaves_to_search = min(layer.n_leaves, max(
+            layer.leaves_to_search + 1, math.ceil(layer.leaves_to_search * _LEAVES_GROWTH)))
+    if recall < gate:
+        raise AnnRecallError(
+            f"ANN recall@{k} of the partitioned index is {recall:.4f} on {len(q)} real user "
+            f"queries, below the gate {gate} (export.ann_recall_gate / --ann-recall-gate). "
+            f"Knobs: raise export.partitioned_leaves_to_search (now {layer.leaves_to_search} "
+            f"of {layer.n_leaves} leaves of {layer.leaf_size} items; more leaves searched is "
+            "slower but finds more), lower export.partitioned_num_clusters (now "
+            f"{layer.params['num_clusters']} k-means cells), or export with --index "
+            "brute-force (exact)")
+    return GatedIndex(layer, "partitioned", k, layer.params, recall, gate, len(q), trials)

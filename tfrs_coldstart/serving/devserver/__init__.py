@@ -26,6 +26,10 @@ What it does, as TF Serving does:
   (``batching.config``: ``max_batch_size``, ``batch_timeout_micros``,
   ``max_enqueued_batches``).
 
+Beyond TF Serving: every request's declared size (body bytes, instances, elements x dtype
+size) is checked against :class:`RequestLimits` before anything is allocated (413 /
+RESOURCE_EXHAUSTED); idle connections time out; a stop drains requests already received.
+
 Where it is stricter than TF Serving (unknown keys in a columnar ``inputs``
 object, ragged batches, input shapes) it is stricter on purpose: a request that
 works here works there. It does not implement Classify/Regress/MultiInference,
@@ -36,6 +40,7 @@ The parts, one concern each (imports run down this list, never up)::
     errors      RpcError (a failed request, with its canonical code), ListenError
     config      models.config and batching.config (TF Serving's text protos)
     signature   what a request is checked against; TF's dtype names
+    limits      RequestLimits: what one request may declare (bytes, instances, elements)
     batching    the batch queue of one version/signature
     servable    LoadedVersion: one loaded version, its checks, batching and warm-up
     manager     ModelManager: version policies, labels, polling, hot swap, status
@@ -69,6 +74,7 @@ from tfrs_coldstart.serving.devserver.config import (
     parse_models_config,
 )
 from tfrs_coldstart.serving.devserver.errors import ListenError, RpcError
+from tfrs_coldstart.serving.devserver.limits import RequestLimits
 from tfrs_coldstart.serving.devserver.manager import ModelManager
 from tfrs_coldstart.serving.devserver.servable import LoadedVersion
 from tfrs_coldstart.serving.devserver.server import Server, serve
@@ -80,6 +86,7 @@ __all__ = [
     "LoadedVersion",
     "ModelConfig",
     "ModelManager",
+    "RequestLimits",
     "RpcError",
     "Server",
     "add_arguments",

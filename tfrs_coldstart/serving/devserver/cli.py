@@ -12,9 +12,16 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from tfrs_coldstart.errors import ConfigError
 from tfrs_coldstart.serving.devserver.config import BatchingParameters, parse_batching_config
+from tfrs_coldstart.serving.devserver.limits import RequestLimits
 from tfrs_coldstart.serving.devserver.rest_api import PROMETHEUS_PATH
-from tfrs_coldstart.serving.devserver.server import Server, serve
+from tfrs_coldstart.serving.devserver.server import (
+    DEFAULT_DRAIN_SECONDS,
+    DEFAULT_IDLE_TIMEOUT,
+    Server,
+    serve,
+)
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -60,6 +67,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="batch with TF Serving's default parameters when there is no batching config",
     )
     p.add_argument("--no-batching", action="store_true", help="never batch requests")
+    defaults = RequestLimits()
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=defaults.max_request_bytes,
+        help="largest REST body / gRPC message, and largest decoded tensors of one request "
+        f"(default: {defaults.max_request_bytes}, 64 MiB); larger ones get 413 / "
+        "RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--max-instances",
+        type=int,
+        default=defaults.max_instances,
+        help=f"most rows in a REST 'instances' list (default: {defaults.max_instances})",
+    )
+    p.add_argument(
+        "--max-tensor-elements",
+        type=int,
+        default=defaults.max_tensor_elements,
+        help="most elements one input tensor may declare, REST or gRPC "
+        f"(default: {defaults.max_tensor_elements}, 2^24)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=DEFAULT_DRAIN_SECONDS,
+        help="on SIGTERM/Ctrl-C, how long requests already received may take to finish "
+        f"(default: {DEFAULT_DRAIN_SECONDS:g})",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        help="close connections idle (or stalled mid-request) this many seconds "
+        f"(default: {DEFAULT_IDLE_TIMEOUT:g})",
+    )
 
 
 def _batching(args: argparse.Namespace) -> BatchingParameters | None:
@@ -73,6 +116,15 @@ def _batching(args: argparse.Namespace) -> BatchingParameters | None:
     if args.enable_batching:
         return BatchingParameters()
     return None
+
+
+def _limits(args: argparse.Namespace) -> RequestLimits:
+    """The request limits of the flags (ConfigError naming the flag if one is not positive)."""
+    return RequestLimits(
+        max_request_bytes=args.max_request_bytes,
+        max_instances=args.max_instances,
+        max_tensor_elements=args.max_tensor_elements,
+    )
 
 
 def _print_ready(server: Server) -> None:
@@ -89,12 +141,25 @@ def _print_ready(server: Server) -> None:
         f"batch_timeout_micros={b.batch_timeout_micros}",
         flush=True,
     )
+    lim = server.limits
+    print(
+        f"limits: {lim.max_request_bytes} bytes, {lim.max_instances} instances, "
+        f"{lim.max_tensor_elements} elements per tensor",
+        flush=True,
+    )
     print("press Ctrl-C to stop", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C or SIGTERM; returns the exit code (0 once stopped)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    limits = _limits(args)
+    for flag, value in (
+        ("--drain-seconds", args.drain_seconds),
+        ("--idle-timeout", args.idle_timeout),
+    ):
+        if not value >= 0 or (flag == "--idle-timeout" and value == 0):
+            raise ConfigError(f"{flag} must be a positive number of seconds, got {value}")
     models_config = args.models_config
     if models_config is None and DEFAULT_MODELS_CONFIG.exists():
         models_config = str(DEFAULT_MODELS_CONFIG)
@@ -107,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
         args.poll_seconds,
         _batching(args),
         ready=_print_ready,
+        limits=limits,
+        drain_seconds=args.drain_seconds,
+        idle_timeout=args.idle_timeout,
     )
     print("stopped", flush=True)
     return 0

@@ -21,6 +21,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 
 from tfrs_coldstart.serving.devserver.errors import RpcError, invalid
+from tfrs_coldstart.serving.devserver.limits import MAX_RANK, RequestLimits
 from tfrs_coldstart.serving.devserver.signature import dtype_name, np_dtype
 from tfrs_coldstart.serving.status import Code
 
@@ -157,9 +158,18 @@ def _fill(val: Any, level: int, shape: list[int], dtype: int, out: list) -> None
         _fill(item, level + 1, shape, dtype, out)
 
 
-def _json_to_flat(val: Any, dtype: int) -> tuple[list, list[int]]:
-    """A JSON tensor as (flat checked values, shape)."""
+def _json_to_flat(
+    val: Any, dtype: int, limits: RequestLimits | None = None, name: str = ""
+) -> tuple[list, list[int]]:
+    """A JSON tensor as (flat checked values, shape); its declared size is checked first."""
     shape = _dense_shape(val)
+    if len(shape) > MAX_RANK:
+        raise invalid(
+            f"JSON value is nested {len(shape)} levels deep; a tensor has at most "
+            f"{MAX_RANK} dimensions"
+        )
+    if limits is not None:
+        limits.check_elements(name, math.prod(shape))
     flat: list = []
     _fill(val, 0, shape, dtype, flat)
     return flat, shape
@@ -176,9 +186,15 @@ def _flat_to_array(flat: list, shape: list[int], dtype: int) -> np.ndarray:
 
 
 def json_to_inputs(
-    doc: Mapping[str, Any], sig_inputs: Mapping[str, meta_graph_pb2.TensorInfo]
+    doc: Mapping[str, Any],
+    sig_inputs: Mapping[str, meta_graph_pb2.TensorInfo],
+    limits: RequestLimits | None = None,
 ) -> tuple[dict[str, np.ndarray], str]:
-    """Turn a parsed predict body into named arrays; returns (inputs, 'row' | 'columnar')."""
+    """Turn a parsed predict body into named arrays; returns (inputs, 'row' | 'columnar').
+
+    With ``limits``, the instance count and each tensor's element count are checked before
+    the values are converted.
+    """
     if not sig_inputs:
         raise invalid("Failed to get input map for signature")
     has_instances, has_inputs = "instances" in doc, "inputs" in doc
@@ -188,14 +204,16 @@ def json_to_inputs(
             "of 'inputs' or 'instances' keys to exist "
         )
     if has_instances:
-        return _instances_to_inputs(doc, sig_inputs), "row"
+        return _instances_to_inputs(doc, sig_inputs, limits), "row"
     if has_inputs:
-        return _columnar_to_inputs(doc["inputs"], sig_inputs), "columnar"
+        return _columnar_to_inputs(doc["inputs"], sig_inputs, limits), "columnar"
     raise invalid("Missing 'inputs' or 'instances' key")
 
 
 def _instances_to_inputs(
-    doc: Mapping[str, Any], sig_inputs: Mapping[str, meta_graph_pb2.TensorInfo]
+    doc: Mapping[str, Any],
+    sig_inputs: Mapping[str, meta_graph_pb2.TensorInfo],
+    limits: RequestLimits | None,
 ) -> dict[str, np.ndarray]:
     """The row format: one object (or value, for one input) per example."""
     instances = doc["instances"]
@@ -203,6 +221,8 @@ def _instances_to_inputs(
         raise invalid(f"JSON Value: {json_str(doc)} Excepting 'instances' to be an list/array")
     if not instances:
         raise invalid(f"JSON Value: {json_str(doc)} No values in 'instances' array")
+    if limits is not None:
+        limits.check_instances(len(instances))
 
     def is_object(v: Any) -> bool:
         return isinstance(v, dict) and not _is_b64(v)
@@ -225,13 +245,16 @@ def _instances_to_inputs(
                 f"{name}"
             )
         try:
-            flat, shape = _json_to_flat(value, sig_inputs[name].dtype)
+            flat, shape = _json_to_flat(value, sig_inputs[name].dtype, limits, name)
         except RpcError as exc:
             raise RpcError(
                 exc.code,
                 f"Failed to process element: {i}{key_note} of 'instances' "
                 f"list. Error: {exc.code.name}: {exc.message}",
+                http=exc.http_status,
             ) from exc
+        if limits is not None:
+            limits.check_elements(name, len(flats[name]) + len(flat))
         if name in shapes and shapes[name] != shape:
             raise invalid(
                 f"Failed to process element: {i}{key_note} of 'instances' list. "
@@ -264,7 +287,9 @@ def _instances_to_inputs(
 
 
 def _columnar_to_inputs(
-    val: Any, sig_inputs: Mapping[str, meta_graph_pb2.TensorInfo]
+    val: Any,
+    sig_inputs: Mapping[str, meta_graph_pb2.TensorInfo],
+    limits: RequestLimits | None,
 ) -> dict[str, np.ndarray]:
     """The columnar format: one batch-first tensor per input name (or one bare tensor)."""
     if not isinstance(val, dict) or _is_b64(val):
@@ -274,7 +299,7 @@ def _columnar_to_inputs(
                 "input tensors required as per tensorinfo_map"
             )
         name = next(iter(sig_inputs))
-        flat, shape = _json_to_flat(val, sig_inputs[name].dtype)
+        flat, shape = _json_to_flat(val, sig_inputs[name].dtype, limits, name)
         return {name: _flat_to_array(flat, shape, sig_inputs[name].dtype)}
     unknown = sorted(set(val) - set(sig_inputs))
     if unknown:
@@ -287,9 +312,11 @@ def _columnar_to_inputs(
         if name not in val:
             raise invalid(f"Missing named input: {name} in 'inputs' object.")
         try:
-            flat, shape = _json_to_flat(val[name], sig_inputs[name].dtype)
+            flat, shape = _json_to_flat(val[name], sig_inputs[name].dtype, limits, name)
         except RpcError as exc:
-            raise RpcError(exc.code, f"input '{name}': {exc.message}") from exc
+            raise RpcError(
+                exc.code, f"input '{name}': {exc.message}", http=exc.http_status
+            ) from exc
         out[name] = _flat_to_array(flat, shape, sig_inputs[name].dtype)
     return out
 

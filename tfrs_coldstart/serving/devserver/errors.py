@@ -26,14 +26,16 @@ class RpcError(Exception):
     Not a ``UserError``: it answers the client; the server keeps running.
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, *, http: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self._http = http
 
     @property
     def http_status(self) -> int:
-        return http_status(self.code)
+        """TF Serving's HTTP status for the code, unless the error names its own (413)."""
+        return self._http if self._http is not None else http_status(self.code)
 
 
 def invalid(message: str) -> RpcError:
@@ -54,4 +56,6 @@ def to_rpc_error(exc: BaseException) -> RpcError:
         return RpcError(code, exc.message)
     if isinstance(exc, (TypeError, ValueError)):
         return invalid(str(exc))
+    if isinstance(exc, RecursionError):
+        return invalid("JSON value is nested too deeply")
     return RpcError(Code.INTERNAL, f"{type(exc).__name__}: {exc}")

@@ -3,6 +3,10 @@
 ``Predict``, ``GetModelMetadata`` and ``GetModelStatus`` with the protos of
 ``tensorflow-serving-api``; a failure aborts the call with TF Serving's canonical code and
 message. Classify, Regress, MultiInference and the reload RPCs are not implemented.
+
+A message larger than ``max_request_bytes`` is refused by gRPC itself; the shapes a request
+declares are checked against :class:`RequestLimits` before ``tf.make_ndarray`` expands them.
+Connections idle for ``idle_timeout`` seconds are closed (clients reconnect transparently).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tensorflow_serving.apis import (
 
 from tfrs_coldstart.serving.devserver.config import MAX_MESSAGE_BYTES
 from tfrs_coldstart.serving.devserver.errors import ListenError, RpcError, invalid, to_rpc_error
+from tfrs_coldstart.serving.devserver.limits import RequestLimits
 from tfrs_coldstart.serving.devserver.manager import ModelManager
 from tfrs_coldstart.serving.devserver.metrics import Metrics
 from tfrs_coldstart.serving.devserver.servable import metadata_response
@@ -43,10 +48,19 @@ class GrpcApi:
     ``stopping`` is the server's shutdown flag: once set, calls answer UNAVAILABLE.
     """
 
-    def __init__(self, manager: ModelManager, metrics: Metrics, stopping: threading.Event) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        metrics: Metrics,
+        stopping: threading.Event,
+        limits: RequestLimits | None = None,
+        idle_timeout: float = 30.0,
+    ) -> None:
         self.manager = manager
         self.metrics = metrics
         self._stopping = stopping
+        self.limits = limits or RequestLimits()
+        self.idle_timeout = idle_timeout
         self._server: grpc.Server | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -54,7 +68,8 @@ class GrpcApi:
         """Listen on ``host:port`` (0 = a free port); returns the port once it listens."""
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", self.limits.max_request_bytes),
+            ("grpc.max_connection_idle_ms", max(1, int(self.idle_timeout * 1000))),
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.server(
@@ -75,11 +90,17 @@ class GrpcApi:
         self._server = server
         return bound
 
-    def stop(self, grace: float) -> None:
-        """Refuse new calls, let running ones finish for up to ``grace`` seconds."""
-        if self._server is not None:
-            self._server.stop(grace).wait()
-            self._server = None
+    def stop(self, grace: float) -> threading.Event:
+        """Refuse new calls, let running ones finish for up to ``grace`` seconds.
+
+        Returns at once; the event is set once the server has stopped (``wait`` on it).
+        """
+        done = threading.Event()
+        if self._server is None:
+            done.set()
+            return done
+        server, self._server = self._server, None
+        return server.stop(grace)
 
     # -- calls ---------------------------------------------------------------------------------
     def call(
@@ -114,6 +135,8 @@ class GrpcApi:
         spec = request.model_spec
         lv = self.manager.resolve(spec.name, *self._spec_version(spec))
         sig = lv.signature(spec.signature_name, grpc_api=True)
+        # Declared sizes first: make_ndarray pads one float_val out to the declared shape.
+        self.limits.check_tensor_protos(sorted(request.inputs.items()))
         inputs = {}
         for name, proto in request.inputs.items():
             expected = sig.inputs.get(name)

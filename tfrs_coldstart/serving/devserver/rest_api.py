@@ -3,8 +3,14 @@
 URLs as TF Serving's (``model_servers/http_rest_api_util.cc``):
 ``POST /v1/models/<name>[/versions/N|/labels/L]:predict``, ``GET /v1/models/<name>[...]``
 (status) and ``.../metadata``; Prometheus text at :data:`PROMETHEUS_PATH`. Errors answer
-``{"error": "..."}`` with TF Serving's HTTP status for the code. Predictions run on the
-server's thread pool, so the event loop only parses URLs and moves bytes.
+``{"error": "..."}`` with TF Serving's HTTP status for the code, including the HTTP stack's
+own 404/405/413. Predictions run on the server's thread pool, so the event loop only parses
+URLs and moves bytes.
+
+A body is measured before it is read (Content-Length, then the bytes as they arrive) against
+:class:`RequestLimits`; a client that stops sending mid-body, or a connection idle for
+``idle_timeout`` seconds, is closed without a traceback. ``stop`` drains: it stops listening,
+lets requests already received finish for up to ``grace`` seconds, then closes.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from tfrs_coldstart.serving.devserver.codec import (
     metadata_to_json,
     outputs_to_json,
 )
-from tfrs_coldstart.serving.devserver.config import MAX_MESSAGE_BYTES
 from tfrs_coldstart.serving.devserver.errors import ListenError, RpcError, invalid, to_rpc_error
+from tfrs_coldstart.serving.devserver.limits import RequestLimits
 from tfrs_coldstart.serving.devserver.manager import ModelManager
 from tfrs_coldstart.serving.devserver.metrics import Metrics
 from tfrs_coldstart.serving.devserver.servable import metadata_response
@@ -47,6 +53,14 @@ _PREDICT_RE = re.compile(
     r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)",
     re.IGNORECASE,
 )
+#: Bytes read from the socket at a time while a body arrives.
+_READ_CHUNK = 64 * 1024
+
+
+class _ClientGone(Exception):
+    """The client stopped sending its body (closed, or silent for the idle timeout)."""
+
+
 _STATUS_RE = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?",
     re.IGNORECASE,
@@ -56,7 +70,8 @@ _STATUS_RE = re.compile(
 class RestApi:
     """The REST endpoints over a :class:`ModelManager`; ``start`` listens, ``stop`` closes.
 
-    ``stopping`` is the server's shutdown flag: once set, requests answer UNAVAILABLE.
+    ``stopping`` is the server's hard-stop flag: once set (after the drain), requests answer
+    UNAVAILABLE.
     """
 
     def __init__(
@@ -65,13 +80,18 @@ class RestApi:
         metrics: Metrics,
         stopping: threading.Event,
         executor: futures.Executor,
+        limits: RequestLimits | None = None,
+        idle_timeout: float = 30.0,
     ) -> None:
         self.manager = manager
         self.metrics = metrics
         self._stopping = stopping
         self._executor = executor
+        self.limits = limits or RequestLimits()
+        self.idle_timeout = idle_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, host: str, port: int) -> int:
@@ -83,10 +103,19 @@ class RestApi:
         def run() -> None:
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
-            app = web.Application(client_max_size=MAX_MESSAGE_BYTES)
+            app = web.Application(
+                client_max_size=self.limits.max_request_bytes, middlewares=[_json_errors]
+            )
             app.router.add_route("GET", PROMETHEUS_PATH, self._metrics_page)
             app.router.add_route("*", "/v1/{tail:.*}", self._v1)
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+            # keepalive_timeout also closes a connection that never completes its headers;
+            # lingering_time bounds how long the rest of a refused body is read and dropped.
+            runner = web.AppRunner(
+                app,
+                access_log=None,
+                keepalive_timeout=self.idle_timeout,
+                lingering_time=min(2.0, self.idle_timeout),
+            )
             try:
                 loop.run_until_complete(runner.setup())
                 site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -98,6 +127,7 @@ class RestApi:
                 loop.close()
                 return
             self._loop = loop
+            self._runner = runner
             started.set()
             try:
                 loop.run_forever()
@@ -113,11 +143,31 @@ class RestApi:
         return bound[0]
 
     def stop(self, grace: float) -> None:
-        """Stop the event loop (its runner finishes open requests) and wait for the thread."""
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=grace + 5)
-            self._loop = None
+        """Drain, then stop: no new connections; requests already received finish (up to
+        ``grace`` s); idle keep-alive connections close; then the loop ends."""
+        loop, runner = self._loop, self._runner
+        if loop is None or self._thread is None:
+            return
+        if runner is not None:
+            drained = asyncio.run_coroutine_threadsafe(self._drain(runner, grace), loop)
+            try:
+                drained.result(timeout=grace + 5)
+            except Exception:  # noqa: BLE001 - stopping anyway; say why
+                log.warning("REST drain did not finish cleanly", exc_info=True)
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(timeout=grace + 5)
+        self._loop = None
+
+    @staticmethod
+    async def _drain(runner: web.AppRunner, grace: float) -> None:
+        """aiohttp's graceful cleanup with the server's grace period."""
+        for site in list(runner.sites):
+            await site.stop()  # stop listening; open connections stay
+        server = runner.server
+        if server is not None:
+            await asyncio.sleep(0)  # let requests already read reach their handlers
+            server.pre_shutdown()  # close idle keep-alive connections after their request
+            await server.shutdown(grace)  # wait for running handlers, then cancel
 
     # -- handlers ------------------------------------------------------------------------------
     async def _metrics_page(self, request: web.Request) -> web.Response:
@@ -130,12 +180,17 @@ class RestApi:
         """Every ``/v1/...`` URL: route, answer, count; any failure becomes ``{"error"}``."""
         t0 = time.perf_counter()
         path = request.rel_url.raw_path
-        body = await request.read() if request.method == "POST" else b""
         model, api = "", "unknown"
         status_code, payload = 200, None
+        close = False
         try:
             if self._stopping.is_set():
                 raise RpcError(Code.UNAVAILABLE, "Server is shutting down")
+            try:
+                body = await self._read_body(request) if request.method == "POST" else b""
+            except RpcError:
+                close = True  # the rest of a refused body is not worth reading
+                raise
             m = _PREDICT_RE.fullmatch(path) if request.method == "POST" else None
             s = _STATUS_RE.fullmatch(path) if request.method == "GET" else None
             if m:
@@ -173,14 +228,52 @@ class RestApi:
             status = "OK"
         except RpcError as exc:
             status, status_code, payload = exc.code.name, exc.http_status, {"error": exc.message}
+        except _ClientGone as exc:
+            # Answer 408 and close; if the client is gone, aiohttp drops the answer quietly.
+            log.info("REST %s %s: client stopped sending its body (%s)", request.method, path, exc)
+            status, status_code, close = "CANCELLED", 408, True
+            payload = {"error": f"Request body incomplete: {exc}"}
         except Exception as exc:  # noqa: BLE001
             log.exception("REST %s %s failed", request.method, path)
             err = to_rpc_error(exc)
             status, status_code, payload = err.code.name, err.http_status, {"error": err.message}
         self.metrics.observe(model, api, "REST", status, time.perf_counter() - t0)
-        return web.Response(
+        response = web.Response(
             text=json.dumps(payload), status=status_code, content_type="application/json"
         )
+        if close:
+            response.force_close()
+        return response
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, refused by its declared length before reading and capped while read.
+
+        A client silent for ``idle_timeout`` seconds mid-body, or gone, ends the connection
+        quietly (:class:`_ClientGone` is answered by closing, not logged as a failure).
+        """
+        limit = self.limits.max_request_bytes
+        declared = request.content_length
+        if declared is not None:
+            self.limits.check_body_bytes(declared)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                chunk = await asyncio.wait_for(
+                    request.content.read(_READ_CHUNK), timeout=self.idle_timeout
+                )
+            except TimeoutError as exc:
+                raise _ClientGone("client sent no body bytes for the idle timeout") from exc
+            except (ConnectionError, web.HTTPException) as exc:
+                raise _ClientGone(str(exc)) from exc
+            except Exception as exc:  # noqa: BLE001 - aiohttp's payload errors (client gone)
+                raise _ClientGone(f"{type(exc).__name__}: {exc}") from exc
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                self.limits.check_body_bytes(size)
+            chunks.append(chunk)
 
     def _predict(
         self, model: str, version: int | None, label: str | None, body: bytes
@@ -190,6 +283,11 @@ class RestApi:
             raise invalid("JSON Parse error: The document is empty")
         try:
             doc = json.loads(body)
+        except RecursionError as exc:
+            raise invalid(
+                "JSON Parse error: The document is nested too deeply (TF tensors have at most "
+                "254 dimensions)"
+            ) from exc
         except UnicodeDecodeError as exc:
             raise invalid(
                 f"JSON Parse error: Invalid encoding in string. at offset: {exc.start}"
@@ -208,6 +306,28 @@ class RestApi:
         sig = lv.signature(signature_name, grpc_api=False)
         if not sig.inputs:
             raise invalid(f"Failed to get input map for signature: {sig.name}")
-        inputs, fmt = json_to_inputs(doc, sig.inputs)
+        del body  # the parsed document is all that is needed from here on
+        inputs, fmt = json_to_inputs(doc, sig.inputs, self.limits)
         outputs = lv.predict_future(sig, inputs).result()
         return outputs_to_json(outputs, fmt)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The HTTP stack's own errors (404 unknown URL, 405, 413) as ``{"error": "..."}`` too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        text = exc.text if exc.text and exc.text != exc.reason else ""
+        message = f"{exc.status} {exc.reason}" + (f": {text.strip()}" if text else "")
+        if exc.status == 404:
+            path = request.rel_url.raw_path
+            message = f"Malformed request: {request.method} {path} (no such URL)"
+        return web.Response(
+            text=json.dumps({"error": message}),
+            status=exc.status,
+            content_type="application/json",
+            headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
+        )

@@ -1,7 +1,9 @@
 """The server: one model manager behind the REST and gRPC APIs, a version poller, shutdown.
 
 :class:`Server` runs in-process (tests, benchmarks, notebooks); :func:`serve` runs one until
-Ctrl-C or SIGTERM, as ``tfrs-coldstart serve`` does.
+Ctrl-C or SIGTERM, as ``tfrs-coldstart serve`` does. Stopping drains: both APIs stop taking
+new connections/calls at once, requests already received finish (up to a grace period), and
+only then are the models unloaded, so a SIGTERM costs no accepted request.
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ from typing import Any
 
 from tfrs_coldstart.serving.devserver.config import BatchingParameters
 from tfrs_coldstart.serving.devserver.grpc_api import GrpcApi
+from tfrs_coldstart.serving.devserver.limits import RequestLimits
 from tfrs_coldstart.serving.devserver.manager import ModelManager
 from tfrs_coldstart.serving.devserver.metrics import Metrics
 from tfrs_coldstart.serving.devserver.rest_api import RestApi
 
-__all__ = ["Server", "serve"]
+__all__ = ["DEFAULT_DRAIN_SECONDS", "DEFAULT_IDLE_TIMEOUT", "Server", "serve"]
 
 log = logging.getLogger(__name__)
+
+#: How long a stop (SIGTERM, Ctrl-C) lets requests already received finish.
+DEFAULT_DRAIN_SECONDS = 10.0
+#: Seconds a connection may sit idle (or stall mid-request) before it is closed.
+DEFAULT_IDLE_TIMEOUT = 30.0
 
 
 class Server:
@@ -48,8 +56,12 @@ class Server:
         poll_seconds: float = 1.0,
         batching: BatchingParameters | None = None,
         max_workers: int = 64,
+        limits: RequestLimits | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self.host = host
+        self.limits = limits or RequestLimits()
+        self.idle_timeout = idle_timeout
         self.rest_port = rest_port
         self.grpc_port = grpc_port
         self.poll_seconds = poll_seconds
@@ -66,7 +78,8 @@ class Server:
         self._grpc: GrpcApi | None = None
         self._rest: RestApi | None = None
         self._poll_thread: threading.Thread | None = None
-        # Set once stop() begins: both APIs answer UNAVAILABLE and the poller ends.
+        # Set once stop() has drained both APIs: late requests answer UNAVAILABLE, the poller
+        # ends. (While draining, the APIs themselves refuse new connections and calls.)
         self._stopping = threading.Event()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -75,9 +88,18 @@ class Server:
         self.manager.poll()
         self._executor = futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix="rest")
         try:
-            self._grpc = GrpcApi(self.manager, self.metrics, self._stopping)
+            self._grpc = GrpcApi(
+                self.manager, self.metrics, self._stopping, self.limits, self.idle_timeout
+            )
             self.grpc_port = self._grpc.start(self.host, self.grpc_port, self._max_workers)
-            self._rest = RestApi(self.manager, self.metrics, self._stopping, self._executor)
+            self._rest = RestApi(
+                self.manager,
+                self.metrics,
+                self._stopping,
+                self._executor,
+                self.limits,
+                self.idle_timeout,
+            )
             self.rest_port = self._rest.start(self.host, self.rest_port)
         except BaseException:
             self.stop(grace=0)
@@ -90,14 +112,21 @@ class Server:
         return self
 
     def stop(self, grace: float = 2.0) -> None:
-        """Stop accepting, finish in-flight requests (up to ``grace`` s), unload everything."""
-        self._stopping.set()
+        """Stop accepting, finish in-flight requests (up to ``grace`` s), unload everything.
+
+        gRPC and REST drain at the same time, so the whole stop takes at most ``grace`` s
+        plus the unload.
+        """
+        grpc_stopped = threading.Event()
+        grpc_stopped.set()
         if self._grpc is not None:
-            self._grpc.stop(grace)
+            grpc_stopped = self._grpc.stop(grace)  # returns at once; drains in the background
             self._grpc = None
         if self._rest is not None:
             self._rest.stop(grace)
             self._rest = None
+        grpc_stopped.wait(grace + 5)
+        self._stopping.set()
         if self._poll_thread is not None:
             self._poll_thread.join(timeout=grace + 30)
         if self._executor is not None:
@@ -142,8 +171,11 @@ def serve(
     batching: BatchingParameters | None = None,
     *,
     ready: Callable[[Server], None] | None = None,
+    limits: RequestLimits | None = None,
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
 ) -> None:
-    """Run the server until Ctrl-C or SIGTERM, then stop cleanly."""
+    """Run the server until Ctrl-C or SIGTERM, then drain for up to ``drain_seconds``."""
     server = Server(
         model_base,
         models_config,
@@ -152,6 +184,8 @@ def serve(
         host=host,
         poll_seconds=poll_seconds,
         batching=batching,
+        limits=limits,
+        idle_timeout=idle_timeout,
     )
     done = threading.Event()
 
@@ -171,6 +205,7 @@ def serve(
     except KeyboardInterrupt:
         pass
     finally:
-        server.stop()
+        log.info("stopping: finishing requests already received (up to %g s)", drain_seconds)
+        server.stop(grace=drain_seconds)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

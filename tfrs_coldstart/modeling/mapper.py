@@ -1,0 +1,187 @@
+"""The closed-form student: a linear map from content into the teacher's embedding space.
+
+The map is fit by weighted ridge regression from each side's content to the teacher's
+trained embeddings of warm entities (``min sum_e r_e |x_e W + b - t_e|^2 + alpha |W|^2``,
+``r_e`` the reliability of the teacher's embedding of ``e``: a function of its training
+count, as ALDI weights its alignment terms), so it is the distillation alignment term solved
+exactly. It is written *into a linear student tower* (no hidden layer, feature width = the
+teacher's width): each feature's embedding table holds its block of ``W`` and the output
+layer sums the blocks, so the served tower computes exactly the fitted map, and the design
+matrix is built from the tower's own lookups (the same vocabularies, buckets and OOV rows).
+
+On MovieLens-100K validation this beat every gradient-trained student tried, including the
+same linear tower initialised from it and fine-tuned with ``L_C + lambda * L_D``
+(BENCHMARKS.md, "Issue 13").
+
+Example::
+
+    tower = Tower(state, linear_tower_config(64), name="item_tower")
+    fit_ridge_tower(tower, warm_items, schema.item_features, "item_id", teacher_emb,
+                    reliability(counts), alpha=1.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import tensorflow as tf
+
+from tfrs_coldstart.config import TowerConfig
+from tfrs_coldstart.data.pipeline import feature_arrays
+from tfrs_coldstart.data.schema import FeatureSpec
+from tfrs_coldstart.features.columns import (
+    CategoricalColumn,
+    DenseVectorColumn,
+    IdColumn,
+    MultiHotColumn,
+    NumericColumn,
+    TextColumn,
+)
+from tfrs_coldstart.modeling.towers import Tower
+
+RELIABILITY = ("tanh", "linear", "none")
+
+
+def reliability(counts: np.ndarray, kind: str = "tanh", scale: float = 10.0) -> np.ndarray:
+    """How far a teacher embedding trained on ``counts`` interactions can be trusted, in
+    [0, 1]: ``tanh(count / scale)``, ``min(1, count / scale)`` or 1 (``none``)."""
+    c = np.asarray(counts, np.float64)
+    if kind == "tanh":
+        return np.tanh(c / scale)
+    if kind == "linear":
+        return np.minimum(1.0, c / scale)
+    if kind == "none":
+        return np.ones_like(c)
+    raise ValueError(f"reliability must be one of {', '.join(RELIABILITY)}, not {kind!r}")
+
+
+def linear_tower_config(width: int, base: TowerConfig | None = None) -> TowerConfig:
+    """A tower config whose tower is linear in its content: no hidden layer, no dropout, every
+    feature embedded at ``width`` (the teacher's width), no ID."""
+    return dataclasses.replace(base or TowerConfig(), id_dim=0, feature_dim=width, hidden=(),
+                               output_dim=width, dropout=0.0, feature_dropout=0.0)
+
+
+def _mean_rows(ids: np.ndarray, width: int) -> sp.csr_matrix:
+    """Rows of 1/n at each non-padding id (0 is padding): the encoder's masked mean."""
+    n, length = ids.shape
+    mask = ids > 0
+    counts = np.maximum(mask.sum(axis=1, keepdims=True), 1)
+    vals = np.broadcast_to(1.0 / counts, ids.shape)[mask]
+    rows = np.broadcast_to(np.arange(n)[:, None], ids.shape)[mask]
+    return sp.csr_matrix((vals, (rows, ids[mask])), shape=(n, width))
+
+
+def design_matrix(tower: Tower, table: pd.DataFrame, specs: tuple[FeatureSpec, ...],
+                  id_column: str) -> tuple[sp.csr_matrix, list[tuple[str, int]]]:
+    """``X [n_rows, n_design]`` of ``table`` as the linear tower sees it, and its blocks
+    ``(column name, width)`` in order. Training-only columns (an ID sink) are left out."""
+    arrays = feature_arrays(table, specs, id_column)
+    enc = tower.encoder
+    blocks, parts = [], []
+    for name, col in enc.columns.items():
+        layers = enc._parts[name]
+        if not col.served or isinstance(col, IdColumn):
+            continue
+        x = tf.constant(arrays[col.input_key])
+        if isinstance(col, CategoricalColumn):
+            width = int(layers["lookup"].vocabulary_size())
+            ids = layers["lookup"](x).numpy()
+            block = sp.csr_matrix((np.ones(len(ids)), (np.arange(len(ids)), ids)),
+                                  shape=(len(ids), width))
+        elif isinstance(col, MultiHotColumn):
+            width = int(layers["lookup"].vocabulary_size())
+            tags = tf.strings.split(x, sep=col.separator).to_tensor("")
+            block = _mean_rows(layers["lookup"](tags).numpy(), width)
+        elif isinstance(col, TextColumn):
+            width = int(layers["lookup"].vocabulary_size())
+            block = _mean_rows(layers["lookup"](x).numpy(), width)
+        elif isinstance(col, NumericColumn):
+            width = int(layers["emb"].input_dim)
+            xf = tf.cast(x, tf.float32)
+            ids = layers["disc"](xf).numpy().astype(np.int64)
+            z = np.clip((xf.numpy() - col.mean) / np.sqrt(col.variance), -5.0, 5.0)
+            onehot = sp.csr_matrix((np.ones(len(ids)), (np.arange(len(ids)), ids)),
+                                   shape=(len(ids), width))
+            block = sp.hstack([onehot, sp.csr_matrix(z[:, None])], format="csr")
+            width += 1
+        elif isinstance(col, DenseVectorColumn):
+            width = col.dim
+            block = sp.csr_matrix(np.asarray(arrays[col.input_key], np.float64))
+        else:
+            raise ValueError(f"the closed-form student cannot map feature '{name}' "
+                             f"({type(col).__name__}); use student.method=aligned")
+        blocks.append((name, width))
+        parts.append(block)
+    if not parts:
+        raise ValueError("the closed-form student needs at least one content feature")
+    return sp.hstack(parts, format="csr"), blocks
+
+
+def ridge(x: sp.csr_matrix, y: np.ndarray, weights: np.ndarray | None,
+          alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted ridge with an unpenalised intercept: ``(W [d, k], b [k])``.
+
+    Solved in the primal (``d x d``) or the dual (``n x n``), whichever is smaller; both are
+    dense solves, fine up to about 20,000 rows or design columns.
+    """
+    w = np.ones(x.shape[0]) if weights is None else np.asarray(weights, np.float64)
+    w = w / max(w.mean(), 1e-12)  # mean 1: alpha means the same with or without weights
+    xd = x.toarray()
+    x_mean = (w[:, None] * xd).sum(0) / w.sum()
+    y_mean = (w[:, None] * y).sum(0) / w.sum()
+    sw = np.sqrt(w)[:, None]
+    xc, yc = (xd - x_mean) * sw, (np.asarray(y, np.float64) - y_mean) * sw
+    n, d = xc.shape
+    if d <= n:
+        coef = np.linalg.solve(xc.T @ xc + alpha * np.eye(d), xc.T @ yc)
+    else:
+        coef = xc.T @ np.linalg.solve(xc @ xc.T + alpha * np.eye(n), yc)
+    return coef.astype(np.float32), (y_mean - x_mean @ coef).astype(np.float32)
+
+
+def set_linear_weights(tower: Tower, blocks: list[tuple[str, int]], coef: np.ndarray,
+                       intercept: np.ndarray) -> None:
+    """Write a linear map into a linear tower (see the module docstring)."""
+    enc = tower.encoder
+    width = tower.cfg.output_dim
+    dense = tower.mlp.layers[-1]
+    if tower.cfg.hidden or tower.cfg.feature_dim != width:
+        raise ValueError("set_linear_weights needs a linear tower (linear_tower_config)")
+    offsets = dict(zip([b[0] for b in blocks], np.cumsum([0] + [b[1] for b in blocks]),
+                       strict=False))
+    kernel_rows = []
+    for name, col in enc.columns.items():
+        layers = enc._parts[name]
+        if not col.served:  # a training-only sink: zeros at inference, no weight needed
+            kernel_rows.append(np.zeros((layers.get("width", width) if "emb" not in layers
+                                         else layers["emb"].output_dim, width), np.float32))
+            continue
+        start = offsets[name]
+        if isinstance(col, NumericColumn):
+            n_b = int(layers["emb"].input_dim)
+            layers["emb"].set_weights([coef[start:start + n_b]])
+            kernel_rows += [np.eye(width, dtype=np.float32), coef[start + n_b:start + n_b + 1]]
+        elif isinstance(col, DenseVectorColumn):
+            layers["proj"].set_weights([coef[start:start + col.dim], np.zeros(width, np.float32)])
+            kernel_rows.append(np.eye(width, dtype=np.float32))
+        else:
+            size = int(layers["emb"].input_dim)
+            layers["emb"].set_weights([coef[start:start + size]])
+            kernel_rows.append(np.eye(width, dtype=np.float32))
+    dense.set_weights([np.concatenate(kernel_rows, axis=0), intercept])
+
+
+def fit_ridge_tower(tower: Tower, table: pd.DataFrame, specs: tuple[FeatureSpec, ...],
+                    id_column: str, targets: np.ndarray, weights: np.ndarray | None,
+                    alpha: float) -> dict[str, Any]:
+    """Fit the linear map on ``table``'s rows (warm entities) to ``targets`` (the teacher's
+    embeddings of them) and write it into ``tower``; returns the fit's sizes."""
+    x, blocks = design_matrix(tower, table, specs, id_column)
+    coef, intercept = ridge(x, targets, weights, alpha)
+    set_linear_weights(tower, blocks, coef, intercept)
+    return {"rows": int(x.shape[0]), "design_columns": int(x.shape[1]), "alpha": alpha}
