@@ -1,18 +1,25 @@
-"""Cold-start quality benchmark (issue: distilled student): ML-100K, DESIGN.md protocol.
+"""Cold-start quality benchmark (issue 13): ML-100K (or any data), DESIGN.md protocol.
 
-Models: popularity, teacher, student (distilled), student with lambda = 0 (the ablation), and
-LightFM hybrid with the same features (optional: skipped with a message when not installed).
-Several training seeds; mean and standard deviation. Writes report.json, report.md and PNG charts
-under benchmarks/results/coldstart/. Not part of the test suite.
+Rows: popularity; the teacher (IDs + content; on cold segments its ID falls into the OOV
+bucket: its content path); the closed-form ridge mapper (the served student: content mapped
+linearly into the teacher's space); the aligned student (content towers trained in the
+teacher's space with L_C + lambda * (KL + alignment)) and its lambda = 0 ablation; today's
+own-space student; the unified ``recommend`` model (teacher for known users and items, the
+ridge student for new ones, one score); LightFM hybrid with the same features (optional).
+Several training seeds, mean and standard deviation, and a mixed-catalogue report (warm users
+ranking warm and new items together: recall and the new items' share of the top K). Writes
+report.json, report.md and report.png under ``--out``. Not part of the test suite.
 
-``--shape items-only`` / ``users-only`` drops the other side's content features, giving the
-one-sided shapes of real data (featureless users, as in paper/tag data; featureless items, as
-in social data) on the same split: the student distils the content side only and the other
-side's unseen entities fall back to popularity, for the student and LightFM alike (marked †).
+``--shape items-only`` / ``users-only`` drops the other side's content features (featureless
+users, as in paper/tag data; featureless items, as in social data): the students map the
+content side only, the other side keeps the teacher's ID tower, and unseen entities of the
+featureless side fall back to popularity (marked †). The aligned students need both sides.
 
-    make bench-quality ARGS="--data-dir ../shared/data/ml-100k --seeds 3"
+    make bench-quality ARGS="--seeds 3"
     make bench-quality ARGS="--seeds 3 --shape items-only \
         --out benchmarks/results/coldstart_items_only"
+    make bench-quality ARGS="--format synthetic --seeds 3 --no-lightfm \
+        --out benchmarks/results/coldstart_synthetic"
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS first)
 from tfrs_coldstart.config import load_config
@@ -31,6 +41,7 @@ from tfrs_coldstart.data import Dataset, Schema
 from tfrs_coldstart.evaluation import (
     Prepared,
     aggregate,
+    evaluate_mixed,
     evaluate_popularity,
     evaluate_score_fn,
     metrics_table,
@@ -39,8 +50,14 @@ from tfrs_coldstart.evaluation import (
     write_report,
 )
 from tfrs_coldstart.modeling.models import student_sides
-from tfrs_coldstart.runs import RunDir, load_data
-from tfrs_coldstart.scoring import evaluate_model
+from tfrs_coldstart.modeling.unified import UnifiedRecommender
+from tfrs_coldstart.runs import RECOMMEND, VALIDATION_TEACHER, RunDir, load_data
+from tfrs_coldstart.scoring import (
+    evaluate_model,
+    evaluate_unified,
+    model_score_fn,
+    unified_score_fn,
+)
 from tfrs_coldstart.training import fit_student, fit_teacher
 
 ROOT = Path(__file__).resolve().parent
@@ -120,6 +137,10 @@ def with_shape(ds: Dataset, shape: str) -> Dataset:
         items=ds.items[["item_id", *(f.name for f in schema.item_features)]])
 
 
+def student_cfg(base: Any, **changes: Any) -> Any:
+    return dataclasses.replace(base, **changes)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=str(ROOT.parent.parent / "shared" / "data" / "ml-100k"))
@@ -129,49 +150,80 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out", default=str(ROOT / "results" / "coldstart"))
     p.add_argument("--no-lightfm", action="store_true")
+    p.add_argument("--no-aligned", action="store_true", help="skip the trained aligned students")
     p.add_argument("--shape", choices=sorted(SHAPES), default="both",
                    help="keep content features on both sides or on one side only")
     args = p.parse_args(argv)
-    overrides = [f"data.format={args.format}", f"data.data_dir={args.data_dir}", *args.overrides]
+    overrides = list(args.overrides)
+    if args.format != "synthetic":
+        overrides = [f"data.format={args.format}", f"data.data_dir={args.data_dir}", *overrides]
     cfg = load_config(args.config, overrides)
     out = Path(args.out)
     ds = with_shape(load_data(cfg), args.shape)
     prep = prepare(ds, cfg)
     sides = student_sides(ds.schema, cfg.student.distill_sides)
     ks = cfg.eval.cutoffs
-    per_seed = []
+    k = cfg.eval.headline_k
+    per_seed, mixed_seed = [], []
     t_start = time.time()
     for seed in range(args.seeds):
         run = RunDir(out / "runs" / f"seed{seed}")
         c = dataclasses.replace(cfg, seed=seed, output_dir=str(run.path))
         run.write_metadata(c, prep)
-        res = {"popularity": evaluate_popularity(prep, ks)}
+        res: dict[str, Any] = {"popularity": evaluate_popularity(prep, ks)}
+        timing: dict[str, float] = {}
         t0 = time.time()
-        teacher = fit_teacher(prep, c.teacher, run, seed, verbose=2)
+        teacher = fit_teacher(prep, c.teacher, run, seed, verbose=2, k=k)
+        vt = fit_teacher(prep, c.teacher, run, seed, verbose=2, k=k, validation_only=True,
+                         name=VALIDATION_TEACHER)
+        timing["teachers_s"] = time.time() - t0
+        res["teacher"] = evaluate_model(prep, teacher, run.scorer("teacher"), ks)
+        # the served student (the product default, chosen on validation): closed-form ridge
         t1 = time.time()
-        res["teacher"] = evaluate_model(prep, teacher, run.scorer("teacher"), ks, sides)
-        student = fit_student(prep, teacher, c.student, run, seed, verbose=2)
-        t2 = time.time()
-        res["student"] = evaluate_model(prep, student, run.scorer("student"), ks, sides)
-        ablation = dataclasses.replace(c.student, distill_lambda=0.0, align_weight=0.0)
-        st0 = fit_student(prep, None if sides == ("user", "item") else teacher, ablation,
-                          run, seed, verbose=2, name="student_lambda0")
-        res["student (lambda=0)"] = evaluate_model(prep, st0, run.scorer("student_lambda0"), ks,
-                                                   sides)
+        ridge = fit_student(prep, teacher, student_cfg(c.student, method="ridge"), run, seed,
+                            verbose=2, k=k, val_teacher=vt)
+        timing["ridge_s"] = time.time() - t1
+        res["ridge mapper (closed form)"] = evaluate_model(prep, ridge, run.scorer("student"),
+                                                           ks, sides)
+        unified = UnifiedRecommender(teacher, ridge)
+        rec = run.scorer(RECOMMEND)
+        res["recommend (unified)"] = evaluate_unified(prep, unified, rec, ks)
+        mixed = {"teacher": evaluate_mixed(prep, model_score_fn(
+                     teacher, run.scorer("teacher"), ds, prep.split.train), ks, k),
+                 "recommend (unified)": evaluate_mixed(prep, unified_score_fn(
+                     unified, rec, ds, prep.split.train), ks, k)}
+        if sides == ("user", "item") and not args.no_aligned:
+            for label, name, lam in (("aligned student (trained)", "student_aligned", None),
+                                     ("aligned student, lambda=0", "student_aligned_l0", 0.0)):
+                t1 = time.time()
+                sc = student_cfg(c.student, method="aligned", item_id_sink=0,
+                                 **({} if lam is None else {"distill_lambda": lam}))
+                st = fit_student(prep, teacher, sc, run, seed, verbose=2, name=name, k=k,
+                                 val_teacher=vt)
+                timing[f"{name}_s"] = time.time() - t1
+                res[label] = evaluate_model(prep, st, run.scorer(name), ks, sides)
+        # today's student, in a space of its own (method=own)
+        t1 = time.time()
+        own = fit_student(prep, teacher, student_cfg(c.student, method="own"), run, seed,
+                          verbose=2, name="student_own", k=k)
+        timing["own_s"] = time.time() - t1
+        res["own-space student"] = evaluate_model(prep, own, run.scorer("student_own"), ks,
+                                                  sides)
         if not args.no_lightfm:
             fn = lightfm_scores(prep, seed)
             if fn is not None:  # a side without features has nothing for its unseen entities
                 res["lightfm (hybrid, WARP)"] = evaluate_score_fn(prep, fn, ks, sides)
-        res["_timing"] = {"teacher_s": t1 - t0, "student_s": t2 - t1}
         per_seed.append(res)
-        print(f"seed {seed} done in {time.time() - t0:.0f} s", file=sys.stderr)
-    timing = [r.pop("_timing") for r in per_seed]
+        mixed_seed.append(mixed)
+        print(f"seed {seed} done in {time.time() - t0:.0f} s {timing}", file=sys.stderr)
+        res["_timing"] = timing
+    timing_all = [r.pop("_timing") for r in per_seed]
     report = {
         "dataset": ds.name, "protocol": protocol(cfg, prep),
         "models": aggregate(per_seed),
-        "params": {"teacher": teacher.param_count(), "student": student.param_count(),
-                   "student_with_training_only_id_sink": student.param_count(training=True)},
-        "timing": timing,
+        "mixed": aggregate_mixed(mixed_seed, k),
+        "params": {"teacher": teacher.param_count(), "ridge student": ridge.param_count()},
+        "timing": timing_all,
         "command": "python benchmarks/coldstart.py " + " ".join(argv or sys.argv[1:]),
         "machine": f"{platform.machine()}, {platform.processor() or ''} "
                    f"{__import__('os').cpu_count()} cores, {platform.platform()}",
@@ -179,10 +231,27 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - t_start, 1),
     }
     write_report(report, out, cfg.eval.headline_k)
-    (out / "per_seed.json").write_text(json.dumps(per_seed, indent=1))
+    (out / "per_seed.json").write_text(json.dumps({"segments": per_seed, "mixed": mixed_seed},
+                                                  indent=1))
     print(metrics_table(report, cfg.eval.headline_k))
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def aggregate_mixed(per_seed: list[dict[str, dict]], k: int) -> dict[str, dict]:
+    """Mean over seeds of the mixed-catalogue metrics (recall and the cold-item share)."""
+    out: dict[str, dict] = {}
+    for model in per_seed[0]:
+        vals = [r[model] for r in per_seed]
+        entry: dict[str, Any] = {key: float(np.mean([v[key] for v in vals]))
+                                 for key in vals[0] if "@" in key and vals[0][key] is not None}
+        share = [v["cold_share"] for v in vals]
+        entry["cold_share"] = {key: (float(np.mean([s[key] for s in share]))
+                                     if all(s[key] is not None for s in share) else None)
+                               for key in ("top_k", "held_out", "ratio")}
+        entry["seeds"] = len(vals)
+        out[model] = entry
+    return out
 
 
 if __name__ == "__main__":

@@ -515,3 +515,27 @@ def test_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 def _config(run_dir: Any) -> Any:
     return RunDir.open(run_dir).config
+
+
+def test_cli_partitioned_knobs(run_dir: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`--index partitioned` with its knobs: a leaves_to_search the caller fixed is never
+    raised, so one leaf of many fails the gate naming the knob; without it the gate tunes."""
+    base = tmp_path / "export"
+    assert cli_main(["export", str(run_dir), "--base-dir", str(base), "--index", "partitioned",
+                     "--models", "teacher", "--k", str(K), "--no-item-encoder",
+                     "--partitioned-num-clusters", "12",
+                     "--partitioned-leaves-to-search", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "partitioned index" in err and "partitioned_leaves_to_search (now 1 of" in err
+    assert not base.exists()
+    assert cli_main(["export", str(run_dir), "--base-dir", str(base), "--index", "partitioned",
+                     "--models", "teacher", "--k", "5", "--no-item-encoder",
+                     "--partitioned-num-clusters", "12"]) == 0
+    assert "teacher" + PARTITIONED_SUFFIX in capsys.readouterr().out
+    man = json.loads((base / ("teacher" + PARTITIONED_SUFFIX) / "1" / "manifest.json")
+                     .read_text())
+    assert man["index"] == "partitioned" and man["k"] == 5
+    assert man["index_params"]["num_clusters"] <= 12
+    assert man["index_params"]["overridden"] == ["num_clusters"]
+    assert man["ann_recall"]["recall"] >= 0.95

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import tensorflow as tf  # after conftest imported tfrs_coldstart (legacy Keras for TFRS)
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from tfrs_coldstart.serving.index import (
@@ -275,6 +276,9 @@ def test_partitioned_small_and_empty_catalogues(catalogue) -> None:
     assert got.shape == (2, 3) and sorted(got.numpy()[0].astype(str)) == ["a", "b", "c"]
     g = build_gated_index(ids, emb, emb, 10, "partitioned")
     assert g.k == 3 and g.recall == pytest.approx(1.0)
+    # built the TFRS way, from tensors (string ids arrive as bytes)
+    direct = PartitionedTopK(k=2).index(tf.constant(emb), tf.constant(ids))
+    assert set(direct(emb[:1])[1].numpy()[0].astype(str)) <= {"a", "b", "c"}
     one = build_index(None, ids[:1], emb[:1], 5, "partitioned")
     s1, i1 = one(emb[:2], k=5)  # one item, five slots: one result, four pads
     assert [x.decode() for x in i1.numpy()[0]] == ["a", "", "", "", ""]

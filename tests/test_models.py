@@ -22,7 +22,10 @@ from tfrs_coldstart.runs import RunDir, load_model
 from tfrs_coldstart.scoring import evaluate_model
 from tfrs_coldstart.serving.export import ItemEncoderModule
 
-FAST = ["teacher.epochs=3", "student.epochs=3", "teacher.patience=1", "student.patience=1",
+# These tests are about the own-space student (method=own) and the teacher; the students in
+# the teacher's space (ridge, aligned) and the unified model are tested in test_unified.py.
+FAST = ["student.method=own", "teacher.epochs=3", "student.epochs=3", "teacher.patience=1",
+        "student.patience=1",
         "teacher.batch_size=256", "student.batch_size=256", "student.refit=false"]
 
 
@@ -182,20 +185,22 @@ def test_one_sided_student_keeps_teacher_id_tower(shape, tmp_path):
 
 def test_multi_hot_with_tens_of_thousands_of_values():
     ds = generate(n_users=300, n_items=30_000, n_interactions=6000, seed=1, n_tags=40_000)
-    cfg = RunConfig().student.tower
+    own = dataclasses.replace(RunConfig().student, method="own")
+    cfg = own.tower
     states = student_states(ds.schema, ds.users, ds.items, cfg, ("user", "item"))
     tags = [s for s in ds.schema.item_features if s.type.value == "multi_hot"][0]
     assert len(states["item"][tags.name]["vocabulary"]) > 10_000
-    student = build_student(states, RunConfig().student, None)
+    student = build_student(states, own, None)
     emb = student.embed("item", ds.items.head(500), ds.schema)
     assert emb.shape == (500, cfg.output_dim) and np.isfinite(emb).all()
 
 
 def test_no_teacher_and_featureless_side_is_an_error():
     ds = generate(n_users=50, n_items=40, n_interactions=500, seed=0, with_user_features=False)
-    states = student_states(ds.schema, ds.users, ds.items, RunConfig().student.tower, ("item",))
+    own = dataclasses.replace(RunConfig().student, method="own")
+    states = student_states(ds.schema, ds.users, ds.items, own.tower, ("item",))
     with pytest.raises(ValueError, match="teacher's ID tower"):
-        build_student(states, RunConfig().student, None)
+        build_student(states, own, None)
     with pytest.raises(ValueError, match="no user features"):
         student_sides(ds.schema, "both")
 
@@ -266,7 +271,7 @@ def test_item_id_sink_is_read_in_training_only():
     states = student_states(ds.schema, ds.users, ds.items, RunConfig().student.tower,
                             ("user", "item"), item_id_sink=8)
     assert states["item"]["__id__"]["train_only"] and "__id__" not in states["user"]
-    model = build_student(states, RunConfig().student, None)
+    model = build_student(states, dataclasses.replace(RunConfig().student, method="own"), None)
     tower = model.item_tower
     assert "item_id" not in tower.feature_names and not tower.uses_ids
     x = next(iter(table_dataset(ds.items, ds.schema.item_features, "item_id", 300)))

@@ -80,6 +80,8 @@ def _weight_transform(obj: Any) -> None:
 DATA_FORMATS = ("synthetic", "movielens", "tables", "tfds")
 INDEX_KINDS = ("scann", "partitioned", "brute-force")
 DISTILL_SIDES = ("auto", "both", "user", "item")
+STUDENT_METHODS = ("ridge", "aligned", "own")
+RIDGE_ALPHAS = (0.3, 1.0, 3.0, 10.0, 30.0)
 ID_FEATURE_MODES = ("frozen", "finetune", "learned")
 
 
@@ -167,7 +169,26 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """Student: content-only towers distilled from the teacher."""
+    """Student: content-only towers distilled from the teacher.
+
+    ``method`` (issue 13, chosen on validation: BENCHMARKS.md): ``ridge`` maps content into
+    the *teacher's* embedding space with a linear tower fit in closed form (the weighted
+    alignment term solved exactly; modeling/mapper.py), so one index serves the teacher's
+    and the student's embeddings; ``own`` trains content towers in a space of their own with
+    ``L_C + lambda * T^2 * KL`` (the fields below down to ``item_id_sink``); ``aligned``
+    trains content towers *in the teacher's space* with ``L_C + lambda * (KL + alignment)``,
+    each warm entity weighted by its reliability (modeling/aligned.py, ALDI-style).
+    """
+
+    method: str = "ridge"  # ridge | aligned (trained in the teacher's space) | own
+    ridge_alpha: float | None = None  # None: each side's from RIDGE_ALPHAS, on validation
+    reliability: str = "tanh"  # weight of a warm entity in the fit: tanh | linear | none
+    reliability_scale: float = 10.0  # tanh(count / scale)
+    # method=aligned: which cross terms L_C trains (tu_si: teacher user . student item,
+    # su_ti: student user . teacher item, su_si: student . student) and the weight of the
+    # listwise KL inside L_D (align_weight weighs the embedding alignment)
+    aligned_terms: tuple[str, ...] = ("tu_si", "su_ti")
+    kl_weight: float = 1.0
 
     tower: TowerConfig = field(
         default_factory=lambda: TowerConfig(id_dim=0, feature_dim=16, hidden=(64,), output_dim=32,
@@ -204,6 +225,11 @@ class StudentConfig:
         _at_least(self, 0, "patience", "distill_lambda", "align_weight")
         _one_of(self, "distill_sides", DISTILL_SIDES)
         _weight_transform(self)
+        _one_of(self, "method", STUDENT_METHODS)
+        _one_of(self, "reliability", ("tanh", "linear", "log", "none"))
+        _positive(self, "reliability_scale")
+        if self.ridge_alpha is not None:
+            _positive(self, "ridge_alpha")
         if self.popularity_prior is not None:
             _at_least(self, 0, "popularity_prior")
         if self.item_id_sink < 0:

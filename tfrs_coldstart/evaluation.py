@@ -338,6 +338,17 @@ def report_markdown(report: dict[str, Any], headline_k: int = 20) -> str:
            if isinstance(seg, dict)):
         lines.append("† this side has no content features: unseen entities fall back to "
                      "popularity.\n")
+    if report.get("mixed"):
+        lines += ["## Mixed catalogue (warm users rank warm and new items together)", "",
+                  f"| model | R@{headline_k} | N@{headline_k} | new items in top {headline_k} | "
+                  "new items among held-out | ratio |", "|---|---|---|---|---|---|"]
+        for name, m in report["mixed"].items():
+            share = m.get("cold_share") or {}
+            lines.append(f"| {name} | {_num(m.get(f'recall@{headline_k}'))} | "
+                         f"{_num(m.get(f'ndcg@{headline_k}'))} | {_num(share.get('top_k'))} | "
+                         f"{_num(share.get('held_out'))} | {_num(share.get('ratio'))} |")
+        lines += ["", "A ratio within [0.5, 2] means new items are neither buried nor flooded.",
+                  ""]
     ks = sorted({int(k.split("@")[1]) for m in report["models"].values() for seg in m.values()
                  if isinstance(seg, dict) for k in seg if k.startswith("recall@")})
     lines += ["## All cut-offs", "", "| model | segment | " + " | ".join(

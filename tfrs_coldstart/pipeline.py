@@ -13,10 +13,22 @@ from typing import Any
 from tfrs_coldstart.config import RunConfig, load_config
 from tfrs_coldstart.console import log, phase
 from tfrs_coldstart.errors import ConfigError, RunError
-from tfrs_coldstart.evaluation import evaluate_popularity, metrics_table, prepare, protocol
+from tfrs_coldstart.evaluation import (
+    evaluate_mixed,
+    evaluate_popularity,
+    metrics_table,
+    prepare,
+    protocol,
+)
 from tfrs_coldstart.modeling.models import student_sides
-from tfrs_coldstart.runs import RunDir, load_data
-from tfrs_coldstart.scoring import evaluate_model
+from tfrs_coldstart.modeling.unified import UnifiedRecommender
+from tfrs_coldstart.runs import RECOMMEND, VALIDATION_TEACHER, RunDir, load_data
+from tfrs_coldstart.scoring import (
+    evaluate_model,
+    evaluate_unified,
+    model_score_fn,
+    unified_score_fn,
+)
 from tfrs_coldstart.training import fit_student, fit_teacher
 
 
@@ -84,15 +96,31 @@ def run_pipeline(cfg: RunConfig, student: bool = True, verbose: int | str = "aut
     with phase("evaluation: popularity, teacher"):
         models = {"popularity": evaluate_popularity(prep, cfg.eval.cutoffs),
                   "teacher": evaluate_model(prep, teacher, run.scorer("teacher"), cfg.eval.cutoffs)}
+    report: dict[str, Any] = {"dataset": ds.name, "protocol": protocol(cfg, prep)}
     if student:
+        val_teacher = None
+        if cfg.student.method == "ridge":
+            with phase("validation teacher (validation training part only)"):
+                val_teacher = fit_teacher(prep, cfg.teacher, run, cfg.seed, verbose,
+                                          validation_only=True, k=k, name=VALIDATION_TEACHER)
         with phase("student"):
-            st = fit_student(prep, teacher, cfg.student, run, cfg.seed, verbose, k=k)
-        with phase("evaluation: student"):
+            st = fit_student(prep, teacher, cfg.student, run, cfg.seed, verbose, k=k,
+                             val_teacher=val_teacher)
+        with phase("evaluation: student, recommend"):
             models["student"] = evaluate_model(
                 prep, st, run.scorer("student"), cfg.eval.cutoffs,
                 student_sides(ds.schema, cfg.student.distill_sides))
-    return {"dataset": ds.name, "protocol": protocol(cfg, prep), "models": models,
-            "seconds": round(time.time() - t0, 1)}
+            report["mixed"] = {"teacher": evaluate_mixed(
+                prep, model_score_fn(teacher, run.scorer("teacher"), ds, prep.split.train),
+                cfg.eval.cutoffs, k)}
+            if run.has_scorer(RECOMMEND):
+                unified = UnifiedRecommender(teacher, st)
+                scorer = run.scorer(RECOMMEND)
+                models[RECOMMEND] = evaluate_unified(prep, unified, scorer, cfg.eval.cutoffs)
+                report["mixed"][RECOMMEND] = evaluate_mixed(
+                    prep, unified_score_fn(unified, scorer, ds, prep.split.train),
+                    cfg.eval.cutoffs, k)
+    return {**report, "models": models, "seconds": round(time.time() - t0, 1)}
 
 
 # ---- commands ---------------------------------------------------------------------------------
@@ -131,9 +159,18 @@ def distill_command(args: argparse.Namespace) -> int:
     with phase("split"):
         prep = prepare(ds, cfg)
     teacher = run.load_model("teacher")
+    val_teacher = None
+    if cfg.student.method == "ridge":
+        if run.has_model(VALIDATION_TEACHER):
+            val_teacher = run.load_model(VALIDATION_TEACHER)
+        else:
+            with phase("validation teacher (validation training part only)"):
+                val_teacher = fit_teacher(prep, cfg.teacher, run, cfg.seed, _verbose(args),
+                                          validation_only=True, k=cfg.eval.headline_k,
+                                          name=VALIDATION_TEACHER)
     with phase("student"):
         st = fit_student(prep, teacher, cfg.student, run, cfg.seed, _verbose(args),
-                         k=cfg.eval.headline_k)
+                         k=cfg.eval.headline_k, val_teacher=val_teacher)
     run.write_config(cfg)
     report = run.report() or {"dataset": ds.name, "protocol": protocol(cfg, prep), "models": {}}
     with phase("evaluation: student"):
@@ -159,12 +196,18 @@ def evaluate_command(args: argparse.Namespace) -> int:
         prep = prepare(ds, cfg)
     with phase("evaluation"):
         models = {"popularity": evaluate_popularity(prep, cfg.eval.cutoffs)}
+        loaded = {}
         for which in ("teacher", "student"):
             if run.has_model(which):
                 sides = (student_sides(ds.schema, cfg.student.distill_sides)
                          if which == "student" else None)
-                models[which] = evaluate_model(prep, run.load_model(which), run.scorer(which),
+                loaded[which] = run.load_model(which)
+                models[which] = evaluate_model(prep, loaded[which], run.scorer(which),
                                                cfg.eval.cutoffs, sides)
+        if run.has_scorer(RECOMMEND) and len(loaded) == 2:
+            models[RECOMMEND] = evaluate_unified(
+                prep, UnifiedRecommender(loaded["teacher"], loaded["student"]),
+                run.scorer(RECOMMEND), cfg.eval.cutoffs)
     report = {"dataset": ds.name, "protocol": protocol(cfg, prep), "models": models}
     _finish(report, run, cfg, args.output)
     return 0

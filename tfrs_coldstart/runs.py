@@ -42,6 +42,7 @@ from tfrs_coldstart.scoring import Scorer, log_counts
 
 MODELS = ("teacher", "student")
 RECOMMEND = "recommend"  # the unified model: the teacher and the student, one scorer
+VALIDATION_TEACHER = "teacher_val"  # trained on the validation split's training part only
 CONFIG_FILE, SCHEMA_FILE, SPLIT_FILE = "config.yaml", "schema.yaml", "split.json"
 _MODEL_FILES = ("preprocessing.json", "history.json", "scorer.json")
 

@@ -8,6 +8,7 @@ and pseudo-cold users and items.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfrs_coldstart.config import StudentConfig, TeacherConfig
+from tfrs_coldstart.config import RIDGE_ALPHAS, StudentConfig, TeacherConfig
 from tfrs_coldstart.console import log, phase, warn_once
 from tfrs_coldstart.data import SEGMENTS
 from tfrs_coldstart.data.pipeline import (
@@ -26,6 +27,8 @@ from tfrs_coldstart.data.pipeline import (
 )
 from tfrs_coldstart.evaluation import Prepared, SegmentTask, rank_metrics, servable
 from tfrs_coldstart.features.encoder import dummy_inputs
+from tfrs_coldstart.modeling.aligned import AlignedConfig, AlignedStudent, fit_aligned
+from tfrs_coldstart.modeling.mapper import design_matrix, fit_ridge_tower, reliability, ridge
 from tfrs_coldstart.modeling.models import (
     SIDES,
     StudentModel,
@@ -37,8 +40,17 @@ from tfrs_coldstart.modeling.models import (
     student_states,
     teacher_states,
 )
-from tfrs_coldstart.runs import RunDir
-from tfrs_coldstart.scoring import Scorer, model_score_fn, tune_prior
+from tfrs_coldstart.modeling.towers import Tower
+from tfrs_coldstart.modeling.unified import UnifiedRecommender
+from tfrs_coldstart.runs import RECOMMEND, RunDir
+from tfrs_coldstart.scoring import (
+    Scorer,
+    model_score_fn,
+    training_log_counts,
+    tune_prior,
+    tune_unified,
+    unified_score_fn,
+)
 
 __all__ = ["fit_student", "fit_teacher", "log"]
 
@@ -128,7 +140,7 @@ def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float
 
 def fit_teacher(prep: Prepared, cfg: TeacherConfig, run: RunDir, seed: int = 0,
                 verbose: int | str = "auto", validation_only: bool = False,
-                k: int = 20) -> TeacherModel:
+                k: int = 20, name: str = "teacher") -> TeacherModel:
     """Teacher on training minus held-out warm validation; early stopping on its recall@k.
 
     ``validation_only`` trains on the validation split's training part alone, without the
@@ -145,22 +157,29 @@ def fit_teacher(prep: Prepared, cfg: TeacherConfig, run: RunDir, seed: int = 0,
                             _entities(ds.items, "item", train_df), cfg.tower)
     model = build_teacher(states, cfg)
     info = _fit(model, train_df, prep, cfg.learning_rate, cfg.batch_size, cfg.epochs,
-                cfg.patience, ("warm",), run, "teacher", seed, verbose, k, cfg.weight_decay,
+                cfg.patience, ("warm",), run, name, seed, verbose, k, cfg.weight_decay,
                 cfg.interaction_weight)
-    run.save_model("teacher", model, states, info, Scorer(cfg.temperature))
+    run.save_model(name, model, states, info, Scorer(cfg.temperature))
     return model
 
 
 def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig, run: RunDir,
                 seed: int = 0, verbose: int | str = "auto", name: str = "student",
-                k: int = 20) -> StudentModel:
+                k: int = 20, val_teacher: TeacherModel | None = None) -> StudentModel:
     """Content-only student distilled from ``teacher``; early stopping on pseudo-cold validation.
 
-    Three phases: a search fit on the validation split's training part (so its pseudo-cold
+    ``method=ridge``: see :func:`fit_ridge_student`. ``method=own``, three phases: a search
+    fit on the validation split's training part (so its pseudo-cold
     users and items are truly unseen when choosing the epoch), the popularity prior's weight
     chosen on the same validation data, then (``cfg.refit``) a refit on all training data for
     the chosen number of epochs.
     """
+    if cfg.method == "ridge":
+        return fit_ridge_student(prep, teacher, cfg, run, name=name, k=k,
+                                 val_teacher=val_teacher)
+    if cfg.method == "aligned":
+        return fit_aligned_student(prep, teacher, cfg, run, seed, verbose, name, k,
+                                   val_teacher)
     tf.keras.utils.set_random_seed(seed + 1000)
     ds = prep.dataset
     sides = student_sides(ds.schema, cfg.distill_sides)
@@ -204,3 +223,218 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
                                  k, interaction_weight=cfg.interaction_weight)
     run.save_model(name, model, states, info, scorer)
     return model
+
+
+# ---- the closed-form student in the teacher's space (student.method=ridge) -------------------
+
+
+def _counts(train_df: pd.DataFrame, side: str, ids: pd.Series) -> np.ndarray:
+    key = f"{side}_id"
+    return ids.astype(str).map(train_df[key].astype(str).value_counts()).fillna(0).to_numpy(
+        np.float64)
+
+
+def _fit_ridge_sides(model: StudentModel, teacher: TeacherModel, prep: Prepared,
+                     train_df: pd.DataFrame, sides: tuple[str, ...], cfg: StudentConfig,
+                     alphas: dict[str, float]) -> dict[str, Any]:
+    """Fit each content side's linear tower to ``teacher``'s embeddings of the entities of
+    ``train_df``, weighted by the reliability of each (a function of its count there)."""
+    ds = prep.dataset
+    out = {}
+    for side in sides:
+        table = _entities(ds.users if side == "user" else ds.items, side, train_df)
+        weights = reliability(_counts(train_df, side, table[f"{side}_id"]), cfg.reliability,
+                              cfg.reliability_scale)
+        targets = teacher.embed(side, table, ds.schema)
+        out[side] = fit_ridge_tower(model.tower(side), table, ds.schema.side(side),
+                                    f"{side}_id", targets, weights, alphas[side])
+    return out
+
+
+def _ridge_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
+                        sides: tuple[str, ...], cfg: StudentConfig, grid: tuple[float, ...],
+                        k: int) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Each side's ridge alpha on the validation segment that side alone serves, in numpy:
+    the design matrices and the teacher's embeddings are computed once."""
+    ds, v = prep.dataset, prep.val
+    tables = {"user": ds.users, "item": ds.items}
+    known = {s: tables[s][f"{s}_id"].astype(str).isin(set(v.train[f"{s}_id"].astype(str)))
+             .to_numpy() for s in SIDES}
+    emb = {s: vt.embed(s, tables[s], ds.schema) for s in SIDES}
+    counts = training_log_counts(v.train, ds.items)
+    segment = {"item": "cold_item", "user": "cold_user"}
+    search: dict[str, dict[str, float]] = {side: {} for side in sides}
+    for side in sides:
+        x, _ = design_matrix(model.tower(side), tables[side], ds.schema.side(side),
+                             f"{side}_id")
+        rows = known[side]
+        weights = reliability(_counts(v.train, side, tables[side][f"{side}_id"][rows]),
+                              cfg.reliability, cfg.reliability_scale)
+        task = prep.val_tasks[segment[side]]
+        for alpha in grid:
+            coef, bias = ridge(x[rows], emb[side][rows], weights, alpha)
+            mapped = x @ coef + bias
+            mapped /= np.maximum(np.linalg.norm(mapped, axis=1, keepdims=True), 1e-12)
+            both = dict(emb)
+            both[side] = np.where(rows[:, None], emb[side], mapped).astype(np.float32)
+            best = 0.0
+            for prior in ((0.0,) if side == "item" else (0.0, 1.0, 4.0)):
+                fn = Scorer(vt.temperature, prior).score_fn(both["user"], both["item"], counts)
+                if len(task.user_rows):
+                    best = max(best, float(rank_metrics(task, fn, (k,))[f"recall@{k}"]))
+            search[side][str(alpha)] = best
+    alphas = {side: max(grid, key=lambda a, s=side: search[s][str(a)]) for side in sides}
+    return alphas, search
+
+
+def fit_ridge_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig,
+                      run: RunDir, name: str = "student", k: int = 20,
+                      val_teacher: TeacherModel | None = None) -> StudentModel:
+    """The closed-form student in the teacher's space, and the unified model's score.
+
+    Validation (``val_teacher``: a teacher trained on the validation split's training part
+    alone, so pseudo-cold users and items are unseen by every model): each side's ridge
+    ``alpha`` is chosen on the segment that side alone serves (cold-item for items,
+    cold-user for users, unified scoring), then the popularity priors and the new-item bias
+    of the ``recommend`` score (:func:`scoring.tune_unified`) and the student's own prior.
+    Then the map is fit again on every training entity with the final ``teacher``.
+    Without ``val_teacher`` the final teacher is used for validation too (it saw the
+    pseudo-cold entities' interactions, so validation is flattered; the log says so).
+    """
+    if teacher is None:
+        raise ValueError("student.method=ridge maps content into the teacher's space: train "
+                         "the teacher first")
+    ds, v = prep.dataset, prep.val
+    sides = student_sides(ds.schema, cfg.distill_sides)
+    if val_teacher is None:
+        warn_once("no validation teacher given: the student's settings are chosen with the "
+                  "final teacher, which saw the pseudo-cold validation entities")
+    vt = val_teacher or teacher
+    no_sink = dataclasses.replace(cfg, item_id_sink=0)
+    info: dict[str, Any] = {"method": "ridge", "sides": list(sides),
+                            "reliability": [cfg.reliability, cfg.reliability_scale]}
+    with phase(f"{name}: ridge alpha search (validation)"):
+        states = student_states(ds.schema, _entities(ds.users, "user", v.train),
+                                _entities(ds.items, "item", v.train), cfg.tower, sides)
+        model = build_student(states, no_sink, vt)
+        for side in sides:
+            model.tower(side)(dummy_inputs(model.tower(side).encoder.state))
+        grid = (cfg.ridge_alpha,) if cfg.ridge_alpha is not None else RIDGE_ALPHAS
+        alphas, search = _ridge_alpha_search(model, vt, prep, sides, cfg, grid, k)
+        info["alpha"], info["alpha_search"] = alphas, search
+        _fit_ridge_sides(model, vt, prep, v.train, sides, cfg, alphas)
+    with phase(f"{name}: score search (validation)"):
+        rec_scorer, rec_info = tune_unified(UnifiedRecommender(vt, model), prep, k=k)
+        val_segments = tuple(s for s in SEGMENTS if servable(s, sides)
+                             and len(prep.val_tasks[s].user_rows))
+        own = Scorer(vt.temperature, float(cfg.popularity_prior or 0.0))
+        if cfg.popularity_prior is None:
+            own, info["prior_search"] = tune_prior(model, own, prep, val_segments, k=k)
+        info["popularity_prior"] = own.prior
+    with phase(f"{name}: ridge fit on all training data"):
+        full = prep.split.train
+        states = student_states(ds.schema, _entities(ds.users, "user", full),
+                                _entities(ds.items, "item", full), cfg.tower, sides)
+        model = build_student(states, no_sink, teacher)
+        for side in sides:
+            model.tower(side)(dummy_inputs(model.tower(side).encoder.state))
+        info["fit"] = _fit_ridge_sides(model, teacher, prep, full, sides, cfg, alphas)
+    info["best_epoch"] = info["epochs_run"] = 0
+    run.save_model(name, model, states, info, Scorer(teacher.temperature, own.prior))
+    if name == "student":  # a benchmark's extra students do not replace the served one
+        run.save_scorer(RECOMMEND, rec_scorer, {"student": name, **rec_info})
+    return model
+
+
+# ---- the trained student in the teacher's space (student.method=aligned) ---------------------
+
+
+def aligned_config(cfg: StudentConfig) -> AlignedConfig:
+    """The :class:`AlignedConfig` of a student config (method=aligned)."""
+    return AlignedConfig(
+        tower=cfg.tower, contrastive=tuple(cfg.aligned_terms), distill_lambda=cfg.distill_lambda,
+        kd_temperature=cfg.distill_temperature, kl_weight=cfg.kl_weight,
+        align_weight=cfg.align_weight, reliability=cfg.reliability,
+        reliability_scale=cfg.reliability_scale, logq_correction=cfg.logq_correction,
+        remove_accidental_hits=cfg.remove_accidental_hits, item_id_sink=cfg.item_id_sink,
+        learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, epochs=cfg.epochs,
+        patience=cfg.patience)
+
+
+def _aligned(prep: Prepared, teacher: TeacherModel, cfg: StudentConfig, train_df: pd.DataFrame
+             ) -> tuple[AlignedStudent, dict[str, Any]]:
+    """An aligned student on ``train_df``'s entities with ``teacher``'s embeddings cached."""
+    ds = prep.dataset
+    acfg = aligned_config(cfg)
+    users, items = _entities(ds.users, "user", train_df), _entities(ds.items, "item", train_df)
+    tower_cfg = dataclasses.replace(cfg.tower, output_dim=teacher.user_tower.cfg.output_dim,
+                                    id_dim=0)
+    states = student_states(ds.schema, users, items, tower_cfg, SIDES, cfg.item_id_sink,
+                            cfg.item_id_sink_dropout)
+    model = AlignedStudent(Tower(states["user"], tower_cfg, name="user_tower"),
+                           Tower(states["item"], tower_cfg, name="item_tower"),
+                           teacher.temperature, acfg)
+    for side, table in (("user", users), ("item", items)):
+        model.tower(side)(dummy_inputs(model.tower(side).encoder.state))
+        model.cache_teacher(side, table[f"{side}_id"].astype(str).to_numpy(),
+                            teacher.embed(side, table, ds.schema),
+                            _counts(train_df, side, table[f"{side}_id"]))
+    return model, states
+
+
+def fit_aligned_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig,
+                        run: RunDir, seed: int = 0, verbose: int | str = "auto",
+                        name: str = "student", k: int = 20,
+                        val_teacher: TeacherModel | None = None) -> StudentModel:
+    """Content towers trained *in the teacher's space* (:class:`AlignedStudent`).
+
+    Search: trained on the validation split's training part against ``val_teacher``, early
+    stopping on the unified model's mean validation recall@k over the cold segments; the
+    ``recommend`` score and the student's own prior are chosen on validation; then a refit on
+    all training data against ``teacher`` for the chosen number of epochs.
+    """
+    if teacher is None:
+        raise ValueError("student.method=aligned learns the teacher's space: train the "
+                         "teacher first")
+    ds, v = prep.dataset, prep.val
+    if student_sides(ds.schema, cfg.distill_sides) != SIDES:
+        raise ValueError("student.method=aligned needs content features on both sides; use "
+                         "student.method=ridge for one-sided data")
+    vt = val_teacher or teacher
+    known = {s: set(v.train[f"{s}_id"].astype(str)) for s in SIDES}
+    cold = tuple(s for s in ("cold_item", "cold_user", "cold_both")
+                 if len(prep.val_tasks[s].user_rows))
+    with phase(f"{name}: search fit (validation)"):
+        model, _ = _aligned(prep, vt, cfg, v.train)
+
+        def score(m: AlignedStudent) -> dict[str, float]:
+            fn = unified_score_fn(UnifiedRecommender(vt, m), Scorer(vt.temperature), ds,
+                                  v.train, known["user"], known["item"])
+            vals = {s: float(rank_metrics(prep.val_tasks[s], fn, (k,))[f"recall@{k}"])
+                    for s in cold}
+            return {f"val_{s}_recall@{k}": x for s, x in vals.items()} | {
+                "val_cold_mean": float(np.mean(list(vals.values()))) if vals else 0.0}
+
+        info = fit_aligned(model, v.train, ds.users, ds.items, ds.schema, seed, score,
+                           verbose=0 if verbose == "auto" else int(verbose))
+    info["method"] = "aligned"
+    with phase(f"{name}: score search (validation)"):
+        rec_scorer, rec_info = tune_unified(UnifiedRecommender(vt, model), prep, k=k)
+        own, info["prior_search"] = tune_prior(model, Scorer(vt.temperature), prep,
+                                               tuple(s for s in SEGMENTS
+                                                     if len(prep.val_tasks[s].user_rows)), k=k)
+        info["popularity_prior"] = own.prior
+    with phase(f"{name}: refit ({info['best_epoch']} epochs on all training data)"):
+        model, states = _aligned(prep, teacher, cfg, prep.split.train)
+        refit = dataclasses.replace(model.cfg, epochs=info["best_epoch"])
+        model.cfg = refit
+        info["refit"] = fit_aligned(model, prep.split.train, ds.users, ds.items, ds.schema,
+                                    seed + 2000, None,
+                                    verbose=0 if verbose == "auto" else int(verbose))
+    run.save_model(name, model, states, info, Scorer(teacher.temperature, own.prior))
+    if name == "student":  # a benchmark's extra students do not replace the served one
+        run.save_scorer(RECOMMEND, rec_scorer, {"student": name, **rec_info})
+    loaded = build_student(states, cfg, teacher)  # the served form: a StudentModel
+    for side in SIDES:
+        loaded.tower(side).set_weights(model.tower(side).get_weights())
+    return loaded

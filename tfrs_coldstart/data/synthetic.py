@@ -9,9 +9,10 @@ Generative story (so that a content-only tower *can* learn cold start):
 - a user's taste = mean of their interest tags' vectors + age-bucket and region offsets +
   small noise; ``activity`` sets how many interactions they have;
 - optionally (``n_friends`` > 0) a social graph: each user lists up to ``n_friends`` other
-  users as ``friends`` (a multi_hot of user IDs, ``ids_of: user``), drawn mostly
-  (``FRIEND_HOME``) from users of the same favourite category, i.e. the same taste cluster,
-  so a new user's taste follows their friends' and who their friends are is their content;
+  users as ``friends`` (a multi_hot of user IDs, ``ids_of: user``): of candidates drawn
+  mostly (``FRIEND_HOME``) from users of the same favourite category (taste cluster), the
+  closest in taste, so a new user's taste follows their friends' and who their friends are
+  is their content;
 - score(u, i) = BETA * taste_u . item_i + log popularity_i (Zipf over a random item ranking);
   each user draws their items without replacement from softmax(score) (Gumbel-top-k).
 
@@ -46,7 +47,8 @@ _AGE_P = (0.05, 0.25, 0.3, 0.2, 0.12, 0.08)
 _N_REGIONS = 12
 _CHUNK_CELLS = 4_000_000  # per user chunk: float32 scores of about 16 MB
 _SIR_POOL_MIN = 4096
-FRIEND_HOME = 0.85  # share of a user's friends drawn from their own taste cluster
+FRIEND_HOME = 0.85  # share of a user's friend candidates drawn from their own taste cluster
+_FRIEND_POOL = 4  # candidates per friend; the closest in taste become friends
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -213,17 +215,25 @@ def _sample_sir(rng: np.random.Generator, taste: np.ndarray, item_vec: np.ndarra
     return np.concatenate(us), np.concatenate(its)
 
 
-def _friends(rng: np.random.Generator, fav: np.ndarray, n_clusters: int, n_friends: int,
-             user_ids: np.ndarray) -> list[str]:
-    """Each user's friends ("|"-joined user IDs), mostly from their own favourite category."""
+def _friends(rng: np.random.Generator, fav: np.ndarray, taste: np.ndarray, n_clusters: int,
+             n_friends: int, user_ids: np.ndarray) -> list[str]:
+    """Each user's friends ("|"-joined user IDs): of a pool drawn mostly from their own
+    favourite category, the ones closest in taste (homophily), so friends' tastes predict
+    one's own beyond the cluster."""
     n = len(fav)
     order = np.argsort(fav, kind="stable")
     counts = np.bincount(fav, minlength=n_clusters)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    raw = _draw_from_blocks(rng, n_friends, fav, starts, counts, order, FRIEND_HOME, n)
-    raw[raw == np.arange(n)[:, None]] = n  # never one's own friend
+    pool_size = _FRIEND_POOL * n_friends
+    pool = _draw_from_blocks(rng, pool_size, fav, starts, counts, order, FRIEND_HOME, n)
+    pool[pool == np.arange(n)[:, None]] = n  # never one's own friend
+    pool = _dedupe_rows(pool, np.full(n, pool_size), n)
+    taste_pad = np.vstack([taste, np.zeros((1, taste.shape[1]), taste.dtype)])
+    sim = np.einsum("nd,npd->np", taste, taste_pad[pool])
+    sim[pool == n] = -np.inf
+    closest = np.take_along_axis(pool, np.argsort(-sim, axis=1, kind="stable"), axis=1)
     n_valid = rng.integers(max(1, n_friends // 2), n_friends + 1, size=n)
-    rows = _dedupe_rows(raw, n_valid, n)
+    rows = _dedupe_rows(closest[:, :n_friends], n_valid, n)
     return _join_rows(rows, list(user_ids), n, "|")
 
 
@@ -335,7 +345,8 @@ def generate(
         )
 
     if n_friends > 0:
-        users["friends"] = pd.Series(_friends(r_social, fav, C, int(n_friends), user_ids),
+        users["friends"] = pd.Series(_friends(r_social, fav, taste, C, int(n_friends),
+                                              user_ids),
                                      dtype=object)
         user_specs += (FeatureSpec("friends", FeatureType.MULTI_HOT, ids_of="user"),)
 

@@ -43,17 +43,20 @@ from tfrs_coldstart.features.columns import (
 )
 from tfrs_coldstart.modeling.towers import Tower
 
-RELIABILITY = ("tanh", "linear", "none")
+RELIABILITY = ("tanh", "linear", "log", "none")
 
 
 def reliability(counts: np.ndarray, kind: str = "tanh", scale: float = 10.0) -> np.ndarray:
     """How far a teacher embedding trained on ``counts`` interactions can be trusted, in
-    [0, 1]: ``tanh(count / scale)``, ``min(1, count / scale)`` or 1 (``none``)."""
+    [0, 1]: ``tanh(count / scale)``, ``min(1, count / scale)``, ``tanh(log1p(count) /
+    scale)`` or 1 (``none``)."""
     c = np.asarray(counts, np.float64)
     if kind == "tanh":
         return np.tanh(c / scale)
     if kind == "linear":
         return np.minimum(1.0, c / scale)
+    if kind == "log":
+        return np.tanh(np.log1p(c) / scale)
     if kind == "none":
         return np.ones_like(c)
     raise ValueError(f"reliability must be one of {', '.join(RELIABILITY)}, not {kind!r}")

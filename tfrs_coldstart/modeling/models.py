@@ -21,6 +21,7 @@ from tfrs_coldstart.data.schema import Schema
 from tfrs_coldstart.features.columns import IdColumn
 from tfrs_coldstart.features.encoder import Untracked, build_state
 from tfrs_coldstart.modeling.losses import contrastive_and_kl
+from tfrs_coldstart.modeling.mapper import linear_tower_config
 from tfrs_coldstart.modeling.towers import Tower
 
 SIDES = ("user", "item")
@@ -93,16 +94,19 @@ class TeacherModel(TwoTowerModel):
 
 
 class StudentModel(TwoTowerModel):
-    """Content-only towers trained with ``L_C + lambda * T^2 * KL(teacher || student)``.
+    """Content-only towers: with ``method=own`` trained with
+    ``L_C + lambda * T^2 * KL(teacher || student)`` in a space of their own; with
+    ``method=ridge`` linear towers in the teacher's space, fit in closed form
+    (:mod:`tfrs_coldstart.modeling.mapper`), scored at the teacher's temperature.
 
     A side with no content features keeps the teacher's (frozen) ID tower; see
     :func:`build_student`.
     """
 
     def __init__(self, user_tower: Tower, item_tower: Tower, teacher: TeacherModel | None,
-                 cfg: StudentConfig, **kwargs: Any) -> None:
-        super().__init__(user_tower, item_tower, cfg.temperature, cfg.logq_correction,
-                         cfg.remove_accidental_hits, **kwargs)
+                 cfg: StudentConfig, temperature: float | None = None, **kwargs: Any) -> None:
+        super().__init__(user_tower, item_tower, temperature or cfg.temperature,
+                         cfg.logq_correction, cfg.remove_accidental_hits, **kwargs)
         self.cfg = cfg
         self.teacher = teacher
         if teacher is not None:
@@ -270,7 +274,21 @@ def build_student(states: dict[str, dict[str, Any]], cfg: StudentConfig,
         shared_ids = {s: layers for s in SIDES
                       if (layers := teacher.tower(s).encoder.id_layers()) is not None}
     tower_cfg = cfg.tower
-    if teacher is not None and len(states) < len(SIDES):
+    temperature = None
+    if cfg.method == "ridge":
+        if teacher is None:
+            raise ValueError("student.method=ridge maps content into the teacher's space: "
+                             "it needs the teacher")
+        tower_cfg = linear_tower_config(teacher.user_tower.cfg.output_dim, cfg.tower)
+        temperature = teacher.temperature
+    elif cfg.method == "aligned":
+        if teacher is None:
+            raise ValueError("student.method=aligned lives in the teacher's space: it needs "
+                             "the teacher")
+        tower_cfg = dataclasses.replace(cfg.tower, id_dim=0,
+                                        output_dim=teacher.user_tower.cfg.output_dim)
+        temperature = teacher.temperature
+    elif teacher is not None and len(states) < len(SIDES):
         # The ID side is the teacher's: the content side must embed into the same space size.
         other = next(s for s in SIDES if s not in states)
         tower_cfg = dataclasses.replace(cfg.tower, output_dim=teacher.tower(other).cfg.output_dim)
@@ -282,4 +300,4 @@ def build_student(states: dict[str, dict[str, Any]], cfg: StudentConfig,
         else:
             raise ValueError(f"the {side} side has no content features: the student needs the "
                              "teacher's ID tower for it, so pass a teacher")
-    return StudentModel(towers["user"], towers["item"], teacher, cfg)
+    return StudentModel(towers["user"], towers["item"], teacher, cfg, temperature)

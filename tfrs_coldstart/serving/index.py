@@ -281,7 +281,7 @@ class PartitionedTopK(tfrs.layers.factorized_top_k.TopK):
                                   f"got shape {emb.shape}")
         n, dim = emb.shape
         ids = (np.arange(n).astype(str) if identifiers is None
-               else np.asarray(identifiers).astype(object))
+               else _decode(np.asarray(identifiers))).astype(object)
         p = {**partitioned_params(n, dim, self._k), **self._params}
         centroids, cell = _kmeans_cells(emb, int(p["num_clusters"]),
                                         int(p["training_iterations"]),
