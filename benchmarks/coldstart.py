@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         vt = fit_teacher(prep, c.teacher, run, seed, verbose=2, k=k, validation_only=True,
                          name=VALIDATION_TEACHER)
         timing["teachers_s"] = time.time() - t0
-        res["teacher"] = evaluate_model(prep, teacher, run.scorer("teacher"), ks)
+        res["teacher"] = evaluate_model(prep, teacher, run.scorer("teacher"), ks, sides)
         # the served student (the product default, chosen on validation): closed-form ridge
         t1 = time.time()
         ridge = fit_student(prep, teacher, student_cfg(c.student, method="ridge"), run, seed,

@@ -53,14 +53,17 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(None, trial.split(), base=base)
             t0 = time.time()
             key = json.dumps(dataclasses.asdict(cfg.teacher), sort_keys=True)
-            if key not in teachers and (cfg.student.distill_lambda > 0
-                                        or cfg.student.align_weight > 0):
+            needs_teacher = (cfg.student.method != "own" or cfg.student.distill_lambda > 0
+                             or cfg.student.align_weight > 0)
+            if key not in teachers and needs_teacher:
                 teachers[key] = fit_teacher(
                     prep, cfg.teacher, RunDir(Path(tmp) / f"t{len(teachers)}"), cfg.seed,
                     verbose=0, validation_only=True)
             student_cfg = dataclasses.replace(cfg.student, refit=False)
             run = RunDir(Path(tmp) / f"s{i}")
-            model = fit_student(prep, teachers.get(key), student_cfg, run, cfg.seed, verbose=0)
+            teacher = teachers.get(key)
+            model = fit_student(prep, teacher, student_cfg, run, cfg.seed, verbose=0,
+                                val_teacher=teacher)
             info = run.history("student")
             fn = model_score_fn(model, run.scorer("student"), ds, prep.val.train)
             val = {s: round(rank_metrics(t, fn, (20,))["recall@20"], 4)

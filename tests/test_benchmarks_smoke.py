@@ -149,7 +149,12 @@ def test_quality_benchmark_one_sided_shapes(tmp_path: Path, shape: str,
                          shape, "--out", str(tmp_path), *(a for s in small for a in ("--set", s))])
     report = json.loads((tmp_path / "report.json").read_text())
     assert rc == 0 and shape in report["dataset"]
-    for model in ("teacher", "student", "student (lambda=0)"):
+    for model in ("teacher", "ridge mapper (closed form)", "own-space student"):
         segs = report["models"][model]
         assert {s for s, m in segs.items() if m.get("fallback")} == fallback, model
+    # the served model answers every user (a featureless side's new entities get the
+    # teacher's OOV embedding and the new-user prior); the aligned students need both sides
+    assert not any(m.get("fallback") for m in report["models"]["recommend (unified)"].values())
+    assert "aligned student (trained)" not in report["models"]
+    assert set(report["mixed"]) == {"teacher", "recommend (unified)"}
     assert "†" in (tmp_path / "report.md").read_text()

@@ -77,7 +77,7 @@ def _inputs(table: pd.DataFrame) -> dict[str, tf.Tensor]:
 
 
 def test_every_feature_type_has_a_column_class():
-    assert set(COLUMN_TYPES) == {"id", *(t.value for t in FeatureType)}
+    assert set(COLUMN_TYPES) == {"id", "ids_of", *(t.value for t in FeatureType)}
     for kind, cls in COLUMN_TYPES.items():
         assert cls.kind == kind
 

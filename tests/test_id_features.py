@@ -173,7 +173,9 @@ def test_transferred_table_beats_learned_ids_on_cold_users(tmp_path):
     friend from scratch, on cold users. A frozen student reloads from its run folder with
     the same outputs, and its checkpoint holds the shared table once.
 
-    MEASURED (see REPORT numbers below) -- cold-user recall@20.
+    Measured 2026-11-30 on this exact data and config (2 shared cores), cold-user
+    recall@20: frozen 0.361, learned 0.346 (finetune 0.357, popularity 0.322); cold-both
+    frozen 0.454, learned 0.439. The floor is about half the measured margin (0.015).
     """
     ds = generate(n_users=600, n_items=300, n_interactions=18_000, seed=5,
                   with_user_features=False, n_friends=3)
@@ -202,5 +204,5 @@ def test_transferred_table_beats_learned_ids_on_cold_users(tmp_path):
     assert sum(shape == table.shape.as_list() for _, shape in ckpt) == 1
 
 
-# Measured (REPORT): see the docstring of the quality test.
-FLOOR = 0.0
+# About half the measured margin of the transferred table over learned per-value embeddings.
+FLOOR = 0.007

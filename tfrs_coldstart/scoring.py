@@ -38,6 +38,9 @@ from tfrs_coldstart.modeling.models import TwoTowerModel
 from tfrs_coldstart.modeling.unified import UnifiedRecommender
 
 PRIOR_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+# New users: up to a prior that outweighs any dot product (|u.i| / T <= 1 / 0.05 = 20), so
+# where content says nothing about a new user the served score can become popularity.
+COLD_PRIOR_GRID = (*PRIOR_GRID, 8.0, 16.0)
 
 
 def log_counts(counts: Mapping[str, int] | pd.Series, item_ids: pd.Series) -> np.ndarray:
@@ -238,7 +241,8 @@ def _val_recall(fn: ScoreFn, prep: Prepared, segments: tuple[str, ...], k: int) 
 
 
 def tune_unified(unified: UnifiedRecommender, prep: Prepared, grid: tuple[float, ...] = PRIOR_GRID,
-                 k: int = 20, bias_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
+                 k: int = 20, bias_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0),
+                 cold_grid: tuple[float, ...] = COLD_PRIOR_GRID
                  ) -> tuple[Scorer, dict[str, Any]]:
     """The unified model's score, chosen on the validation split.
 
@@ -270,8 +274,8 @@ def tune_unified(unified: UnifiedRecommender, prep: Prepared, grid: tuple[float,
             for w in grid}
     prior = max(grid, key=lambda w: warm[str(w)])
     cold = {str(w): recall(base.replace(prior=prior, cold_user_prior=w),
-                           ("cold_user", "cold_both")) for w in grid}
-    cold_prior = max(grid, key=lambda w: cold[str(w)])
+                           ("cold_user", "cold_both")) for w in cold_grid}
+    cold_prior = max(cold_grid, key=lambda w: cold[str(w)])
     scorer = base.replace(prior=prior, cold_user_prior=cold_prior)
     mixed = prep.mixed(validation=True)
     bias = {}
