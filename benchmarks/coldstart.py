@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, name, lam in (("aligned student (trained)", "student_aligned", None),
                                      ("aligned student, lambda=0", "student_aligned_l0", 0.0)):
                 t1 = time.time()
-                sc = student_cfg(c.student, method="aligned", item_id_sink=0,
+                sc = student_cfg(c.student, method="aligned",
                                  **({} if lam is None else {"distill_lambda": lam}))
                 st = fit_student(prep, teacher, sc, run, seed, verbose=2, name=name, k=k,
                                  val_teacher=vt)

@@ -20,10 +20,12 @@ def test_run_writes_report_and_config(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--output", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
-    assert "| teacher |" in printed and "| student |" in printed
+    assert "| teacher |" in printed and "| student |" in printed and "| recommend |" in printed
     assert str(out / "report.md") in printed
     report = json.loads((out / "report.json").read_text())
-    assert set(report["models"]) == {"popularity", "teacher", "student"}
+    assert set(report["models"]) == {"popularity", "teacher", "student", "recommend"}
+    assert set(report["mixed"]) == {"teacher", "recommend"}
+    assert "Mixed catalogue" in (out / "report.md").read_text()
     for model in report["models"].values():
         assert set(model) == {"warm", "cold_item", "cold_user", "cold_both"}
         for seg in model.values():
@@ -40,7 +42,7 @@ def test_run_writes_report_and_config(tmp_path, capsys):
     assert main(["evaluate", str(out), "--output", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     distilled = json.loads((out / "report.json").read_text())
-    for m in ("teacher", "student"):
+    for m in ("teacher", "student", "recommend"):
         assert again["models"][m]["warm"]["recall@20"] == pytest.approx(
             distilled["models"][m]["warm"]["recall@20"], abs=1e-6)
 

@@ -26,6 +26,7 @@ from tfrs_coldstart.cli import main as cli_main
 from tfrs_coldstart.data.pipeline import feature_arrays, item_log_counts
 from tfrs_coldstart.evaluation import prepare
 from tfrs_coldstart.runs import RunDir
+from tfrs_coldstart.scoring import Scorer
 from tfrs_coldstart.serving.export import (
     BRUTE_FORCE_SUFFIX,
     PAD_ID,
@@ -73,13 +74,26 @@ def _unseen(specs: dict[str, Any], n: int = 2) -> dict[str, list]:
     return out
 
 
+def _mixed_rows(ds: Any) -> dict[str, np.ndarray]:
+    """N_ROWS known users, then N_ROWS users with real content and IDs no model has seen."""
+    rows = feature_arrays(ds.users.iloc[:2 * N_ROWS], ds.schema.user_features, "user_id")
+    rows["user_id"] = rows["user_id"].copy()
+    rows["user_id"][N_ROWS:] = [f"new-user-{i}" for i in range(N_ROWS)]
+    return rows
+
+
 def _requests(m: Any, ds: Any) -> dict[str, tuple[str, dict[str, list]]]:
     specs = m.module.specs
     if m.kind == "recommend":
         rows = feature_arrays(ds.users.iloc[:N_ROWS], ds.schema.user_features, "user_id")
         real = _jsonable({k: rows[k] for k in specs})
-        return {"real": ("serving_default", real), "unseen": ("serving_default", _unseen(specs)),
-                "embed": ("embed_user", real)}
+        out = {"real": ("serving_default", real), "unseen": ("serving_default", _unseen(specs)),
+               "embed": ("embed_user", real)}
+        if "user_id" in specs:  # one request mixing known users and new ones (real content)
+            mixed = _mixed_rows(ds)
+            out["mixed"] = ("serving_default", _jsonable({k: mixed[k] for k in specs}))
+            out["mixed_embed"] = ("embed_user", _jsonable({k: mixed[k] for k in specs}))
+        return out
     rows = feature_arrays(ds.items.iloc[:N_ROWS], ds.schema.item_features, "item_id")
     return {"items": ("serving_default", _jsonable({k: rows[k] for k in specs}))}
 
@@ -208,13 +222,12 @@ VARIANTS = ("scann", "bf", "part")
 def test_names_versions_and_layout(exports: dict[str, Any], run_dir: Path) -> None:
     cfg = _config(run_dir)
     sc, bf, part = exports["scann"], exports["bf"], exports["part"]
-    assert set(sc) == {"student", "teacher", "student_items"}
-    assert set(bf) == {"student" + BRUTE_FORCE_SUFFIX, "teacher" + BRUTE_FORCE_SUFFIX,
-                       "student_items"}
-    assert set(part) == {"student" + PARTITIONED_SUFFIX, "teacher" + PARTITIONED_SUFFIX,
-                         "student_items"}
-    assert {default_names(cfg, "partitioned")[r] for r in ("student", "teacher",
-                                                           "student_items")} == set(part)
+    assert set(sc) == {"recommend", "student", "teacher", "student_items"}
+    assert set(bf) == {"recommend" + BRUTE_FORCE_SUFFIX, "student" + BRUTE_FORCE_SUFFIX,
+                       "teacher" + BRUTE_FORCE_SUFFIX, "student_items"}
+    assert set(part) == {"recommend" + PARTITIONED_SUFFIX, "student" + PARTITIONED_SUFFIX,
+                         "teacher" + PARTITIONED_SUFFIX, "student_items"}
+    assert set(default_names(cfg, "partitioned").values()) == set(part)
     assert set(default_names(cfg, "scann").values()) == set(sc)
     assert {m.version for m in sc.values()} == {1}
     assert {m.version for m in bf.values()} == {2}  # one version per export: next free
@@ -324,6 +337,35 @@ def test_index_is_the_whole_catalogue_and_brute_force_is_exact(
     cold = set(json.loads((run_dir / "split.json").read_text())["cold_items"])
     served = {i for row in ids.astype(str) for i in row}
     assert cold & served, "cold items never retrieved: are they in the index?"
+
+
+def test_recommend_takes_the_teacher_for_known_users_and_the_student_for_new(
+        exports: dict[str, Any], loaded: dict[str, Any]) -> None:
+    """One request mixing known and new users: per row, the teacher's or the student's user
+    embedding (in-graph, no flag), scored against one index, as the clean process serves it."""
+    ds = exports["dataset"]
+    rows = _mixed_rows(ds)
+    for variant in VARIANTS:
+        suffix = {"scann": "", "bf": BRUTE_FORCE_SUFFIX, "part": PARTITIONED_SUFFIX}[variant]
+        rec = exports[variant]["recommend" + suffix]
+        teacher = exports[variant]["teacher" + suffix].module
+        student = exports[variant]["student" + suffix].module
+        emb = loaded[variant]["models"]["recommend" + suffix]["results"]["mixed_embed"]
+        emb = np.asarray(emb["embedding"])
+        want_t = teacher.embed_user({k: rows[k] for k in teacher.specs})["embedding"].numpy()
+        want_s = student.embed_user({k: rows[k] for k in student.specs})["embedding"].numpy()
+        np.testing.assert_allclose(emb[:N_ROWS], want_t[:N_ROWS], atol=1e-5)
+        np.testing.assert_allclose(emb[N_ROWS:], want_s[N_ROWS:], atol=1e-5)
+        assert rec.manifest["new_items"] > 0  # cold items are in the index, by the student
+        res = loaded[variant]["models"]["recommend" + suffix]["results"]["mixed"]
+        assert np.asarray(res["item_ids"]).shape == (2 * N_ROWS, K)
+    # brute force is exact: the served top-k is the unified score's top-k
+    rec = exports["bf"]["recommend" + BRUTE_FORCE_SUFFIX]
+    sc = Scorer.from_dict(rec.manifest["scorer"])
+    assert sc.temperature == rec.manifest["temperature"]
+    got = rec.module({k: rows[k] for k in rec.module.specs})
+    top = got["scores"].numpy()
+    assert np.all(np.diff(top, axis=1) <= 1e-5)
 
 
 def test_graph_ops_are_tensorflow_own(loaded: dict[str, Any]) -> None:

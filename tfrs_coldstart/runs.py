@@ -43,6 +43,7 @@ from tfrs_coldstart.scoring import Scorer, log_counts
 MODELS = ("teacher", "student")
 RECOMMEND = "recommend"  # the unified model: the teacher and the student, one scorer
 VALIDATION_TEACHER = "teacher_val"  # trained on the validation split's training part only
+TEACHERS = ("teacher", VALIDATION_TEACHER)
 CONFIG_FILE, SCHEMA_FILE, SPLIT_FILE = "config.yaml", "schema.yaml", "split.json"
 _MODEL_FILES = ("preprocessing.json", "history.json", "scorer.json")
 
@@ -190,14 +191,14 @@ class RunDir:
         """Rebuild a trained teacher or student, weights restored; ``compile`` + ``fit``
         continue training it."""
         cfg = self.config
-        if which not in MODELS and not self.model_dir(which).is_dir():
+        if which not in (*MODELS, *TEACHERS) and not self.model_dir(which).is_dir():
             raise RunError(f"unknown model {which!r}: use teacher or student")
         out = self.model_dir(which)
         if not self.has_model(which):
             raise RunError(f"{out} holds no trained {which}; train it first "
                            f"(`tfrs-coldstart {'train' if which == 'teacher' else 'distill'}`)")
         states = json.loads((out / "preprocessing.json").read_text())
-        if which == "teacher":
+        if which in TEACHERS:
             model: TwoTowerModel = build_teacher(states, cfg.teacher)
         else:
             teacher = self.load_model("teacher") if self.has_model("teacher") else None
@@ -224,6 +225,11 @@ class RunDir:
             for name in _MODEL_FILES:
                 if (src / name).is_file():
                     shutil.copy2(src / name, out / name)
+        if self.has_scorer(RECOMMEND):  # the unified model's score (no weights of its own)
+            dst.model_dir(RECOMMEND).mkdir()
+            for name in ("scorer.json", "history.json"):
+                if (self.model_dir(RECOMMEND) / name).is_file():
+                    shutil.copy2(self.model_dir(RECOMMEND) / name, dst.model_dir(RECOMMEND) / name)
 
     # ---- report -----------------------------------------------------------------------------
 

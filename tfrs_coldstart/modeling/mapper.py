@@ -37,6 +37,7 @@ from tfrs_coldstart.features.columns import (
     CategoricalColumn,
     DenseVectorColumn,
     IdColumn,
+    IdsOfColumn,
     MultiHotColumn,
     NumericColumn,
     TextColumn,
@@ -115,9 +116,15 @@ def design_matrix(tower: Tower, table: pd.DataFrame, specs: tuple[FeatureSpec, .
         elif isinstance(col, DenseVectorColumn):
             width = col.dim
             block = sp.csr_matrix(np.asarray(arrays[col.input_key], np.float64))
+        elif isinstance(col, IdsOfColumn):
+            # IDs of users or items: the mean of the teacher's trained ID rows, a fixed
+            # block the map weighs (the column's output enters the output layer directly)
+            out = col.encode(layers, {col.input_key: x}, training=False).numpy()
+            width = out.shape[1]
+            block = sp.csr_matrix(out.astype(np.float64))
         else:
             raise ValueError(f"the closed-form student cannot map feature '{name}' "
-                             f"({type(col).__name__}); use student.method=aligned")
+                             f"({type(col).__name__}); use student.method=aligned or own")
         blocks.append((name, width))
         parts.append(block)
     if not parts:
@@ -172,6 +179,9 @@ def set_linear_weights(tower: Tower, blocks: list[tuple[str, int]], coef: np.nda
         elif isinstance(col, DenseVectorColumn):
             layers["proj"].set_weights([coef[start:start + col.dim], np.zeros(width, np.float32)])
             kernel_rows.append(np.eye(width, dtype=np.float32))
+        elif isinstance(col, IdsOfColumn):
+            size = int(blocks[[b[0] for b in blocks].index(name)][1])
+            kernel_rows.append(coef[start:start + size])
         else:
             size = int(layers["emb"].input_dim)
             layers["emb"].set_weights([coef[start:start + size]])

@@ -90,7 +90,30 @@ class TwoTowerModel(tfrs.Model):
 
 
 class TeacherModel(TwoTowerModel):
-    """IDs plus content in both towers; in-batch softmax with log-Q correction."""
+    """IDs plus content in both towers; in-batch softmax with log-Q correction.
+
+    With ``id_dropout`` > 0, training replaces each example's user ID and (independently)
+    item ID by ``""`` (the OOV ID) with that probability, so the content path learns too.
+    """
+
+    def __init__(self, *args: Any, id_dropout: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.id_dropout = id_dropout
+
+    def _drop_ids(self, inputs: dict[str, tf.Tensor], key: str) -> dict[str, tf.Tensor]:
+        if key not in inputs:
+            return inputs
+        ids = inputs[key]
+        drop = tf.random.uniform(tf.shape(ids)) < self.id_dropout
+        return {**inputs, key: tf.where(drop, tf.fill(tf.shape(ids), ""), ids)}
+
+    def compute_loss(self, features: dict[str, Any], training: bool = False) -> tf.Tensor:
+        if not (training and self.id_dropout > 0):
+            return super().compute_loss(features, training)
+        q = self.user_tower(self._drop_ids(features["user"], "user_id"), training=training)
+        c = self.item_tower(self._drop_ids(features["item"], "item_id"), training=training)
+        # Accidental hits and log-Q still use the real item ids.
+        return self.retrieval_loss(q, c, features, training)
 
 
 class StudentModel(TwoTowerModel):
@@ -259,7 +282,8 @@ def student_states(schema: Schema, users: pd.DataFrame, items: pd.DataFrame, cfg
 def build_teacher(states: dict[str, dict[str, Any]], cfg: TeacherConfig) -> TeacherModel:
     return TeacherModel(Tower(states["user"], cfg.tower, name="user_tower"),
                         Tower(states["item"], cfg.tower, name="item_tower"),
-                        cfg.temperature, cfg.logq_correction, cfg.remove_accidental_hits)
+                        cfg.temperature, cfg.logq_correction, cfg.remove_accidental_hits,
+                        id_dropout=cfg.id_dropout)
 
 
 def build_student(states: dict[str, dict[str, Any]], cfg: StudentConfig,
