@@ -1,4 +1,4 @@
-"""Mean over seeds of benchmarks/aligned_trials.py's JSON lines: one Markdown row per (teacher, trial)."""
+"""Mean over seeds of aligned_trials.py's JSON lines: one Markdown row per (teacher, trial)."""
 
 from __future__ import annotations
 

@@ -291,3 +291,13 @@ def test_item_id_sink_is_read_in_training_only():
     module = ItemEncoderModule(tower)
     assert not any(v.shape[0] == len(ds.items) + 1 for v in module.variables)
     np.testing.assert_allclose(module(no_id)["embedding"].numpy(), served, atol=1e-6)
+
+
+def test_non_finite_loss_stops_with_one_clear_error(tiny_dataset, tmp_path: Path):
+    """A loss that turns NaN/Inf stops the fit with a UserError naming what to change; nothing
+    of the model is saved (was: trained to NaN, exit 0, a report of a broken model)."""
+    cfg = _cfg("teacher.epochs=2", "teacher.temperature=1e-38")
+    prep = prepare(tiny_dataset, cfg)
+    with pytest.raises(train.NonFiniteLoss, match="lower the learning rate"):
+        train.fit_teacher(prep, cfg.teacher, RunDir(tmp_path), verbose=0)
+    assert not RunDir(tmp_path).has_model("teacher")

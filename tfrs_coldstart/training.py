@@ -25,6 +25,7 @@ from tfrs_coldstart.data.pipeline import (
     interaction_weights,
     item_probabilities,
 )
+from tfrs_coldstart.errors import UserError
 from tfrs_coldstart.evaluation import Prepared, SegmentTask, rank_metrics, servable
 from tfrs_coldstart.features.encoder import dummy_inputs
 from tfrs_coldstart.modeling.aligned import AlignedConfig, AlignedStudent, fit_aligned
@@ -86,6 +87,31 @@ class ValidationRecall(tf.keras.callbacks.Callback):
                 logs[f"val_{s}_recall@{self.k}"] = v
 
 
+class NonFiniteLoss(UserError, ArithmeticError):
+    """The training loss became NaN or infinite; nothing of the model is saved."""
+
+
+class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
+    """Stops a fit at the first NaN/Inf loss with one clear error (Keras' TerminateOnNaN
+    stops silently, and the run would go on to save and evaluate a broken model)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            raise NonFiniteLoss(
+                f"{self.name}: the training loss became {loss} at epoch {self.epoch + 1}, "
+                f"batch {batch + 1}; lower the learning rate, raise the temperature or check "
+                "the interaction weights (nothing was saved)")
+
+
 def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float,
          batch_size: int, epochs: int, patience: int, val_segments: tuple[str, ...],
          run: RunDir, name: str, seed: int, verbose: int | str = "auto",
@@ -115,7 +141,7 @@ def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=lr,
                                                      weight_decay=weight_decay or None))
     monitor = f"val_recall@{k}"
-    callbacks: list[tf.keras.callbacks.Callback] = []
+    callbacks: list[tf.keras.callbacks.Callback] = [StopOnNonFiniteLoss(name)]
     if val_segments:
         callbacks += [
             ValidationRecall(prep, val_segments, k),
