@@ -158,3 +158,28 @@ def test_quality_benchmark_one_sided_shapes(tmp_path: Path, shape: str,
     assert "aligned student (trained)" not in report["models"]
     assert set(report["mixed"]) == {"teacher", "recommend (unified)"}
     assert "†" in (tmp_path / "report.md").read_text()
+
+
+def test_aligned_trials_on_synthetic_data(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import aligned_summary
+    import aligned_trials
+
+    out = tmp_path / "trials.jsonl"
+    small = ["data.synthetic_users=150", "data.synthetic_items=120",
+             "data.synthetic_interactions=3000", "teacher.epochs=1", "teacher.batch_size=256"]
+    trials = ["teacher", "ridge", "aligned epochs=1"]
+    rc = aligned_trials.main(["--format", "synthetic", *(a for s in small for a in ("--set", s)),
+                              *(a for t in trials for a in ("--trial", t)),
+                              "--cache", str(tmp_path / "teachers"), "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rc == 0 and [r["trial"] for r in rows] == trials
+    for r in rows:
+        for seg in ("warm", "cold_item", "cold_user", "cold_both", "cold_mean"):
+            assert 0 < r[seg] <= 1, (r["trial"], seg)
+    assert rows[1]["alpha_user"] in aligned_trials.ALPHAS and rows[1]["weight"] == "none"
+    assert rows[2]["epochs_run"] == 1
+    assert [p.name for p in (tmp_path / "teachers").iterdir()]  # the cached RunDir
+    capsys.readouterr()
+    assert aligned_summary.main(str(out)) == 0
+    assert capsys.readouterr().out.count("| default |") == 3

@@ -74,23 +74,34 @@ def _unseen(specs: dict[str, Any], n: int = 2) -> dict[str, list]:
     return out
 
 
-def _mixed_rows(ds: Any) -> dict[str, np.ndarray]:
-    """N_ROWS known users, then N_ROWS users with real content and IDs no model has seen."""
-    rows = feature_arrays(ds.users.iloc[:2 * N_ROWS], ds.schema.user_features, "user_id")
+def _mixed_rows(ds: Any, run_dir: Any) -> dict[str, np.ndarray]:
+    """N_ROWS known users (trained on), then N_ROWS users with real content and IDs no model
+    has seen."""
+    cold = set(json.loads((Path(run_dir) / "split.json").read_text())["cold_users"])
+    known = ds.users[~ds.users["user_id"].astype(str).isin(cold)]
+    rows = feature_arrays(known.iloc[:2 * N_ROWS], ds.schema.user_features, "user_id")
     rows["user_id"] = rows["user_id"].copy()
     rows["user_id"][N_ROWS:] = [f"new-user-{i}" for i in range(N_ROWS)]
+    return rows
+
+
+def _with_history(rows: dict[str, np.ndarray], specs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Requests without a history (issue 17: ``""``, the model's no-history case)."""
+    if "history" in specs and "history" not in rows:
+        rows["history"] = np.full(len(next(iter(rows.values()))), "", dtype=object)
     return rows
 
 
 def _requests(m: Any, ds: Any) -> dict[str, tuple[str, dict[str, list]]]:
     specs = m.module.specs
     if m.kind == "recommend":
-        rows = feature_arrays(ds.users.iloc[:N_ROWS], ds.schema.user_features, "user_id")
+        rows = _with_history(feature_arrays(ds.users.iloc[:N_ROWS], ds.schema.user_features,
+                                            "user_id"), specs)
         real = _jsonable({k: rows[k] for k in specs})
         out = {"real": ("serving_default", real), "unseen": ("serving_default", _unseen(specs)),
                "embed": ("embed_user", real)}
         if "user_id" in specs:  # one request mixing known users and new ones (real content)
-            mixed = _mixed_rows(ds)
+            mixed = _with_history(_mixed_rows(ds), specs)
             out["mixed"] = ("serving_default", _jsonable({k: mixed[k] for k in specs}))
             out["mixed_embed"] = ("embed_user", _jsonable({k: mixed[k] for k in specs}))
         return out
@@ -271,7 +282,7 @@ def test_signatures_match_the_contract(exports: dict[str, Any], loaded: dict[str
                 assert sigs["embed_user"]["inputs"] == want_inputs
                 assert sigs["embed_user"]["outputs"] == {"embedding": ["float32", [-1, dim]]}
                 # the teacher reads the user ID, the content-only student does not
-                assert ("user_id" in sd["inputs"]) == (m.model == "teacher")
+                assert ("user_id" in sd["inputs"]) == (m.model in ("teacher", "recommend"))
                 assert m.manifest["signatures"]["serving_default"]["inputs"] == {
                     k: {"dtype": v[0], "shape": v[1]} for k, v in want_inputs.items()}
             else:
@@ -344,7 +355,7 @@ def test_recommend_takes_the_teacher_for_known_users_and_the_student_for_new(
     """One request mixing known and new users: per row, the teacher's or the student's user
     embedding (in-graph, no flag), scored against one index, as the clean process serves it."""
     ds = exports["dataset"]
-    rows = _mixed_rows(ds)
+    rows = _mixed_rows(ds, exports["scann"]["recommend"].manifest["run_dir"])
     for variant in VARIANTS:
         suffix = {"scann": "", "bf": BRUTE_FORCE_SUFFIX, "part": PARTITIONED_SUFFIX}[variant]
         rec = exports[variant]["recommend" + suffix]

@@ -237,7 +237,9 @@ def test_interrupted_fit_resumes_from_backup(tiny_dataset, tmp_path: Path):
     import json
 
     info = json.loads((tmp_path / "teacher" / "history.json").read_text())
-    assert info["epochs_run"] == 1  # epochs 1-2 came from the backup; only epoch 3 ran again
+    # epochs 1-2 came from the backup (their history too); only epoch 3 ran again
+    assert info["epochs_run"] == 3 and len(info["history"]["val_recall@20"]) == 3
+    assert not (tmp_path / "teacher" / "backup").exists()
 
 
 def test_feature_dropout_blanks_whole_features_in_training_only():

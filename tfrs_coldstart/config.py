@@ -219,6 +219,20 @@ class StudentConfig:
     # validation (BENCHMARKS.md "Tuning": cold segments +0.04, warm -0.05 over 3 seeds).
     item_id_sink: int = 32
     item_id_sink_dropout: float = 0.0  # training: share of examples whose sink is zeroed
+    # Issue 17 (method=ridge): the user tower also reads a request-time history of item IDs
+    # through the teacher's item ID lookup (history_table: `embedding`, its final item
+    # embeddings, or `id`, its ID rows; unknown IDs ignored), the block
+    # history_scale * sum / (count + history_shrinkage).
+    # The fit adds history_copies rows per warm user, each its training interactions (by
+    # timestamp) truncated at a length drawn from 1..history_max, weighted history_weight
+    # against the user's no-history row. Chosen on validation (BENCHMARKS.md, "Issue 17").
+    history: bool = True
+    history_max: int = 10
+    history_copies: int = 4
+    history_shrinkage: float = 1.0
+    history_scale: float = 10.0
+    history_table: str = "embedding"
+    history_weight: float = 1.0
     interaction_weight: str = "none"  # as TeacherConfig.interaction_weight
     learning_rate: float = 0.005
     batch_size: int = 1024
@@ -240,6 +254,10 @@ class StudentConfig:
             _at_least(self, 0, "popularity_prior")
         if self.item_id_sink < 0:
             raise _FieldError("item_id_sink", f"must be 0 (none) or more, got {self.item_id_sink}")
+        _at_least(self, 1, "history_max")
+        _at_least(self, 0, "history_copies", "history_shrinkage", "history_weight")
+        _positive(self, "history_scale")
+        _one_of(self, "history_table", ("embedding", "id"))
         if not 0.0 <= self.item_id_sink_dropout < 1.0:
             raise _FieldError("item_id_sink_dropout",
                               f"must be in [0, 1), got {self.item_id_sink_dropout}")

@@ -28,6 +28,7 @@ from tfrs_coldstart.data import (
     validation_split,
 )
 from tfrs_coldstart.data.pipeline import item_counts
+from tfrs_coldstart.features.columns import HISTORY_SEPARATOR
 from tfrs_coldstart.fileio import atomic_write_text
 
 SEGMENT_TITLES = {"warm": "warm", "cold_item": "cold-item", "cold_user": "cold-user",
@@ -279,6 +280,96 @@ def evaluate_mixed(prep: Prepared, fn: ScoreFn, ks: Sequence[int],
     task = prep.mixed()
     return {**rank_metrics(task, fn, ks),
             "cold_share": cold_share(task, fn, prep.cold_item_rows(), k_share)}
+
+
+# ---- few-shot cold users (issue 17) --------------------------------------------------------
+
+#: History lengths of the few-shot report (0 is the cold-user segment's setting).
+FEWSHOT_NS = (0, 1, 3, 5, 10)
+
+
+def user_sequences(interactions: pd.DataFrame) -> dict[str, list[str]]:
+    """Each user's item IDs in time order: by ``timestamp`` when there is one, file order
+    (the frame's order) for ties and where there is none."""
+    df = interactions
+    if "timestamp" in df.columns:
+        df = df.sort_values("timestamp", kind="stable")
+    return {str(u): [str(i) for i in its]
+            for u, its in df.groupby("user_id", sort=False)["item_id"]}
+
+
+def join_history(items: Sequence[str]) -> str:
+    """A history as the served model takes it: item IDs joined by HISTORY_SEPARATOR."""
+    return HISTORY_SEPARATOR.join(str(i) for i in items)
+
+
+@dataclass(frozen=True)
+class FewShotTask:
+    """Cold users with their first ``n`` interactions revealed as the request-time history.
+
+    ``task`` ranks the warm items minus each user's revealed ones; relevant are the user's
+    remaining warm-item interactions. ``history`` is a string per row of the users table
+    (``""`` for rows outside the task). ``skipped``: cold users with fewer than ``n + 1``
+    interactions, left out at this ``n``.
+    """
+
+    n: int
+    task: SegmentTask
+    history: np.ndarray  # object [n_users_table]
+    skipped: int
+
+
+def fewshot_tasks(split: ColdStartSplit, users: pd.DataFrame, items: pd.DataFrame,
+                  ns: Sequence[int] = FEWSHOT_NS) -> dict[int, FewShotTask]:
+    """The few-shot cold-user tasks of one split (the test split, or the validation split's
+    pseudo-cold users): each cold user's interactions (cold-user and cold-both, in time
+    order) split into the first ``n`` (the history) and the rest (the test, over warm items).
+    """
+    u_index = pd.Index(users["user_id"].astype(str))
+    i_index = pd.Index(items["item_id"].astype(str))
+    cand = np.sort(i_index.get_indexer(list(split.warm_items)))
+    pos = pd.Series(np.arange(len(cand)), index=i_index[cand])
+    frame = pd.concat([split.cold_user, split.cold_both]).sort_index(kind="stable")
+    seqs = user_sequences(frame)
+    out = {}
+    for n in ns:
+        history = np.full(len(users), "", dtype=object)
+        user_rows, relevant, excluded, skipped = [], [], [], 0
+        for uid in sorted(seqs):
+            seq = seqs[uid]
+            if len(seq) < n + 1:
+                skipped += 1
+                continue
+            shown = seq[:n]
+            revealed = np.unique(pos.reindex(shown).dropna().to_numpy(dtype=np.int64))
+            rel = np.setdiff1d(pos.reindex(seq[n:]).dropna().to_numpy(dtype=np.int64), revealed)
+            if not len(rel):
+                continue
+            row = u_index.get_loc(uid)
+            user_rows.append(row)
+            relevant.append(rel)
+            excluded.append(revealed)
+            history[row] = join_history(shown)
+        task = SegmentTask(f"fewshot@{n}", np.asarray(user_rows, np.int64), cand, relevant,
+                           excluded)
+        out[n] = FewShotTask(n, task, history, skipped)
+    return out
+
+
+#: ``embed_users(history [n_users_table] object) -> ScoreFn``: a model's scores once each
+#: user carries the given history.
+HistoryScorer = Callable[[np.ndarray], ScoreFn]
+
+
+def evaluate_fewshot(tasks: dict[int, FewShotTask], scorer: HistoryScorer,
+                     ks: Sequence[int]) -> dict[str, dict]:
+    """Metrics per history length ``n`` (keys ``"n=0"``, ``"n=1"``, ...), with the number
+    of users skipped for having fewer than ``n + 1`` interactions."""
+    out = {}
+    for n, ft in tasks.items():
+        fn = scorer(ft.history)
+        out[f"n={n}"] = {**rank_metrics(ft.task, fn, ks), "skipped": ft.skipped}
+    return out
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path, headline_k: int = 20) -> dict:

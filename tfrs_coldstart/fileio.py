@@ -32,3 +32,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """:func:`atomic_write_bytes` for text (UTF-8)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (a temporary file or folder named with
+    a dead writer's pid is an orphan of a killed run, safe to remove)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def writer_pid(name: str, prefix: str) -> int | None:
+    """The pid in a temporary name ``<prefix><pid>-<random>...`` (None if it has none)."""
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix):].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+

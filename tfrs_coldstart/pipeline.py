@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,9 +80,49 @@ def _finish(report: dict[str, Any], run: RunDir, cfg: RunConfig,
     print(f"report: {paths['md']} (json: {paths['json']}, chart: {paths['png']})")
 
 
+def _trained(run: RunDir, which: str) -> Any:
+    """A model a killed run already finished (loaded, not trained again), else None."""
+    if not run.has_finished(which):
+        return None
+    log(f"{which}: already trained in {run.path} (resumed run), loaded")
+    return run.load_model(which)
+
+
+def check_output(cfg: RunConfig) -> None:
+    """Before any work: the run folder can be written, and an earlier run in it (a rerun
+    resumes it) had the same config; :class:`RunError` otherwise, the folder untouched."""
+    out = Path(cfg.output_dir)
+    changed = RunDir(out).config_changes(cfg)
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more"
+                                          if len(changed) > 8 else "")
+        raise RunError(f"{out} holds a run with another config (changed: {shown}); a rerun "
+                       "resumes a run with its own settings only: use a new --output for "
+                       "new settings (nothing was changed)")
+    probe = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        why = ("a read-only file system" if _read_only(probe) else "no write permission")
+        raise RunError(f"cannot write the run folder {out}: {probe} is not writable ({why}); "
+                       "pass another --output")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def run_pipeline(cfg: RunConfig, student: bool = True, verbose: int | str = "auto"
                  ) -> dict[str, Any]:
-    """Train the teacher (and distil the student) into ``cfg.output_dir``; the report."""
+    """Train the teacher (and distil the student) into ``cfg.output_dir``; the report.
+
+    Resumable: rerun with the same config after a crash or kill, phases already finished
+    (a saved teacher, validation teacher or student) are loaded, a fit killed mid-way resumes
+    at its last finished epoch (``training.FitBackup``), and the result equals an
+    uninterrupted run's.
+    """
+    check_output(cfg)
     run = RunDir(cfg.output_dir)
     k = cfg.eval.headline_k
     t0 = time.time()
@@ -92,7 +133,8 @@ def run_pipeline(cfg: RunConfig, student: bool = True, verbose: int | str = "aut
         run.write_metadata(cfg, prep)
     log(f"split: {prep.split.summary()}")
     with phase("teacher"):
-        teacher = fit_teacher(prep, cfg.teacher, run, cfg.seed, verbose, k=k)
+        teacher = _trained(run, "teacher") or fit_teacher(prep, cfg.teacher, run, cfg.seed,
+                                                          verbose, k=k)
     with phase("evaluation: popularity, teacher"):
         models = {"popularity": evaluate_popularity(prep, cfg.eval.cutoffs),
                   "teacher": evaluate_model(prep, teacher, run.scorer("teacher"), cfg.eval.cutoffs)}
@@ -101,11 +143,15 @@ def run_pipeline(cfg: RunConfig, student: bool = True, verbose: int | str = "aut
         val_teacher = None
         if cfg.student.method == "ridge":
             with phase("validation teacher (validation training part only)"):
-                val_teacher = fit_teacher(prep, cfg.teacher, run, cfg.seed, verbose,
-                                          validation_only=True, k=k, name=VALIDATION_TEACHER)
+                val_teacher = _trained(run, VALIDATION_TEACHER) or fit_teacher(
+                    prep, cfg.teacher, run, cfg.seed, verbose, validation_only=True, k=k,
+                    name=VALIDATION_TEACHER)
         with phase("student"):
-            st = fit_student(prep, teacher, cfg.student, run, cfg.seed, verbose, k=k,
-                             val_teacher=val_teacher)
+            done = run.has_finished("student") and (
+                cfg.student.method == "own" or run.has_scorer(RECOMMEND))
+            st = _trained(run, "student") if done else None
+            st = st or fit_student(prep, teacher, cfg.student, run, cfg.seed, verbose, k=k,
+                                   val_teacher=val_teacher)
         with phase("evaluation: student, recommend"):
             models["student"] = evaluate_model(
                 prep, st, run.scorer("student"), cfg.eval.cutoffs,

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tfrs_coldstart.config import RunConfig, config_from_yaml_dict, save_config
+from tfrs_coldstart.config import RunConfig, config_from_yaml_dict, save_config, to_dict
 from tfrs_coldstart.data import Dataset, Schema, load_dataset
 from tfrs_coldstart.errors import RunError
 from tfrs_coldstart.evaluation import Prepared, write_report
@@ -146,10 +146,37 @@ class RunDir:
         out = self.model_dir(which)
         return (out / "preprocessing.json").is_file() and (out / "weights").is_dir()
 
+    def has_finished(self, which: str) -> bool:
+        """Whether a model's save ran to its end (weights, preprocessing, history and, last,
+        scorer.json: :meth:`save_model` removes scorer.json first), so a resumed run loads it
+        instead of training it again."""
+        out = self.model_dir(which)
+        return self.has_model(which) and all((out / f).is_file() for f in _MODEL_FILES)
+
+    def config_changes(self, cfg: RunConfig) -> list[str]:
+        """The dotted keys whose values differ between this run's ``config.yaml`` and ``cfg``
+        (``output_dir`` aside: the same folder may be named another way); ``[]`` for a folder
+        without a config yet."""
+        if not (self.path / CONFIG_FILE).is_file():
+            return []
+
+        def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+            if not isinstance(d, dict):
+                return {prefix: d}
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            return out
+
+        old, new = flat(to_dict(self.config)), flat(to_dict(cfg))
+        return sorted(k for k in old.keys() | new.keys()
+                      if k != "output_dir" and old.get(k) != new.get(k))
+
     def save_model(self, which: str, model: TwoTowerModel, states: dict[str, Any],
                    info: dict[str, Any], scorer: Scorer) -> None:
         """Weights (swapped in whole), preprocessing state, history and the served score."""
         out = self.model_dir(which)
+        (out / "scorer.json").unlink(missing_ok=True)  # written last: marks a finished save
         weights, tmp = out / "weights", out / ".weights.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_weights(str(tmp / "model"))

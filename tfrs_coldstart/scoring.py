@@ -28,12 +28,16 @@ import pandas as pd
 from tfrs_coldstart.data import Dataset
 from tfrs_coldstart.data.pipeline import item_counts
 from tfrs_coldstart.evaluation import (
+    HistoryScorer,
     Prepared,
     ScoreFn,
     embedding_score_fn,
+    evaluate_fewshot,
     evaluate_score_fn,
+    fewshot_tasks,
     rank_metrics,
 )
+from tfrs_coldstart.features.columns import HISTORY
 from tfrs_coldstart.modeling.models import TwoTowerModel
 from tfrs_coldstart.modeling.unified import UnifiedRecommender
 
@@ -232,6 +236,36 @@ def unified_score_fn(unified: UnifiedRecommender, scorer: Scorer, ds: Dataset,
             items = np.where(i_known[:, None], items, student_i)
     return scorer.score_fn(users, items, training_log_counts(train, ds.items), u_known,
                            ~i_known)
+
+
+def unified_history_scorer(unified: UnifiedRecommender, scorer: Scorer, ds: Dataset,
+                           train: pd.DataFrame, known_users: set[str] | None = None
+                           ) -> HistoryScorer:
+    """The unified model's served score once each user carries a request-time history
+    (issue 17): ``history -> ScoreFn`` for :func:`evaluation.evaluate_fewshot`. Known users
+    keep the teacher's embedding; the others get the student's on (content, history).
+    ``known_users``: as :func:`unified_score_fn` (the validation split's training users)."""
+    items, i_known = unified.embed("item", ds.items, ds.schema)
+    counts = training_log_counts(train, ds.items)
+
+    def make(history: np.ndarray) -> ScoreFn:
+        table = ds.users.assign(**{HISTORY: history})
+        users, u_known = unified.embed("user", table, ds.schema)
+        if known_users is not None:
+            u_known &= ds.users["user_id"].astype(str).isin(known_users).to_numpy()
+            users = np.where(u_known[:, None], users,
+                             unified.student.embed("user", table, ds.schema))
+        return scorer.score_fn(users, items, counts, u_known, ~i_known)
+    return make
+
+
+def evaluate_unified_fewshot(prep: Prepared, unified: UnifiedRecommender, scorer: Scorer,
+                             ks: tuple[int, ...]) -> dict[str, dict]:
+    """The few-shot cold-user report (issue 17) of the unified served model, test split."""
+    ds = prep.dataset
+    tasks = fewshot_tasks(prep.split, ds.users, ds.items)
+    return evaluate_fewshot(tasks, unified_history_scorer(unified, scorer, ds, prep.split.train),
+                            ks)
 
 
 def _val_recall(fn: ScoreFn, prep: Prepared, segments: tuple[str, ...], k: int) -> float:

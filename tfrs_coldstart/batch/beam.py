@@ -28,6 +28,7 @@ from tfrs_coldstart.batch.model import (
     USER_ID,
     BatchError,
     ServedModel,
+    check_batch_size,
     check_k,
     check_out_path,
 )
@@ -212,6 +213,8 @@ def beam_batch_recommend(
     from apache_beam.io import fileio  # optional extra [beam]
     from apache_beam.ml.inference.base import RunInference  # optional extra [beam]
 
+    check_batch_size(batch_size)
+    check_batch_size(chunk_rows, "chunk rows")
     model = ServedModel.load(model_dir, signature)  # fail fast, before any worker starts
     k = check_k(k, model)
     users = str(users_path)

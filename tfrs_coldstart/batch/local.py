@@ -9,6 +9,7 @@ goes to a temporary file renamed at the end, so a failed run leaves no output fi
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 import time
@@ -27,10 +28,12 @@ from tfrs_coldstart.batch.model import (
     OUTPUT_SCHEMA,
     BatchError,
     ServedModel,
+    check_batch_size,
     check_k,
     check_out_path,
 )
 from tfrs_coldstart.batch.reader import UsersReader
+from tfrs_coldstart.fileio import process_alive, writer_pid
 
 __all__ = ["BatchSummary", "batch_recommend"]
 
@@ -53,6 +56,15 @@ class BatchSummary:
 
 def _tmp_path(out: Path) -> Path:
     return out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+
+
+def _remove_orphans(out: Path) -> None:
+    """Temporary outputs of killed batch jobs for ``out`` (their writer's pid is gone)."""
+    prefix = f".{out.name}."
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        pid = writer_pid(tmp.name, prefix)
+        if pid is not None and not process_alive(pid):
+            tmp.unlink(missing_ok=True)
 
 
 def _rows_table(user_ids: np.ndarray, item_ids: np.ndarray, scores: np.ndarray,
@@ -92,10 +104,13 @@ def batch_recommend(
     feature values go through the model's OOV buckets like any served request.
     """
     start = time.time()
+    batch_size = check_batch_size(batch_size)
+    check_batch_size(chunk_rows, "chunk rows")
     model = ServedModel.load(model_dir, signature)
     k = check_k(k, model)
     reader = UsersReader(users_path, model, chunk_rows)
     out = check_out_path(out_path)
+    _remove_orphans(out)
     tmp = _tmp_path(out)
     users = rows = 0
     try:

@@ -23,7 +23,7 @@ import tensorflow as tf
 from tfrs_coldstart.data.schema import FeatureSpec, Schema
 from tfrs_coldstart.data.tables import TableSource, normalise_feature, normalise_ids
 from tfrs_coldstart.errors import UserError
-from tfrs_coldstart.features.columns import input_array, spec_for_input
+from tfrs_coldstart.features.columns import HISTORY, input_array, spec_for_input
 from tfrs_coldstart.serving.saved_model import (
     MANIFEST_FILE,
     import_scann,
@@ -129,8 +129,21 @@ class ServedModel:
 
     @property
     def required_columns(self) -> list[str]:
-        """``user_id`` plus the signature's inputs: what a users table must hold."""
-        return [USER_ID] + [n for n in self.specs if n != USER_ID]
+        """``user_id`` plus the signature's inputs: what a users table must hold (an optional
+        input, the request-time ``history``, may be left out)."""
+        return [USER_ID] + [n for n in self.specs if n != USER_ID and n != HISTORY]
+
+    @property
+    def optional_columns(self) -> list[str]:
+        """Inputs a users table may leave out: the request-time ``history`` (issue 17; item
+        IDs joined by ``|``), ``""`` (no history) when absent or empty."""
+        return [n for n in self.specs if n == HISTORY]
+
+    def columns_in(self, columns: Iterable[str]) -> list[str]:
+        """The columns to read from a table that has ``columns``: the required ones plus
+        the optional ones it holds."""
+        have = set(columns)
+        return self.required_columns + [c for c in self.optional_columns if c in have]
 
     def feature_spec(self, name: str) -> FeatureSpec:
         """How one input column is normalised: the schema's spec, else one from the dtype."""
@@ -158,6 +171,10 @@ class ServedModel:
         for name, s in self.specs.items():
             if name == USER_ID:
                 feats[name] = ids
+                continue
+            if name == HISTORY:  # optional: "" for none
+                col = (df[name] if name in df.columns else pd.Series([""] * len(df)))
+                feats[name] = col.fillna("").astype(str).to_numpy(dtype=object)
                 continue
             # Cells normalised as in training, then as the array the signature input takes.
             feats[name] = input_array(normalise_feature(df[name], self.feature_spec(name), src), s)
@@ -192,6 +209,13 @@ def check_k(k: int | None, model: ServedModel) -> int:
                          f"k={k}; ask for k <= {model.k} or re-export with "
                          f"`tfrs-coldstart export RUN_DIR --k {k}`")
     return int(k)
+
+
+def check_batch_size(batch_size: int, what: str = "batch size") -> int:
+    """A positive number of users per model call (0 would write an empty file)."""
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise BatchError(f"{what} must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
 
 
 def check_out_path(out_path: str | os.PathLike[str]) -> Path:

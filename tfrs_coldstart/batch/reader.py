@@ -7,15 +7,18 @@ before any output is written; a bad cell found later names its row in the whole 
 
 from __future__ import annotations
 
+import csv
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
+from pandas.io.common import get_handle
 
 from tfrs_coldstart.batch.model import BatchError, ServedModel
 from tfrs_coldstart.data.tables import TABLE_SUFFIXES, TableSource, table_suffix
@@ -35,6 +38,51 @@ class _ChunkSource(TableSource):
         if self.line_offset is not None:
             text += f" (line {p + self.line_offset} of the file)"
         return text
+
+
+class _IdChecker:
+    """Finds a repeated ``user_id`` in one pass with bounded memory: 8 bytes per row (a
+    64-bit hash of each id), sorted at the end; a hash match is confirmed on the ids
+    themselves (re-read for those rows only) before it is reported."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.count = 0
+        self._pending: list[str] = []
+        self._hashes: list[np.ndarray] = []
+
+    def add(self, user_id: str) -> None:
+        self._pending.append(user_id)
+        self.count += 1
+        if len(self._pending) >= 131_072:
+            self._flush()
+
+    def add_many(self, ids: pd.Series) -> None:
+        self._flush()
+        self._hashes.append(pd.util.hash_array(ids.astype(str).to_numpy(object)))
+        self.count += len(ids)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._hashes.append(pd.util.hash_array(np.array(self._pending, dtype=object)))
+            self._pending = []
+
+    def check(self, ids_at: Callable[[set[int]], dict[int, str]]) -> None:
+        self._flush()
+        if not self._hashes:
+            return
+        h = np.concatenate(self._hashes)
+        self._hashes = []
+        order = np.argsort(h, kind="stable")
+        same = np.flatnonzero(h[order][1:] == h[order][:-1])
+        if not len(same):
+            return
+        pairs = sorted((int(order[i]), int(order[i + 1])) for i in same[:100])
+        values = ids_at({r for pair in pairs for r in pair})
+        for a, b in pairs:
+            if values.get(a) is not None and values.get(a) == values.get(b):
+                raise BatchError(f"{self.label}: user_id {values[a]!r} appears twice (rows "
+                                 f"{a} and {b}); give one row per user")
 
 
 class UsersReader:
@@ -79,9 +127,49 @@ class UsersReader:
             raise BatchError(f"{self.label}: cannot read the users CSV ({type(e).__name__}: "
                              f"{e}); check the file") from None
         model.check_columns(head.columns, self.label)
+        self.columns = model.columns_in(head.columns)  # with a history column if it has one
         if len(head) == 0:
             raise BatchError(f"{self.label}: the users file has a header but no rows; give "
                              "one row per user")
+        self._check_csv_rows(list(head.columns))
+
+    def _check_csv_rows(self, header: list[str]) -> None:
+        """One pass over the file before any output: every row has the header's number of
+        fields (pandas would fill a short row with empty cells and, reading only the model's
+        columns, drop a long row's extra fields) and no ``user_id`` repeats."""
+        sep = "\t" if self.kind == "tsv" else ","
+        key = header.index("user_id")
+        ids = _IdChecker(self.label)
+        try:
+            with get_handle(self.path, "r", compression="infer", encoding="utf-8") as h:
+                rows = csv.reader(h.handle, delimiter=sep)
+                next(rows, None)  # the header
+                for fields in rows:
+                    if not fields:  # a blank line, skipped as pandas skips it
+                        continue
+                    if len(fields) != len(header):
+                        raise BatchError(
+                            f"{self.label}: line {rows.line_num} (row {ids.count}) has "
+                            f"{len(fields)} field(s), the header {len(header)}; fix the row "
+                            "(a stray separator or a missing cell?)")
+                    ids.add(fields[key])
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise BatchError(f"{self.label}: cannot read the users CSV ({type(e).__name__}: "
+                             f"{e}); check the file") from None
+        ids.check(lambda rows: self._csv_ids(sep, key, rows))
+
+    def _csv_ids(self, sep: str, key: int, wanted: set[int]) -> dict[int, str]:
+        found: dict[int, str] = {}
+        with get_handle(self.path, "r", compression="infer", encoding="utf-8") as h:
+            rows = csv.reader(h.handle, delimiter=sep)
+            next(rows, None)
+            pos = 0
+            for fields in rows:
+                if fields:
+                    if pos in wanted:
+                        found[pos] = fields[key]
+                    pos += 1
+        return found
 
     def _check_parquet(self, model: ServedModel) -> None:
         try:
@@ -92,8 +180,22 @@ class UsersReader:
             raise BatchError(f"{self.label}: cannot read the users Parquet ({type(e).__name__}: "
                              f"{e}); check the file") from None
         model.check_columns(names, self.label)
+        self.columns = model.columns_in(names)  # with a history column if it has one
         if self.total == 0:
             raise BatchError(f"{self.label}: the users table has no rows; give one row per user")
+        ids = _IdChecker(self.label)
+        for b in self._dataset.to_batches(columns=["user_id"], batch_size=131_072):
+            ids.add_many(b.column(0).to_pandas())
+        ids.check(self._parquet_ids)
+
+    def _parquet_ids(self, wanted: set[int]) -> dict[int, str]:
+        found, pos = {}, 0
+        for b in self._dataset.to_batches(columns=["user_id"], batch_size=131_072):
+            col = b.column(0).to_pylist()
+            for i in sorted(w - pos for w in wanted if pos <= w < pos + len(col)):
+                found[pos + i] = str(col[i])
+            pos += len(col)
+        return found
 
     def source(self, offset: int) -> TableSource:
         """How errors in the chunk starting at row ``offset`` name their row."""

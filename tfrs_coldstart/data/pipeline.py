@@ -101,6 +101,7 @@ def interaction_dataset(
     seed: int = 0,
     item_prob: np.ndarray | None = None,
     weights: np.ndarray | None = None,
+    epochs: tuple[int, int] | None = None,
 ) -> tf.data.Dataset:
     """Batches ``{"user": {...}, "item": {...}, "item_prob": float32 [batch]}`` (plus
     ``"weight": float32 [batch]`` when ``weights`` are given, see :func:`interaction_weights`).
@@ -108,6 +109,12 @@ def interaction_dataset(
     ``users``/``items`` are the entity tables; ``item_prob`` is aligned with
     ``items`` rows (default: frequency in ``interactions``); ``weights`` with
     ``interactions`` rows.
+
+    ``epochs=(start, stop)`` (with ``shuffle``): the batches of epochs ``start..stop-1`` in
+    one finite dataset (``ceil(n / batch_size)`` batches each, for ``fit(steps_per_epoch=)``),
+    epoch ``e`` in the order of a stateless shuffle seeded by ``(seed, e)``: an epoch's
+    order does not depend on the epochs before it, so a fit resumed at epoch ``start`` sees
+    the same batches as an uninterrupted one.
     """
     u_index = pd.Index(users["user_id"].astype(str))
     i_index = pd.Index(items["item_id"].astype(str))
@@ -134,6 +141,19 @@ def interaction_dataset(
         if len(weights) != len(interactions):
             raise ValueError(f"{len(weights)} weights for {len(interactions)} interactions")
         cols += (np.asarray(weights, np.float32),)
+    if shuffle and epochs is not None:
+        tensors = tuple(tf.constant(c) for c in cols)
+        n = len(u_rows)
+
+        def epoch_batches(e: tf.Tensor) -> tf.data.Dataset:
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), e]))
+            return tf.data.Dataset.from_tensor_slices(
+                tuple(tf.gather(t, order) for t in tensors)).batch(batch_size)
+
+        start, stop = epochs
+        return tf.data.Dataset.range(start, stop).flat_map(epoch_batches).map(
+            gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
     ds = tf.data.Dataset.from_tensor_slices(cols)
     if shuffle:
         ds = ds.shuffle(min(len(u_rows), 1_000_000), seed=seed, reshuffle_each_iteration=True)

@@ -551,6 +551,16 @@ class IdsOfColumn(FeatureColumn):
     the teacher's variable); ``finetune`` trains a copy, initialised from the teacher's.
     The block is the teacher's ``id_dim`` wide. The teacher itself embeds such a feature as an
     ordinary one (learned per value): it is what trains the ID tables.
+
+    ``ignore_unknown`` (the request-time history, issue 17) leaves IDs unknown to the teacher
+    out of the mean instead of averaging in the OOV row; ``shrinkage`` ``c`` divides the sum
+    of the known rows by ``count + c`` instead of ``count``, so a short list weighs less than
+    a long one (0: the plain mean), and ``scale`` multiplies the block (in a ridge fit: a
+    weaker penalty on this block alone). A list with no known ID gives zeros either way.
+    ``table`` ``embedding`` (``dim`` wide) reads, through the teacher's ID lookup, a frozen
+    table of the teacher's final embeddings of those IDs instead of its ID rows; the table is
+    filled after the teacher is trained (``training.fill_history_table``) and saved with the
+    student.
     """
 
     kind: ClassVar[str] = "ids_of"
@@ -559,11 +569,23 @@ class IdsOfColumn(FeatureColumn):
     multi: bool = True  # multi_hot (a list); False: categorical (one ID)
     separator: str = "|"
     mode: str = "frozen"  # frozen | finetune
+    ignore_unknown: bool = False  # leave unknown IDs out (True) or average in the OOV row
+    shrinkage: float = 0.0  # sum / (count + shrinkage); 0: the mean
+    scale: float = 1.0  # the block times this
+    table: str = "id"  # id: the teacher's ID rows | embedding: its final embeddings (dim wide)
+    dim: int = 0  # the width of an ``embedding`` table
 
     def __post_init__(self) -> None:
         if self.mode not in SHARED_ID_MODES:
             raise RunError(f"preprocessing state of '{self.name}': mode must be one of "
                            f"{SHARED_ID_MODES}, got {self.mode!r}")
+        if not self.shrinkage >= 0:
+            raise RunError(f"preprocessing state of '{self.name}': shrinkage must be >= 0, "
+                           f"got {self.shrinkage!r}")
+        if self.table not in ("id", "embedding") or (self.table == "embedding"
+                                                     and self.dim < 1):
+            raise RunError(f"preprocessing state of '{self.name}': table must be id or "
+                           f"embedding (with dim >= 1), got {self.table!r}, dim {self.dim}")
 
     @classmethod
     def from_spec(cls, spec: FeatureSpec, mode: str) -> IdsOfColumn:
@@ -576,11 +598,24 @@ class IdsOfColumn(FeatureColumn):
     def from_dict(cls, name: str, state: Mapping[str, Any]) -> IdsOfColumn:
         _check_kind(cls, name, state)
         return cls(name, ids_of=str(state["ids_of"]), multi=bool(state["multi"]),
-                   separator=str(state.get("separator", "|")), mode=str(state["mode"]))
+                   separator=str(state.get("separator", "|")), mode=str(state["mode"]),
+                   ignore_unknown=bool(state.get("ignore_unknown", False)),
+                   shrinkage=float(state.get("shrinkage", 0.0)),
+                   scale=float(state.get("scale", 1.0)), table=str(state.get("table", "id")),
+                   dim=int(state.get("dim", 0)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind, "ids_of": self.ids_of, "multi": self.multi,
-                "separator": self.separator, "mode": self.mode}
+        out: dict[str, Any] = {"type": self.kind, "ids_of": self.ids_of, "multi": self.multi,
+                               "separator": self.separator, "mode": self.mode}
+        if self.ignore_unknown:
+            out["ignore_unknown"] = True
+        if self.shrinkage:
+            out["shrinkage"] = self.shrinkage
+        if self.scale != 1.0:
+            out["scale"] = self.scale
+        if self.table != "id":
+            out["table"], out["dim"] = self.table, self.dim
+        return out
 
     def build_layers(self, cfg: TowerConfig,
                      shared_ids: SharedIds | None = None) -> dict[str, Any]:
@@ -594,6 +629,11 @@ class IdsOfColumn(FeatureColumn):
         lookup, emb = teacher["lookup"], teacher["emb"]
         if not emb.built:  # a teacher not called yet: its weights are restored later
             emb.build((None,))
+        if self.table == "embedding":  # filled once the teacher is trained; never trained
+            table = tf.keras.layers.Embedding(emb.input_dim, self.dim, trainable=False,
+                                              name=f"{_safe(self.name)}_table")
+            table.build((None,))
+            return {"lookup": lookup, "emb": table}
         if self.mode == "frozen":
             return {"lookup": lookup, "emb": emb}
         copy = tf.keras.layers.Embedding(emb.input_dim, emb.output_dim,
@@ -609,15 +649,40 @@ class IdsOfColumn(FeatureColumn):
             ids = tf.strings.split(raw, sep=self.separator).to_tensor("")
         else:
             ids = tf.reshape(raw, [-1, 1])
-        emb = layers["emb"](layers["lookup"](ids))  # unknown ids: the teacher's OOV row
+        index = layers["lookup"](ids)
+        emb = layers["emb"](index)  # unknown ids: the teacher's OOV row (index 0)
         if self.mode == "frozen":
             emb = tf.stop_gradient(emb)
-        mask = tf.cast(tf.not_equal(ids, ""), emb.dtype)[..., None]  # padding, empty cells
-        return tf.math.divide_no_nan(tf.reduce_sum(emb * mask, axis=1),
-                                     tf.reduce_sum(mask, axis=1))
+        keep = tf.not_equal(ids, "")  # padding, empty cells
+        if self.ignore_unknown:
+            keep = tf.logical_and(keep, index > 0)
+        mask = tf.cast(keep, emb.dtype)[..., None]
+        total = tf.reduce_sum(emb * mask, axis=1)
+        count = tf.reduce_sum(mask, axis=1)
+        if self.shrinkage:
+            out = total / (count + self.shrinkage)
+        else:
+            out = tf.math.divide_no_nan(total, count)
+        return out * self.scale if self.scale != 1.0 else out
 
     def input_spec(self) -> tf.TensorSpec:
         return _string_spec(self.input_key)
+
+
+#: The request-time history (issue 17): a user's item IDs, joined by HISTORY_SEPARATOR, ""
+#: for none; a student's user tower reads it as an ``ids_of=item`` column.
+HISTORY = "history"
+HISTORY_SEPARATOR = "|"
+
+
+def history_column(shrinkage: float = 0.0, scale: float = 1.0, table: str = "id",
+                   dim: int = 0) -> IdsOfColumn:
+    """The user tower's history column: item IDs through the teacher's item ID lookup (its
+    ID rows, or with ``table="embedding"`` its final item embeddings), IDs the teacher does
+    not know left out, ``scale *`` the sum divided by ``count + shrinkage``."""
+    return IdsOfColumn(HISTORY, ids_of="item", multi=True, separator=HISTORY_SEPARATOR,
+                       mode="frozen", ignore_unknown=True, shrinkage=shrinkage, scale=scale,
+                       table=table, dim=dim)
 
 
 #: Column class by state "type": every FeatureType value, plus "id" and "ids_of".

@@ -91,7 +91,12 @@ def design_matrix(tower: Tower, table: pd.DataFrame, specs: tuple[FeatureSpec, .
         layers = enc._parts[name]
         if not col.served or isinstance(col, IdColumn):
             continue
-        x = tf.constant(arrays[col.input_key])
+        if col.input_key in arrays:
+            x = tf.constant(arrays[col.input_key])
+        else:  # a column outside the schema (the request-time history): "" when absent
+            x = tf.constant(table[col.input_key].astype(str).to_numpy(dtype=object)
+                            if col.input_key in table.columns
+                            else np.full(len(table), "", dtype=object))
         if isinstance(col, CategoricalColumn):
             width = int(layers["lookup"].vocabulary_size())
             ids = layers["lookup"](x).numpy()

@@ -16,9 +16,9 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfrs_coldstart.config import StudentConfig, TeacherConfig, TowerConfig
-from tfrs_coldstart.data.pipeline import table_dataset
+from tfrs_coldstart.data.pipeline import feature_arrays
 from tfrs_coldstart.data.schema import Schema
-from tfrs_coldstart.features.columns import IdColumn
+from tfrs_coldstart.features.columns import IdColumn, history_column
 from tfrs_coldstart.features.encoder import Untracked, build_state
 from tfrs_coldstart.modeling.losses import contrastive_and_kl
 from tfrs_coldstart.modeling.mapper import linear_tower_config
@@ -78,7 +78,13 @@ class TwoTowerModel(tfrs.Model):
         ``view`` rewrites each batch of raw features first (e.g. blanks the IDs).
         """
         tower = self.tower(side)
-        ds = table_dataset(table, schema.side(side), f"{side}_id", batch_size)
+        arrays = feature_arrays(table, schema.side(side), f"{side}_id")
+        for key in tower.encoder.feature_names:  # a column outside the schema (the history)
+            if key not in arrays:
+                arrays[key] = (table[key].astype(str).to_numpy(dtype=object)
+                               if key in table.columns
+                               else np.full(len(table), "", dtype=object))
+        ds = tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
         parts = [tower(view(b) if view else b, training=False).numpy() for b in ds]
         if not parts:
             return np.zeros((0, tower.cfg.output_dim), np.float32)
@@ -262,11 +268,14 @@ def student_sides(schema: Schema, override: str = "auto") -> tuple[str, ...]:
 
 def student_states(schema: Schema, users: pd.DataFrame, items: pd.DataFrame, cfg: TowerConfig,
                    sides: tuple[str, ...], item_id_sink: int = 0,
-                   item_id_sink_dropout: float = 0.0) -> dict[str, dict[str, Any]]:
+                   item_id_sink_dropout: float = 0.0,
+                   history: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Content-only state for the distilled sides.
 
     With ``item_id_sink`` > 0 the item side gets a *training-only* ``__id__`` entry of that
     width: read in training, zeros at inference, never an input of the served tower.
+    With ``history`` (the keyword arguments of ``features.columns.history_column``) the user
+    side also reads the request-time history (issue 17).
     """
     no_ids = dataclasses.replace(cfg, id_dim=0)
     states = {side: build_state(schema.side(side), table, f"{side}_id", False, no_ids,
@@ -276,6 +285,9 @@ def student_states(schema: Schema, users: pd.DataFrame, items: pd.DataFrame, cfg
         sink = IdColumn.from_ids("item_id", items["item_id"]).as_sink(item_id_sink,
                                                                        item_id_sink_dropout)
         states["item"] = {**states["item"], sink.name: sink.to_dict()}
+    if history is not None and "user" in states:
+        hist = history_column(**history)
+        states["user"] = {**states["user"], hist.name: hist.to_dict()}
     return states
 
 

@@ -33,7 +33,15 @@ from tfrs_coldstart.errors import RunError, UserError
 from tfrs_coldstart.fileio import atomic_write_bytes
 from tfrs_coldstart.runs import RunDir
 from tfrs_coldstart.serving.export import ExportedModel, export_run
-from tfrs_coldstart.serving.saved_model import is_complete, list_versions, read_manifest
+from tfrs_coldstart.serving.saved_model import (
+    STAGING_PREFIX,
+    is_complete,
+    list_versions,
+    pid_alive,
+    read_manifest,
+    recover_releases,
+    staged_by,
+)
 
 __all__ = ["ADDED_ITEMS_DIR", "AddItemsError", "add_arguments", "add_items", "run"]
 
@@ -54,6 +62,24 @@ def _read_items(items: Any, schema: Schema) -> pd.DataFrame:
 
 def _added_items_path(model_root: Path, version: int) -> Path:
     return model_root / ADDED_ITEMS_DIR / f"{version}.parquet"
+
+
+def _remove_orphan_records(model_root: Path, log: Callable[[str], None]) -> None:
+    """Records of versions that were never published (an add-items killed between writing
+    the record and publishing): they would block that version number forever. A record of a
+    version being staged by a live process is kept."""
+    folder = model_root / ADDED_ITEMS_DIR
+    if not folder.is_dir():
+        return
+    for record in folder.glob("*.parquet"):
+        v = record.stem
+        if not v.isdigit() or (model_root / v).exists():
+            continue
+        staging = [d for d in model_root.glob(f"{STAGING_PREFIX}{v}-*")]
+        if any(pid_alive(staged_by(d.name, STAGING_PREFIX)) for d in staging):
+            continue
+        record.unlink(missing_ok=True)
+        log(f"removed {record} (its version was never published: a killed add-items)")
 
 
 def _resolve_local(model_dir: str | os.PathLike[str]) -> tuple[Path, str, int | None]:
@@ -143,6 +169,8 @@ def add_items(
                       pd.concat([catalogue, new], ignore_index=True), data.schema)
     base = Path(base_dir) if base_dir is not None else src_root.parent
     target = base / name
+    recover_releases(base, log)  # complete or roll back what a killed export left
+    _remove_orphan_records(target, log)
     if version is None:
         version = 1 + max(list_versions(target, complete_only=False), default=0)
     record = _added_items_path(target, int(version))

@@ -38,6 +38,10 @@ from google.protobuf import json_format
 from tfrs_coldstart.errors import UserError
 from tfrs_coldstart.serving.status import code_for_http, code_name
 
+#: The request-time history input of a ``recommend`` model (features.columns.HISTORY; not
+#: imported from there so this client needs no TensorFlow).
+HISTORY = "history"
+
 __all__ = [
     "ClientInputError",
     "GrpcClient",
@@ -314,12 +318,19 @@ class _BaseClient:
         k: int | None = None,
         signature: str = "serving_default",
     ) -> list[Recommendation]:
-        """Top-K item ids and scores for each user, from their feature values."""
+        """Top-K item ids and scores for each user, from their feature values.
+
+        A model that reads a request-time ``history`` (item IDs joined by ``|``, issue 17)
+        gets the users' ``history`` values when given, else ``""`` (no history) for each.
+        """
         if isinstance(users, Mapping):
             users = [users]
         if k is not None and k < 1:
             raise ClientInputError(f"k must be >= 1, got {k}")
-        outputs = self.predict(_user_columns(list(users)), signature=signature)
+        columns = _user_columns(list(users))
+        if HISTORY not in columns and HISTORY in self._signature(signature).inputs:
+            columns[HISTORY] = [""] * len(users)
+        outputs = self.predict(columns, signature=signature)
         if "item_ids" not in outputs or "scores" not in outputs:
             raise ServingError(
                 "FAILED_PRECONDITION",

@@ -50,6 +50,8 @@ from tfrs_coldstart.config import RunConfig, to_dict
 from tfrs_coldstart.data.pipeline import feature_arrays
 from tfrs_coldstart.errors import RunError, UserError
 from tfrs_coldstart.evaluation import prepare
+from tfrs_coldstart.features.columns import HISTORY, HISTORY_SEPARATOR
+from tfrs_coldstart.fileio import atomic_write_text
 from tfrs_coldstart.modeling.unified import UnifiedRecommender
 from tfrs_coldstart.runs import RunDir
 from tfrs_coldstart.scoring import Scorer, training_log_counts
@@ -61,7 +63,14 @@ from tfrs_coldstart.serving.index import (
     partitioned_params,
     scann_params,
 )
-from tfrs_coldstart.serving.saved_model import MANIFEST_FILE, WARMUP_FILE, list_versions
+from tfrs_coldstart.serving.saved_model import (
+    MANIFEST_FILE,
+    RELEASE_PREFIX,
+    STAGING_PREFIX,
+    WARMUP_FILE,
+    list_versions,
+    recover_releases,
+)
 
 MODELS = ("recommend", "student", "teacher")
 BRUTE_FORCE_SUFFIX = "_bf"
@@ -73,6 +82,10 @@ INDEX_SUFFIXES = {"scann": "", "partitioned": PARTITIONED_SUFFIX,
 #: once the recall gate passed, but the output shape is always ``[batch, k]``).
 PAD_ID = ""
 PAD_SCORE = float(np.finfo(np.float32).min)
+#: A model reading the request-time history (issue 17) asks its index for k + HISTORY_EXTRA
+#: results, drops the history's items and keeps k: a request whose history holds more than
+#: HISTORY_EXTRA of the top results may get fewer than k (padded with PAD_ID).
+HISTORY_EXTRA = 50
 _SAVE_OPTIONS = {"scann": tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]),
                  "partitioned": tf.saved_model.SaveOptions(),
                  "brute-force": tf.saved_model.SaveOptions()}
@@ -124,11 +137,15 @@ class RecommendModule(tf.Module):
     """
 
     def __init__(self, user_tower: Any, index: tf.keras.Model, k: int,
-                 scorer: Scorer | None = None) -> None:
+                 scorer: Scorer | None = None, fetch: int | None = None) -> None:
         super().__init__(name="recommend")
         self.user_tower = user_tower  # a Tower, or a UnifiedTower (teacher or student per row)
         self.index = index
         self.k = k
+        # With a ``history`` input (issue 17: item IDs joined by HISTORY_SEPARATOR, "" for
+        # none) the index returns ``fetch`` >= k results, the history's items are dropped and
+        # the best k kept; unknown IDs in a history match nothing.
+        self.fetch = max(k, fetch or k)
         self.specs = input_specs(user_tower)
         # The index holds scoring.Scorer.index_vectors: [item_emb, log(1 + count), new], and
         # the query is [user_emb / temperature, w(user), new_item_bias] (Scorer.query_vectors,
@@ -152,8 +169,23 @@ class RecommendModule(tf.Module):
                 cols.append(sc.new_item_bias * ones)
             return tf.concat(cols, axis=1)
 
+        def drop_history(scores: tf.Tensor, ids: tf.Tensor, history: tf.Tensor
+                         ) -> tuple[tf.Tensor, tf.Tensor]:
+            seen = tf.strings.split(history, sep=HISTORY_SEPARATOR).to_tensor("")  # [b, h]
+            hit = tf.logical_and(tf.equal(ids[:, :, None], seen[:, None, :]),
+                                 tf.not_equal(seen, "")[:, None, :])
+            masked = tf.where(tf.reduce_any(hit, axis=2), tf.fill(tf.shape(scores), np.nan),
+                              scores)
+            keep = tf.minimum(self.k, tf.shape(scores)[1])
+            order = tf.math.top_k(tf.where(tf.math.is_nan(masked), -np.inf, masked),
+                                  k=keep).indices
+            return (tf.gather(masked, order, batch_dims=1),
+                    tf.gather(ids, order, batch_dims=1))
+
         def serve(**features: tf.Tensor) -> dict[str, tf.Tensor]:
-            scores, ids = self.index(query(features), k=self.k)
+            scores, ids = self.index(query(features), k=self.fetch)
+            if HISTORY in features:
+                scores, ids = drop_history(scores, ids, features[HISTORY])
             ok = tf.math.is_finite(scores)  # ScaNN marks slots it could not fill with NaN
             ids = tf.where(ok, ids, PAD_ID)
             scores = tf.where(ok, scores, PAD_SCORE)
@@ -240,6 +272,8 @@ def warmup_records(name: str, specs: dict[str, tf.TensorSpec], rows: dict[str, n
 def _rows(table: pd.DataFrame, ds: Any, side: str,
           specs: dict[str, tf.TensorSpec]) -> dict[str, np.ndarray]:
     arrays = feature_arrays(table, ds.schema.side(side), f"{side}_id")
+    if HISTORY in specs and HISTORY not in arrays:  # warm-up requests: no history
+        arrays[HISTORY] = np.full(len(table), "", dtype=object)
     return {k: arrays[k] for k in specs}
 
 
@@ -354,7 +388,7 @@ def _check_inputs(tower: Any, table: pd.DataFrame, side: str,
                   which: str) -> dict[str, tf.TensorSpec]:
     specs = input_specs(tower)
     cols = set(table.columns)
-    missing = [k for k in specs if k not in cols]
+    missing = [k for k in specs if k not in cols and k != HISTORY]  # history: per request
     if missing:
         raise ExportError(f"the {which}'s {side} tower reads {missing}, which the {side}s "
                           f"table lacks (columns: {sorted(cols)}); export with the training data")
@@ -404,6 +438,9 @@ def export_run(
     if models is None:
         models = tuple(m for m in MODELS if (run.has_scorer(m) if m == "recommend"
                                              else run.has_model(m)))
+        if not models:
+            raise ExportError(f"{run_dir} holds no trained teacher or student; train them "
+                              "first (`tfrs-coldstart run --output RUN_DIR`)")
     models = tuple(models)
     if index not in INDEX_KINDS:
         raise ExportError(f"unknown index {index!r}; use one of {', '.join(INDEX_KINDS)}")
@@ -428,6 +465,7 @@ def export_run(
         if not n or not all(c.isalnum() or c in "_-." for c in n) or n.startswith("."):
             raise ExportError(f"model name {n!r} (for {r}) must be letters, digits, '_', '-', "
                               "'.' and not start with '.'")
+    recover_releases(base, log)  # what killed exports left: before the versions are read
     taken = {n: list_versions(base / n, complete_only=False) for n in chosen.values()}
     if version is None:
         version = 1 + max([v for vs in taken.values() for v in vs], default=0)
@@ -521,20 +559,22 @@ def export_run(
                     kk: (int(v) if v is not None else None) for kk, v in part_over.items()})
             except TypeError as err:
                 raise ExportError(f"unknown partitioned-index parameter: {err}") from None
-        log(f"{which}: building the {index} index (k={min(k, len(item_ids))}) ...")
+        fetch = min(k + HISTORY_EXTRA, len(item_ids)) if HISTORY in u_specs else k
+        log(f"{which}: building the {index} index (k={min(fetch, len(item_ids))}) ...")
         try:
-            gated = build_gated_index(item_ids, index_emb, index_queries, k, index, gate,
+            gated = build_gated_index(item_ids, index_emb, index_queries, fetch, index, gate,
                                       params)
         except IndexBuildError as err:
             raise type(err)(f"{name}: {err}") from None
         if gated.recall is not None:
             log(f"{which}: ANN recall@{gated.k} = {gated.recall:.4f} (gate {gate})")
-        module = RecommendModule(user_tower, gated.layer, gated.k, scorer)
+        module = RecommendModule(user_tower, gated.layer, min(k, gated.k), scorer, gated.k)
         manifest = {**common, "name": name, "kind": "recommend", "model": which,
                     "popularity_prior": scorer.prior, "temperature": scorer.temperature,
                     "scorer": scorer.to_dict(),
                     "new_items": (None if item_known is None else int((~item_known).sum())),
-                    "index": index, "k": gated.k, "k_requested": k,
+                    "index": index, "k": min(k, gated.k), "k_requested": k,
+                    "index_k": gated.k,
                     "catalogue_size": int(len(item_ids)),
                     "embedding_dim": int(item_emb.shape[1]),
                     "index_params": gated.params, "ann_recall": _recall_info(gated),
@@ -588,16 +628,39 @@ def _save_quietly(module: Any, path: Path, options: tf.saved_model.SaveOptions) 
 
 def _publish(planned: list[_Planned], base: Path, version: int, index: str,
              log: Any) -> list[ExportedModel]:
-    """Write every model to a temporary folder, then rename them all into place."""
+    """Publish a release (every model of one export, one version) all or nothing.
+
+    TF Serving loads a version when a folder ``<name>/<version>`` appears, one model at a
+    time, and several folders cannot be renamed at once. So:
+
+    1. stage: each model is written to a hidden folder ``<name>/.tmp-<version>-<pid>-<id>``
+       beside its final place (TF Serving ignores non-integer folders);
+    2. decide: once every model is staged, a release record
+       ``<base>/.release-<version>-<pid>-<id>.json`` listing each (staged, final) pair is
+       written atomically. Before it exists nothing is published, and a crash leaves only
+       hidden folders, removed by the next export or ``serve`` start;
+    3. rename each staged folder to its version, then remove the record.
+
+    An error during 3 (a rename refused) renames back or removes what was renamed: none of
+    the release stays. A crash during 3 (kill -9, power loss) leaves the record, and the next
+    export, ``add-items`` or ``serve`` start completes the renames
+    (:func:`saved_model.recover_releases`: every model is complete on disk, so the release is
+    rolled forward; it is rolled back only if a model of it was removed meanwhile): TF
+    Serving ends with the whole release. Between such a crash and that start a server may
+    see part of the release; renaming folder by folder cannot close that window, the record
+    bounds it to the next start.
+    """
     created_dirs: list[Path] = []
     for d in [base] + [base / p.name for p in planned]:
         if not d.exists():
             created_dirs.append(d)
+    tag = f"{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    record = base / f"{RELEASE_PREFIX}{tag}.json"
     published: list[_Planned] = []
     try:
         for p in planned:
             model_dir = base / p.name
-            p.tmp = model_dir / f".tmp-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            p.tmp = model_dir / f"{STAGING_PREFIX}{tag}"
             p.final = model_dir / str(version)
             log(f"writing {p.name} ({p.kind}) ...")
             try:
@@ -615,22 +678,43 @@ def _publish(planned: list[_Planned], base: Path, version: int, index: str,
                 raise ExportError(f"cannot write {p.name} under {model_dir}: {err}; nothing was "
                                   "published") from None
         for p in planned:
+            assert p.final is not None
+            if p.final.exists():
+                raise ExportError(f"{p.final} appeared while exporting (another export?); "
+                                  "versions are never overwritten, nothing was published: "
+                                  "export again")
+        try:
+            atomic_write_text(record, json.dumps({"version": version, "models": [
+                {"staged": f"{p.name}/{p.tmp.name}", "final": f"{p.name}/{version}"}  # type: ignore[union-attr]
+                for p in planned]}))
+        except OSError as err:
+            raise ExportError(f"cannot write the release record {record}: {err}; nothing was "
+                              "published") from None
+        for p in planned:
             assert p.tmp is not None and p.final is not None
             try:
                 if p.final.exists():
                     raise FileExistsError(p.final)
                 os.rename(p.tmp, p.final)
-            except OSError:
-                raise ExportError(f"{p.final} appeared while exporting (another export?); "
-                                  "versions are never overwritten, nothing was published: "
-                                  "export again") from None
+            except OSError as err:
+                raise ExportError(f"cannot publish {p.final} ({err}); versions are never "
+                                  "overwritten, nothing was published: export again") from None
             published.append(p)
-    except BaseException:
-        for p in published:
-            shutil.rmtree(p.final, ignore_errors=True)  # type: ignore[arg-type]
+        record.unlink()
+    except (Exception, KeyboardInterrupt):
+        # Undo (a crash that skips this is finished by recover_releases at the next start).
+        undone = True
+        for p in reversed(published):
+            try:
+                os.rename(p.final, p.tmp)  # type: ignore[arg-type]
+            except OSError:
+                shutil.rmtree(p.final, ignore_errors=True)  # type: ignore[arg-type]
+                undone = undone and not p.final.exists()  # type: ignore[union-attr]
         for p in planned:
             if p.tmp is not None:
                 shutil.rmtree(p.tmp, ignore_errors=True)
+        if undone:
+            record.unlink(missing_ok=True)
         for d in reversed(created_dirs):
             with contextlib.suppress(OSError):
                 d.rmdir()

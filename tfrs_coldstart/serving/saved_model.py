@@ -16,10 +16,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
+
+from tfrs_coldstart.fileio import process_alive
 
 __all__ = [
     "MANIFEST_FILE",
@@ -27,7 +30,10 @@ __all__ = [
     "import_scann",
     "is_complete",
     "list_versions",
+    "pid_alive",
     "read_manifest",
+    "recover_releases",
+    "staged_by",
 ]
 
 #: Warm-up requests (``PredictionLog`` TFRecords) inside a version folder; TF Serving
@@ -90,3 +96,88 @@ def read_manifest(version_dir: str | os.PathLike[str]) -> dict[str, Any]:
             return json.load(f)
     except (ValueError, OSError):
         return {}
+
+
+# ---- releases: several models published together (export.py's _publish) -------------------
+
+#: ``<base>/.release-<version>-<pid>-<random>.json``: a release being published (see
+#: ``export._publish``): ``{"version": v, "models": [{"staged": "<name>/.tmp-...",
+#: "final": "<name>/<v>"}, ...]}``, paths relative to ``<base>``.
+RELEASE_PREFIX = ".release-"
+#: ``<base>/<name>/.tmp-<version>-<pid>-<random>``: a version folder being written.
+STAGING_PREFIX = ".tmp-"
+
+
+def staged_by(name: str, prefix: str) -> int | None:
+    """The writer's pid in ``<prefix><version>-<pid>-<random>...`` (None if not so named)."""
+    parts = name[len(prefix):].split("-") if name.startswith(prefix) else []
+    return int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether the writer ``pid`` (of :func:`staged_by`) still runs on this machine."""
+    return pid is not None and process_alive(pid)
+
+
+def recover_releases(base: str | os.PathLike[str], log: Any = None) -> list[str]:
+    """Finish what killed exports left under a local model base; what was done, one line each.
+
+    - A release record whose writer is gone (its renames were cut by a crash) is completed
+      when every model it lists is on disk (staged or already renamed): the rest are renamed
+      into place, so TF Serving gets the whole release; if a model is missing (removed by
+      hand), the release is rolled back instead (its renamed versions removed), so it gets
+      none of it. Then the record is removed.
+    - Hidden staging folders (``<name>/.tmp-*``) of dead writers that no record names are
+      removed (an export killed before its release was decided: nothing was published).
+
+    Records and folders of a live writer (another export running now) are left alone.
+    Remote bases (``gs://``) are skipped: their exports are not renamed folder by folder.
+    """
+    done: list[str] = []
+    if "://" in str(base):
+        return done
+    root = Path(base)
+    if not root.is_dir():
+        return done
+    keep: set[Path] = set()
+    for record in sorted(root.glob(f"{RELEASE_PREFIX}*.json")):
+        if pid_alive(staged_by(record.name, RELEASE_PREFIX)):
+            keep.update(root / m["staged"] for m in _release_models(record))
+            continue
+        models = _release_models(record)
+        pairs = [(root / m["staged"], root / m["final"]) for m in models]
+        complete = bool(pairs) and all(
+            (st.is_dir() and not fi.exists()) or (fi.is_dir() and not st.exists())
+            for st, fi in pairs)
+        if complete:
+            for st, fi in pairs:
+                if st.is_dir():
+                    os.rename(st, fi)
+            done.append(f"completed the interrupted release {record.name} "
+                        f"({', '.join(str(fi) for _, fi in pairs)})")
+        else:
+            for st, fi in pairs:
+                if fi.is_dir() and not st.exists():
+                    shutil.rmtree(fi, ignore_errors=True)
+                shutil.rmtree(st, ignore_errors=True)
+            done.append(f"rolled back the interrupted release {record.name} (a model of it "
+                        "is missing)")
+        record.unlink(missing_ok=True)
+    for staged in sorted(root.glob(f"*/{STAGING_PREFIX}*")):
+        if staged in keep or pid_alive(staged_by(staged.name, STAGING_PREFIX)):
+            continue
+        shutil.rmtree(staged, ignore_errors=True)
+        done.append(f"removed {staged} (left by a killed export)")
+    for line in done:
+        if log is not None:
+            log(line)
+    return done
+
+
+def _release_models(record: Path) -> list[dict[str, str]]:
+    try:
+        models = json.loads(record.read_text()).get("models", [])
+        return [m for m in models if isinstance(m, dict) and {"staged", "final"} <= set(m)]
+    except (OSError, ValueError, AttributeError):
+        return []
+

@@ -25,7 +25,7 @@ from tfrs_coldstart.serving.devserver.config import (
 )
 from tfrs_coldstart.serving.devserver.errors import RpcError, invalid
 from tfrs_coldstart.serving.devserver.servable import LoadedVersion
-from tfrs_coldstart.serving.saved_model import list_versions
+from tfrs_coldstart.serving.saved_model import list_versions, recover_releases
 from tfrs_coldstart.serving.status import Code
 
 __all__ = ["ModelManager"]
@@ -81,6 +81,13 @@ class ModelManager:
         self._poll_lock = threading.Lock()
         self._config_mtime: float | None = None
         self._configs = self._read_configs()
+        # Releases cut by a killed export are completed (or rolled back) before the first
+        # scan, so this server starts with whole releases (serving.export._publish).
+        for base in sorted({c.base_path.parent for c in self._configs}):
+            try:
+                recover_releases(base, log.info)
+            except OSError as exc:
+                log.error("cannot finish the interrupted releases under %s: %s", base, exc)
 
     def _read_configs(self) -> list[ModelConfig]:
         if self.models_config is not None:
