@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup run test lint bench bench-quality lightfm clean
+.PHONY: setup run test lint bench bench-quality bench-fewshot lightfm clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ lightfm: $(STAMP)
 
 bench-quality: lightfm
 	$(BIN)/python benchmarks/coldstart.py $(ARGS)
+
+# Few-shot cold users (issue 17); the ALS peer needs `implicit` (skipped when absent).
+bench-fewshot: $(STAMP)
+	@$(BIN)/python -c "import implicit" 2>/dev/null || $(BIN)/python -m pip install --quiet implicit || true
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/fewshot.py --seeds 3 $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py $(ARGS)

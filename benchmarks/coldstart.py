@@ -137,6 +137,16 @@ def with_shape(ds: Dataset, shape: str) -> Dataset:
         items=ds.items[["item_id", *(f.name for f in schema.item_features)]])
 
 
+def trained(reuse: bool, run: RunDir, saved_as: str, fit: Any, *args: Any, **kwargs: Any
+            ) -> Any:
+    """``fit(*args, **kwargs)``, or with ``reuse`` the model an earlier run saved as
+    ``saved_as``."""
+    if reuse and run.has_model(saved_as):
+        print(f"reusing {run.path / saved_as}", file=sys.stderr)
+        return run.load_model(saved_as)
+    return fit(*args, **kwargs)
+
+
 def student_cfg(base: Any, **changes: Any) -> Any:
     return dataclasses.replace(base, **changes)
 
@@ -151,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "results" / "coldstart"))
     p.add_argument("--no-lightfm", action="store_true")
     p.add_argument("--no-aligned", action="store_true", help="skip the trained aligned students")
+    p.add_argument("--reuse", action="store_true",
+                   help="load the teachers and trained students an earlier run of this command "
+                        "saved under --out/runs (same seeds and config) instead of training them "
+                        "again; the closed-form student and every score are redone")
     p.add_argument("--shape", choices=sorted(SHAPES), default="both",
                    help="keep content features on both sides or on one side only")
     args = p.parse_args(argv)
@@ -169,13 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.seeds):
         run = RunDir(out / "runs" / f"seed{seed}")
         c = dataclasses.replace(cfg, seed=seed, output_dir=str(run.path))
-        run.write_metadata(c, prep)
+        if not args.reuse:
+            run.write_metadata(c, prep)
         res: dict[str, Any] = {"popularity": evaluate_popularity(prep, ks)}
         timing: dict[str, float] = {}
         t0 = time.time()
-        teacher = fit_teacher(prep, c.teacher, run, seed, verbose=2, k=k)
-        vt = fit_teacher(prep, c.teacher, run, seed, verbose=2, k=k, validation_only=True,
-                         name=VALIDATION_TEACHER)
+        reuse = args.reuse
+        teacher = trained(reuse, run, "teacher", fit_teacher, prep, c.teacher, run, seed,
+                          verbose=2, k=k)
+        vt = trained(reuse, run, VALIDATION_TEACHER, fit_teacher, prep, c.teacher, run, seed,
+                     verbose=2, k=k, validation_only=True, name=VALIDATION_TEACHER)
         timing["teachers_s"] = time.time() - t0
         res["teacher"] = evaluate_model(prep, teacher, run.scorer("teacher"), ks, sides)
         # the served student (the product default, chosen on validation): closed-form ridge
@@ -198,14 +215,15 @@ def main(argv: list[str] | None = None) -> int:
                 t1 = time.time()
                 sc = student_cfg(c.student, method="aligned",
                                  **({} if lam is None else {"distill_lambda": lam}))
-                st = fit_student(prep, teacher, sc, run, seed, verbose=2, name=name, k=k,
-                                 val_teacher=vt)
+                st = trained(reuse, run, name, fit_student, prep, teacher, sc, run, seed,
+                             verbose=2, name=name, k=k, val_teacher=vt)
                 timing[f"{name}_s"] = time.time() - t1
                 res[label] = evaluate_model(prep, st, run.scorer(name), ks, sides)
         # today's student, in a space of its own (method=own)
         t1 = time.time()
-        own = fit_student(prep, teacher, student_cfg(c.student, method="own"), run, seed,
-                          verbose=2, name="student_own", k=k)
+        own = trained(reuse, run, "student_own", fit_student, prep, teacher,
+                      student_cfg(c.student, method="own"), run, seed, verbose=2,
+                      name="student_own", k=k)
         timing["own_s"] = time.time() - t1
         res["own-space student"] = evaluate_model(prep, own, run.scorer("student_own"), ks,
                                                   sides)

@@ -101,7 +101,7 @@ def _requests(m: Any, ds: Any) -> dict[str, tuple[str, dict[str, list]]]:
         out = {"real": ("serving_default", real), "unseen": ("serving_default", _unseen(specs)),
                "embed": ("embed_user", real)}
         if "user_id" in specs:  # one request mixing known users and new ones (real content)
-            mixed = _with_history(_mixed_rows(ds), specs)
+            mixed = _with_history(_mixed_rows(ds, m.manifest["run_dir"]), specs)
             out["mixed"] = ("serving_default", _jsonable({k: mixed[k] for k in specs}))
             out["mixed_embed"] = ("embed_user", _jsonable({k: mixed[k] for k in specs}))
         return out

@@ -384,3 +384,4 @@ def test_user_error_base_is_what_the_cli_prints() -> None:
     from tfrs_coldstart.errors import RunError
 
     assert issubclass(RunError, UserError) and issubclass(BatchError, UserError)
+

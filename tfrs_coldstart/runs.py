@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -229,7 +230,10 @@ class RunDir:
             model: TwoTowerModel = build_teacher(states, cfg.teacher)
         else:
             teacher = self.load_model("teacher") if self.has_model("teacher") else None
-            model = build_student(states, cfg.student, teacher)
+            # the method it was made with (a benchmark's extra students differ from config)
+            method = self.history(which).get("method", "own")
+            model = build_student(states, dataclasses.replace(cfg.student, method=method),
+                                  teacher)
         for side in SIDES:
             tower = model.tower(side)
             tower(dummy_inputs(tower.encoder.state))

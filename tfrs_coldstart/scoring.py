@@ -234,8 +234,8 @@ def unified_score_fn(unified: UnifiedRecommender, scorer: Scorer, ds: Dataset,
         if known_items is not None:
             i_known &= ds.items["item_id"].astype(str).isin(known_items).to_numpy()
             items = np.where(i_known[:, None], items, student_i)
-    return scorer.score_fn(users, items, training_log_counts(train, ds.items), u_known,
-                           ~i_known)
+    counts = training_log_counts(train, ds.items)
+    return scorer.score_fn(users, items, counts, u_known, counts == 0)
 
 
 def unified_history_scorer(unified: UnifiedRecommender, scorer: Scorer, ds: Dataset,
@@ -255,7 +255,7 @@ def unified_history_scorer(unified: UnifiedRecommender, scorer: Scorer, ds: Data
             u_known &= ds.users["user_id"].astype(str).isin(known_users).to_numpy()
             users = np.where(u_known[:, None], users,
                              unified.student.embed("user", table, ds.schema))
-        return scorer.score_fn(users, items, counts, u_known, ~i_known)
+        return scorer.score_fn(users, items, counts, u_known, counts == 0)
     return make
 
 
@@ -301,7 +301,7 @@ def tune_unified(unified: UnifiedRecommender, prep: Prepared, grid: tuple[float,
     base = Scorer(unified.temperature)
 
     def recall(sc: Scorer, segments: tuple[str, ...]) -> float:
-        return _val_recall(sc.score_fn(users, items, counts, u_known, ~i_known), prep,
+        return _val_recall(sc.score_fn(users, items, counts, u_known, counts == 0), prep,
                            segments, k)
 
     warm = {str(w): recall(base.replace(prior=w, cold_user_prior=w), ("warm", "cold_item"))
@@ -314,7 +314,8 @@ def tune_unified(unified: UnifiedRecommender, prep: Prepared, grid: tuple[float,
     mixed = prep.mixed(validation=True)
     bias = {}
     for b in bias_grid:
-        fn = scorer.replace(new_item_bias=b).score_fn(users, items, counts, u_known, ~i_known)
+        fn = scorer.replace(new_item_bias=b).score_fn(users, items, counts, u_known,
+                                                      counts == 0)
         bias[str(b)] = float(rank_metrics(mixed, fn, (k,))[f"recall@{k}"] or 0.0)
     new_bias = max(bias_grid, key=lambda b: bias[str(b)])
     return scorer.replace(new_item_bias=new_bias), {

@@ -179,13 +179,16 @@ class FitBackup(tf.keras.callbacks.Callback):
         with np.load(path / "state.npz") as arrays:
             n_model = int(state["n_model"])
             values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-        model.set_weights(values[:n_model])
         opt = model.optimizer
         opt.build(model.trainable_variables)
         opt_vars = opt.variables
-        if len(opt_vars) != len(values) - n_model:
-            raise RunError(f"{self.folder} holds a backup of another model; remove it to "
-                           "start this fit afresh")
+        try:
+            if len(opt_vars) != len(values) - n_model:
+                raise ValueError("another number of optimizer variables")
+            model.set_weights(values[:n_model])
+        except ValueError as err:
+            raise RunError(f"{self.folder} holds a backup of another model ({err}); remove it "
+                           "to start this fit afresh") from None
         for var, value in zip(opt_vars, values[n_model:], strict=True):
             var.assign(value)
         self.history = {k: [float(x) for x in v] for k, v in state["history"].items()}

@@ -538,13 +538,14 @@ def export_run(
         else:
             item_emb = model.embed("item", ds.items, ds.schema)
             queries = model.embed("user", ds.users.iloc[q_rows], ds.schema)
-        if scorer.uses_counts and log_counts is None:  # saved with the run: new items count 0
+        if scorer.extra_columns and log_counts is None:  # saved with the run: new items count 0
             log_counts = run.item_log_counts(ds.items)
             if log_counts is None:  # a run saved before counts were recorded
                 log_counts = training_log_counts(prepare(ds, cfg).split.train, ds.items)
         # The served score (scoring.Scorer) through one inner product, as evaluated.
+        # new(i): no training interaction (count 0), as evaluated (scoring.Scorer)
         index_emb = scorer.index_vectors(item_emb, log_counts,
-                                         None if item_known is None else ~item_known)
+                                         None if log_counts is None else log_counts == 0)
         index_queries = scorer.query_vectors(queries, user_known)
         params = None
         if index == "scann":
