@@ -60,6 +60,8 @@ def _direct(version_dir: Path, users: pd.DataFrame, schema: Any) -> tuple[np.nda
     fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
     specs = fn.structured_input_signature[1]
     rows = feature_arrays(users, schema.user_features, "user_id")
+    if "history" in specs:  # issue 17: no history
+        rows["history"] = np.full(len(users), "", dtype=object)
     out = fn(**{k: tf.constant(rows[k], dtype=s.dtype) for k, s in specs.items()})
     ids = np.vectorize(lambda b: b.decode())(out["item_ids"].numpy())
     return ids, out["scores"].numpy()

@@ -338,7 +338,7 @@ def test_index_is_the_whole_catalogue_and_brute_force_is_exact(
         name = "student" + {"scann": "", "bf": BRUTE_FORCE_SUFFIX,
                             "part": PARTITIONED_SUFFIX}[variant]
         m = exports[variant][name]
-        feats = {k: users[k] for k in m.module.specs}
+        feats = {k: _with_history(users, m.module.specs)[k] for k in m.module.specs}
         q = m.module.embed_user(feats)["embedding"].numpy() / m.manifest["temperature"]
         q = np.concatenate([q, np.ones((len(q), 1), np.float32)], axis=1)
         ids = m.module(feats)["item_ids"].numpy()
@@ -364,6 +364,7 @@ def test_recommend_takes_the_teacher_for_known_users_and_the_student_for_new(
         emb = loaded[variant]["models"]["recommend" + suffix]["results"]["mixed_embed"]
         emb = np.asarray(emb["embedding"])
         want_t = teacher.embed_user({k: rows[k] for k in teacher.specs})["embedding"].numpy()
+        rows = _with_history(rows, student.specs)
         want_s = student.embed_user({k: rows[k] for k in student.specs})["embedding"].numpy()
         np.testing.assert_allclose(emb[:N_ROWS], want_t[:N_ROWS], atol=1e-5)
         np.testing.assert_allclose(emb[N_ROWS:], want_s[N_ROWS:], atol=1e-5)
@@ -374,7 +375,7 @@ def test_recommend_takes_the_teacher_for_known_users_and_the_student_for_new(
     rec = exports["bf"]["recommend" + BRUTE_FORCE_SUFFIX]
     sc = Scorer.from_dict(rec.manifest["scorer"])
     assert sc.temperature == rec.manifest["temperature"]
-    got = rec.module({k: rows[k] for k in rec.module.specs})
+    got = rec.module({k: _with_history(rows, rec.module.specs)[k] for k in rec.module.specs})
     top = got["scores"].numpy()
     assert np.all(np.diff(top, axis=1) <= 1e-5)
 
@@ -472,7 +473,7 @@ def test_short_scann_results_are_padded_to_k(exports: dict[str, Any]) -> None:
     layer = build_index(None, ds.items["item_id"].astype(str).to_numpy(), emb, K, "scann", p)
     module = RecommendModule(m.module.user_tower, layer, K)
     users = feature_arrays(ds.users.iloc[:8], ds.schema.user_features, "user_id")
-    out = module({k: users[k] for k in module.specs})
+    out = module({k: _with_history(users, module.specs)[k] for k in module.specs})
     ids, scores = out["item_ids"].numpy().astype(str), out["scores"].numpy()
     assert ids.shape == scores.shape == (8, K)
     assert (ids == PAD_ID).any()

@@ -644,6 +644,10 @@ class IdsOfColumn(FeatureColumn):
 
     def encode(self, layers: Layers, inputs: Mapping[str, tf.Tensor],
                training: bool) -> tf.Tensor:
+        if self.name not in inputs and self.ignore_unknown and inputs:
+            # an optional list (the request-time history) not passed: no IDs, zeros
+            n = tf.shape(next(iter(inputs.values())))[0]
+            return tf.zeros([n, int(layers["emb"].output_dim)])
         raw = inputs[self.name]
         if self.multi:
             ids = tf.strings.split(raw, sep=self.separator).to_tensor("")

@@ -560,22 +560,22 @@ def export_run(
                     kk: (int(v) if v is not None else None) for kk, v in part_over.items()})
             except TypeError as err:
                 raise ExportError(f"unknown partitioned-index parameter: {err}") from None
-        fetch = min(k + HISTORY_EXTRA, len(item_ids)) if HISTORY in u_specs else k
-        log(f"{which}: building the {index} index (k={min(fetch, len(item_ids))}) ...")
+        log(f"{which}: building the {index} index (k={min(k, len(item_ids))}) ...")
         try:
-            gated = build_gated_index(item_ids, index_emb, index_queries, fetch, index, gate,
+            gated = build_gated_index(item_ids, index_emb, index_queries, k, index, gate,
                                       params)
         except IndexBuildError as err:
             raise type(err)(f"{name}: {err}") from None
         if gated.recall is not None:
             log(f"{which}: ANN recall@{gated.k} = {gated.recall:.4f} (gate {gate})")
-        module = RecommendModule(user_tower, gated.layer, min(k, gated.k), scorer, gated.k)
+        fetch = min(gated.k + HISTORY_EXTRA, len(item_ids)) if HISTORY in u_specs else gated.k
+        module = RecommendModule(user_tower, gated.layer, gated.k, scorer, fetch)
         manifest = {**common, "name": name, "kind": "recommend", "model": which,
                     "popularity_prior": scorer.prior, "temperature": scorer.temperature,
                     "scorer": scorer.to_dict(),
                     "new_items": (None if item_known is None else int((~item_known).sum())),
-                    "index": index, "k": min(k, gated.k), "k_requested": k,
-                    "index_k": gated.k,
+                    "index": index, "k": gated.k, "k_requested": k,
+                    "index_fetch": fetch,
                     "catalogue_size": int(len(item_ids)),
                     "embedding_dim": int(item_emb.shape[1]),
                     "index_params": gated.params, "ann_recall": _recall_info(gated),
