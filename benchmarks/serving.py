@@ -184,6 +184,9 @@ def user_requests(table: Any, schema: Any, input_names: Sequence[str],
     for r in range(len(rows)):
         user = {}
         for name in input_names:
+            if name not in arrays:  # a request-time `history` (issue 17): none here
+                user[name] = ""
+                continue
             v = arrays[name][r]
             if isinstance(v, np.ndarray):
                 user[name] = [float(x) for x in v]

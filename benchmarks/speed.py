@@ -421,7 +421,9 @@ def _user_inputs(run: Run, names: Sequence[str], n: int, seed: int = 1) -> dict[
     ds = run.dataset
     arrays = feature_arrays(ds.users.iloc[_user_rows(run, n, seed)], ds.schema.user_features,
                             "user_id")
-    return {k: arrays[k] for k in names}
+    n_rows = len(arrays["user_id"])
+    # a request-time `history` (issue 17) is not a column of the users table: none here
+    return {k: arrays[k] if k in arrays else np.full(n_rows, "", dtype=object) for k in names}
 
 
 def _tensors(inputs: dict[str, np.ndarray], fn: Any, size: int,

@@ -198,7 +198,8 @@ def test_student_finetune_and_redistillation(run: dict[str, Any], tmp_path: Path
                    redistill=True, batch_size=64, **QUIET)
     assert res.info["redistilled"] is True
     hist = json.loads((tmp_path / "rd" / "student" / "history.json").read_text())
-    assert "finetunes" not in hist and hist["epochs_run"] >= 1  # a fresh distillation
+    # a fresh distillation (the closed-form student is fit, not trained for epochs)
+    assert "finetunes" not in hist and (hist.get("method") == "ridge" or hist["epochs_run"] >= 1)
     student = load_model(tmp_path / "rd", "student")
     assert np.isfinite(student.embed("user", ds.users.iloc[:4], ds.schema)).all()
     with pytest.raises(FinetuneError, match="which='teacher'"):

@@ -45,6 +45,7 @@ PRIOR_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 # New users: up to a prior that outweighs any dot product (|u.i| / T <= 1 / 0.05 = 20), so
 # where content says nothing about a new user the served score can become popularity.
 COLD_PRIOR_GRID = (*PRIOR_GRID, 8.0, 16.0)
+WARM_TOLERANCE = 0.01  # share of warm validation recall the new-item bias may cost
 
 
 def log_counts(counts: Mapping[str, int] | pd.Series, item_ids: pd.Series) -> np.ndarray:
@@ -312,13 +313,20 @@ def tune_unified(unified: UnifiedRecommender, prep: Prepared, grid: tuple[float,
     cold_prior = max(cold_grid, key=lambda w: cold[str(w)])
     scorer = base.replace(prior=prior, cold_user_prior=cold_prior)
     mixed = prep.mixed(validation=True)
-    bias = {}
+    bias, bias_warm = {}, {}
     for b in bias_grid:
         fn = scorer.replace(new_item_bias=b).score_fn(users, items, counts, u_known,
                                                       counts == 0)
         bias[str(b)] = float(rank_metrics(mixed, fn, (k,))[f"recall@{k}"] or 0.0)
-    new_bias = max(bias_grid, key=lambda b: bias[str(b)])
+        bias_warm[str(b)] = _val_recall(fn, prep, ("warm",), k)
+    # The bias lifts every item without a training interaction, and some warm items have
+    # none (their only interactions were held out): it may not cost the warm users'
+    # ranking of warm items more than WARM_TOLERANCE of the bias-free recall.
+    floor = bias_warm[str(bias_grid[0])] * (1.0 - WARM_TOLERANCE)
+    allowed = [b for b in bias_grid if bias_warm[str(b)] >= floor] or [bias_grid[0]]
+    new_bias = max(allowed, key=lambda b: bias[str(b)])
     return scorer.replace(new_item_bias=new_bias), {
+        "new_item_bias_warm": bias_warm,
         "prior_search": warm, "cold_user_prior_search": cold, "new_item_bias_search": bias}
 
 
