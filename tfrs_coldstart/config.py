@@ -158,7 +158,9 @@ class TeacherConfig:
     patience: int = 4
     weight_decay: float = 0.0  # Adam's decoupled weight decay (0: none)
     # How an interaction's `weight` column (rating, play count) weighs it in the loss:
-    # none | raw | log1p | threshold:X (1 at or above X, else 0); see pipeline.interaction_weights
+    # none | raw | log1p | threshold:X (1 at or above X, else 0); see pipeline.interaction_weights.
+    # none chosen on validation (ML-100K ratings; BENCHMARKS.md: log1p within noise, threshold:4
+    # clearly worse, since every interaction is a positive of the benchmark)
     interaction_weight: str = "none"
     # Training only: share of examples whose user ID and (independently) item ID are replaced
     # by the OOV ID, so the content path is trained too (DropoutNet). 0 chosen on validation
