@@ -36,6 +36,7 @@ import pandas as pd
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS first)
 from tfrs_coldstart.config import load_config
+from tfrs_coldstart.data.pipeline import item_log_counts
 from tfrs_coldstart.evaluation import (
     FEWSHOT_NS,
     FewShotTask,
@@ -49,7 +50,7 @@ from tfrs_coldstart.features.columns import HISTORY_SEPARATOR
 from tfrs_coldstart.fileio import atomic_write_text
 from tfrs_coldstart.modeling.unified import UnifiedRecommender
 from tfrs_coldstart.runs import RECOMMEND, VALIDATION_TEACHER, RunDir, load_data
-from tfrs_coldstart.scoring import Scorer, training_log_counts, unified_history_scorer
+from tfrs_coldstart.scoring import Scorer, unified_history_scorer
 from tfrs_coldstart.training import fit_student, fit_teacher
 
 ROOT = Path(__file__).resolve().parent
@@ -121,7 +122,7 @@ def teacher_mean_scorer(prep: Prepared, teacher, scorer: Scorer):
     items = teacher.embed("item", ds.items, ds.schema)
     warm = ds.items["item_id"].astype(str).isin(set(prep.split.train["item_id"].astype(str)))
     i_index = pd.Index(ds.items["item_id"].astype(str))
-    counts = training_log_counts(prep.split.train, ds.items)
+    counts = item_log_counts(prep.split.train, ds.items)
 
     def make(history: np.ndarray):
         u = users.copy()

@@ -69,7 +69,8 @@ from common import (  # noqa: E402
 )
 from tfrs_coldstart.evaluation import prepare  # noqa: E402
 from tfrs_coldstart.runs import RunDir, load_data, load_model  # noqa: E402
-from tfrs_coldstart.scoring import Scorer, training_log_counts  # noqa: E402
+from tfrs_coldstart.data.pipeline import item_log_counts  # noqa: E402
+from tfrs_coldstart.scoring import Scorer  # noqa: E402
 from tfrs_coldstart.training import fit_student, fit_teacher  # noqa: E402
 
 SECTIONS = ("retrieval", "towers", "e2e", "serving", "batch")
@@ -448,7 +449,7 @@ def index_vectors(run: Run, which: str) -> tuple[np.ndarray, np.ndarray, dict[st
     model = load_model(run.run_dir, which)
     scorer = RunDir(run.run_dir).scorer(which)
     emb = scorer.index_vectors(model.embed("item", ds.items, ds.schema),
-                               training_log_counts(run.prepared().split.train, ds.items))
+                               item_log_counts(run.prepared().split.train, ds.items))
     del model
     release()
     return ds.items["item_id"].astype(str).to_numpy(), emb, scorer.to_dict()

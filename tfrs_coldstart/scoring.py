@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from tfrs_coldstart.data import Dataset
-from tfrs_coldstart.data.pipeline import item_counts
+from tfrs_coldstart.data.pipeline import item_counts, item_log_counts
 from tfrs_coldstart.evaluation import (
     HistoryScorer,
     Prepared,
@@ -51,11 +51,6 @@ WARM_TOLERANCE = 0.01  # share of warm validation recall the new-item bias may c
 def log_counts(counts: Mapping[str, int] | pd.Series, item_ids: pd.Series) -> np.ndarray:
     """``log(1 + count)`` of each id in ``item_ids`` (0 for unseen ids): ``float32 [n]``."""
     return np.log1p(item_counts(counts, item_ids)).astype(np.float32)
-
-
-def training_log_counts(train: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
-    """:func:`log_counts` of ``items`` from a training interactions frame."""
-    return log_counts(train["item_id"].astype(str).value_counts(), items["item_id"])
 
 
 @dataclass(frozen=True)
@@ -182,7 +177,7 @@ def model_score_fn(model: TwoTowerModel, scorer: Scorer, ds: Dataset,
     """The served score of ``model`` over every user and item of ``ds``; counts from ``train``."""
     return scorer.score_fn(model.embed("user", ds.users, ds.schema),
                            model.embed("item", ds.items, ds.schema),
-                           training_log_counts(train, ds.items))
+                           item_log_counts(train, ds.items))
 
 
 def tune_prior(model: TwoTowerModel, scorer: Scorer, prep: Prepared, segments: tuple[str, ...],
@@ -195,7 +190,7 @@ def tune_prior(model: TwoTowerModel, scorer: Scorer, prep: Prepared, segments: t
     ds = prep.dataset
     users = model.embed("user", ds.users, ds.schema)
     items = model.embed("item", ds.items, ds.schema)
-    counts = training_log_counts(prep.val.train, ds.items)
+    counts = item_log_counts(prep.val.train, ds.items)
     search = {}
     for w in grid:
         fn = scorer.with_prior(w).score_fn(users, items, counts)
@@ -235,7 +230,7 @@ def unified_score_fn(unified: UnifiedRecommender, scorer: Scorer, ds: Dataset,
         if known_items is not None:
             i_known &= ds.items["item_id"].astype(str).isin(known_items).to_numpy()
             items = np.where(i_known[:, None], items, student_i)
-    counts = training_log_counts(train, ds.items)
+    counts = item_log_counts(train, ds.items)
     return scorer.score_fn(users, items, counts, u_known, counts == 0)
 
 
@@ -247,7 +242,7 @@ def unified_history_scorer(unified: UnifiedRecommender, scorer: Scorer, ds: Data
     keep the teacher's embedding; the others get the student's on (content, history).
     ``known_users``: as :func:`unified_score_fn` (the validation split's training users)."""
     items, i_known = unified.embed("item", ds.items, ds.schema)
-    counts = training_log_counts(train, ds.items)
+    counts = item_log_counts(train, ds.items)
 
     def make(history: np.ndarray) -> ScoreFn:
         table = ds.users.assign(**{HISTORY: history})
@@ -298,7 +293,7 @@ def tune_unified(unified: UnifiedRecommender, prep: Prepared, grid: tuple[float,
     si = unified.student.embed("item", ds.items, ds.schema)
     users = np.where(u_known[:, None], users, su)
     items = np.where(i_known[:, None], items, si)
-    counts = training_log_counts(v.train, ds.items)
+    counts = item_log_counts(v.train, ds.items)
     base = Scorer(unified.temperature)
 
     def recall(sc: Scorer, segments: tuple[str, ...]) -> float:

@@ -27,6 +27,7 @@ from tfrs_coldstart.data import SEGMENTS
 from tfrs_coldstart.data.pipeline import (
     interaction_dataset,
     interaction_weights,
+    item_log_counts,
     item_probabilities,
 )
 from tfrs_coldstart.errors import RunError, UserError
@@ -61,7 +62,6 @@ from tfrs_coldstart.runs import RECOMMEND, RunDir
 from tfrs_coldstart.scoring import (
     Scorer,
     model_score_fn,
-    training_log_counts,
     tune_prior,
     tune_unified,
     unified_score_fn,
@@ -538,7 +538,7 @@ def _ridge_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
     known = {s: tables[s][f"{s}_id"].astype(str).isin(set(v.train[f"{s}_id"].astype(str)))
              .to_numpy() for s in SIDES}
     emb = {s: vt.embed(s, tables[s], ds.schema) for s in SIDES}
-    counts = training_log_counts(v.train, ds.items)
+    counts = item_log_counts(v.train, ds.items)
     segment = {"item": "cold_item", "user": "cold_user"}
     search: dict[str, dict[str, float]] = {side: {} for side in sides}
     history_search = None

@@ -62,7 +62,7 @@ def item_probabilities(train: pd.DataFrame, item_ids: pd.Series) -> np.ndarray:
 
 def item_log_counts(train: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
     """``log(1 + training count)`` per row of ``items``: the popularity prior's feature."""
-    counts = item_counts(train["item_id"].value_counts(), items["item_id"])
+    counts = item_counts(train["item_id"].astype(str).value_counts(), items["item_id"])
     return np.log1p(counts).astype(np.float32)
 
 

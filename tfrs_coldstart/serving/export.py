@@ -47,14 +47,14 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from tfrs_coldstart import __version__
 from tfrs_coldstart.config import RunConfig, to_dict
-from tfrs_coldstart.data.pipeline import feature_arrays
+from tfrs_coldstart.data.pipeline import feature_arrays, item_log_counts
 from tfrs_coldstart.errors import RunError, UserError
 from tfrs_coldstart.evaluation import prepare
 from tfrs_coldstart.features.columns import HISTORY, HISTORY_SEPARATOR
 from tfrs_coldstart.fileio import atomic_write_text
 from tfrs_coldstart.modeling.unified import UnifiedRecommender
 from tfrs_coldstart.runs import RunDir
-from tfrs_coldstart.scoring import Scorer, training_log_counts
+from tfrs_coldstart.scoring import Scorer
 from tfrs_coldstart.serving.index import (
     INDEX_KINDS,
     GatedIndex,
@@ -541,7 +541,7 @@ def export_run(
         if scorer.extra_columns and log_counts is None:  # saved with the run: new items count 0
             log_counts = run.item_log_counts(ds.items)
             if log_counts is None:  # a run saved before counts were recorded
-                log_counts = training_log_counts(prepare(ds, cfg).split.train, ds.items)
+                log_counts = item_log_counts(prepare(ds, cfg).split.train, ds.items)
         # The served score (scoring.Scorer) through one inner product, as evaluated.
         # new(i): no training interaction (count 0), as evaluated (scoring.Scorer)
         index_emb = scorer.index_vectors(item_emb, log_counts,
