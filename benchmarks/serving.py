@@ -175,11 +175,12 @@ def closed_loop(calls: Sequence[Callable[[int], Any]], seconds: float,
 def user_requests(table: Any, schema: Any, input_names: Sequence[str],
                   n: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` single-user requests (JSON-able feature dicts) from rows of a users table."""
-    from tfrs_coldstart.data.pipeline import feature_arrays
+    from tfrs_coldstart.features.sources import served_arrays
 
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(table), size=min(n, len(table)), replace=False)
-    arrays = feature_arrays(table.iloc[np.sort(rows)], schema.user_features, "user_id")
+    # features and the source columns of derived ones (issue 14)
+    arrays = served_arrays(table.iloc[np.sort(rows)], schema.user_features, "user_id")
     out = []
     for r in range(len(rows)):
         user = {}

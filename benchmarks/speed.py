@@ -417,11 +417,11 @@ def _user_rows(run: Run, n: int, seed: int) -> np.ndarray:
 
 
 def _user_inputs(run: Run, names: Sequence[str], n: int, seed: int = 1) -> dict[str, np.ndarray]:
-    from tfrs_coldstart.data.pipeline import feature_arrays
+    from tfrs_coldstart.features.sources import served_arrays
 
-    ds = run.dataset
-    arrays = feature_arrays(ds.users.iloc[_user_rows(run, n, seed)], ds.schema.user_features,
-                            "user_id")
+    ds = run.dataset  # features and the source columns of derived ones (issue 14)
+    arrays = served_arrays(ds.users.iloc[_user_rows(run, n, seed)], ds.schema.user_features,
+                           "user_id")
     n_rows = len(arrays["user_id"])
     # a request-time `history` (issue 17) is not a column of the users table: none here
     return {k: arrays[k] if k in arrays else np.full(n_rows, "", dtype=object) for k in names}

@@ -25,6 +25,7 @@ from tfrs_coldstart.data import (
     load_tables,
     load_tfds,
 )
+from tfrs_coldstart.data.tfds import TFDS_SCHEMA
 from tfrs_coldstart.errors import UserError
 
 SCHEMA = Schema(
@@ -330,7 +331,9 @@ def test_bad_timestamp_and_weight() -> None:
 def test_movielens_100k(ml100k_dir: Path) -> None:
     ds = load_movielens(ml100k_dir)
     assert (ds.n_users, ds.n_items, ds.n_interactions) == (943, 1682, 100_000)
-    assert ds.schema == MOVIELENS_SCHEMA
+    schema = ds.schema.to_dict()
+    assert schema["item_features"][2].pop("fill") == 1995.0  # the median year, saved
+    assert schema == MOVIELENS_SCHEMA.to_dict()
     first = ds.interactions.iloc[0]
     assert (first.user_id, first.item_id, first.timestamp, first.weight) == (
         "196", "242", 881250949, 3.0)
@@ -340,8 +343,9 @@ def test_movielens_100k(ml100k_dir: Path) -> None:
     unknown = ds.items.set_index("item_id").loc["267"]  # no title year, no date -> median
     assert unknown.year == np.median(ds.items["year"])
     u1 = ds.users.set_index("user_id").loc["1"]
-    assert (u1.age, u1.gender, u1.occupation, u1.zip_prefix) == ("18-24", "M", "technician", "85")
-    assert set(ds.users["age"]) <= {"Under 18", "18-24", "25-34", "35-44", "45-49", "50-55",
+    assert (u1.age_bucket, u1.gender, u1.occupation, u1.zip_prefix) == (
+        "18-24", "M", "technician", "85")
+    assert set(ds.users["age_bucket"]) <= {"Under 18", "18-24", "25-34", "35-44", "45-49", "50-55",
                                     "56+"}
 
 
@@ -361,8 +365,10 @@ def test_movielens_1m_layout(tmp_path: Path) -> None:
     assert items.loc["10", "genres"] == "Action|Sci-Fi"
     assert items.loc["30", "year"] == np.float32(1986)  # median of 1977 and 1995
     users = ds.users.set_index("user_id")
-    assert users.loc["1"].tolist() == ["Under 18", "F", "K-12 student", "48"]
-    assert users.loc["2", "age"] == "56+" and users.loc["2", "occupation"] == "self-employed"
+    assert users.loc["1", ["age_bucket", "gender", "occupation_name", "zip_prefix"]].tolist() == [
+        "Under 18", "F", "K-12 student", "48"]
+    assert users.loc["2", "age_bucket"] == "56+"
+    assert users.loc["2", "occupation_name"] == "self-employed"
 
 
 def test_movielens_missing_files(tmp_path: Path) -> None:
@@ -380,7 +386,9 @@ def test_load_tfds_with_mock_data() -> None:
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=40):
         ds = load_tfds("movielens/100k-ratings")
-    assert ds.n_interactions == 40 and ds.schema == MOVIELENS_SCHEMA
+    schema = ds.schema.to_dict()
+    schema["item_features"][2].pop("fill")  # the median year of the (mock) titles
+    assert ds.n_interactions == 40 and schema == TFDS_SCHEMA.to_dict()
     assert ds.interactions["weight"].dtype == np.float32
     assert ds.interactions["timestamp"].dtype == np.int64
     assert ds.interactions["user_id"].isin(ds.users["user_id"]).all()

@@ -3,7 +3,10 @@
 Batch retrieval calls the SavedModel's signature itself (no server), so its results are
 exactly what TF Serving serves. :class:`ServedModel` loads one version, knows the
 signature's inputs and normalises raw users-table cells exactly as training normalised
-them. The in-process (:mod:`.local`) and Beam (:mod:`.beam`) runners share it.
+them. The inputs of ``serving_default`` are the source's own columns (a MovieLens ``u.user``
+table as it is: ``age``, ``zip_code``, ...; the model derives its features from them); a
+table of the derived features goes through ``serving_derived``. The in-process
+(:mod:`.local`) and Beam (:mod:`.beam`) runners share it.
 """
 
 from __future__ import annotations
@@ -20,8 +23,13 @@ import pandas as pd
 import pyarrow as pa
 import tensorflow as tf
 
-from tfrs_coldstart.data.schema import FeatureSpec, Schema
-from tfrs_coldstart.data.tables import TableSource, normalise_feature, normalise_ids
+from tfrs_coldstart.data.schema import FeatureSpec, Schema, SourceColumn
+from tfrs_coldstart.data.tables import (
+    TableSource,
+    normalise_feature,
+    normalise_ids,
+    normalise_source,
+)
 from tfrs_coldstart.errors import UserError
 from tfrs_coldstart.features.columns import HISTORY, input_array, spec_for_input
 from tfrs_coldstart.serving.saved_model import (
@@ -145,20 +153,31 @@ class ServedModel:
         have = set(columns)
         return self.required_columns + [c for c in self.optional_columns if c in have]
 
-    def feature_spec(self, name: str) -> FeatureSpec:
-        """How one input column is normalised: the schema's spec, else one from the dtype."""
+    def feature_spec(self, name: str) -> FeatureSpec | SourceColumn:
+        """How one input column is normalised: the schema's feature spec, or the source
+        column a derived feature is made from, else a feature spec from the dtype."""
         if self.schema is not None and name in self.schema.names("user"):
             return self.schema.feature("user", name)
+        if self.schema is not None:
+            for col in self.schema.sources("user"):
+                if col.name == name:
+                    return col
         return spec_for_input(name, self.specs[name])
 
     def check_columns(self, columns: Iterable[str], where: str) -> None:
         have = set(columns)
         missing = [c for c in self.required_columns if c not in have]
         if missing:
+            hint = "Add or rename the columns"
+            derived = self.loaded.signatures.get("serving_derived")
+            if self.signature == "serving_default" and derived is not None and all(
+                    n in have for n in derived.structured_input_signature[1] if n != HISTORY):
+                hint = ("The table holds the derived features instead: pass --signature "
+                        "serving_derived (batch_recommend(..., signature='serving_derived'))")
             raise BatchError(
                 f"{where}: missing column(s) {missing}; model {self.path} needs "
                 f"{self.required_columns} (user_id plus the signature's inputs), the table has "
-                f"{sorted(have)}. Add or rename the columns")
+                f"{sorted(have)}. {hint}")
 
     def normalise(self, df: pd.DataFrame,
                   src: TableSource | None = None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -177,7 +196,10 @@ class ServedModel:
                 feats[name] = col.fillna("").astype(str).to_numpy(dtype=object)
                 continue
             # Cells normalised as in training, then as the array the signature input takes.
-            feats[name] = input_array(normalise_feature(df[name], self.feature_spec(name), src), s)
+            spec = self.feature_spec(name)
+            cells = (normalise_source(df[name], spec, src) if isinstance(spec, SourceColumn)
+                     else normalise_feature(df[name], spec, src))
+            feats[name] = input_array(cells, s)
         return ids, feats
 
     def recommend(self, features: dict[str, Any],

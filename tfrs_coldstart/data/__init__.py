@@ -3,7 +3,8 @@
 One concern per module: ``schema`` (feature types, ``DataError``), ``dataset`` (the
 :class:`Dataset` every loader returns), ``tables`` (read, validate, normalise), ``movielens``,
 ``tfds``, ``synthetic``, ``load`` (:func:`load_dataset` by format name), ``split`` (the
-cold-start protocol) and ``pipeline`` (tf.data input; imports TensorFlow, so not imported here).
+cold-start protocol), ``pipeline`` (tf.data input) and ``derive`` (a schema's derivations in
+TensorFlow ops); the last two import TensorFlow, so they are not imported here.
 """
 
 from __future__ import annotations

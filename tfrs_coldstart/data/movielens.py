@@ -1,8 +1,11 @@
 """MovieLens 100K and 1M: the raw GroupLens folders, and the schema of their features.
 
-:data:`MOVIELENS_SCHEMA` and the helpers that turn raw fields into features (:func:`age_bucket`,
-:func:`split_title`, :func:`fill_year`) are shared with the TFDS loader, so both sources give
-the same tables.
+The loader reads each file into a table with the file's own columns (:data:`USER_COLUMNS`,
+:func:`ml100k_item_columns`, ...) and the schema *declares* how its features are derived from
+them (age band from ``age``, ``zip_prefix`` from ``zip_code``, title without its year, year
+from the title or the release date, genre flags to a multi-hot ``genres``); the derivations run
+in TensorFlow ops at load time and inside the exported models, so a served model takes a
+``u.user`` row as it is. The TFDS loader shares the user features.
 """
 
 from __future__ import annotations
@@ -10,43 +13,28 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from tfrs_coldstart.data.dataset import Dataset
-from tfrs_coldstart.data.schema import DataError, FeatureSpec, FeatureType, Schema
+from tfrs_coldstart.data.schema import AGE_BUCKETS, DataError, FeatureSpec, FeatureType, Schema
 from tfrs_coldstart.data.tables import load_tables
 
 __all__ = [
     "AGE_BUCKETS",
     "ML100K_GENRES",
+    "ML1M_ITEM_COLUMNS",
     "ML1M_OCCUPATIONS",
+    "ML1M_SCHEMA",
+    "ML1M_USER_COLUMNS",
     "MOVIELENS_SCHEMA",
-    "age_bucket",
-    "fill_year",
+    "MOVIELENS_USER_FEATURES",
+    "USER_COLUMNS",
+    "genre_column",
     "load_movielens",
-    "split_title",
+    "ml100k_item_columns",
+    "ml100k_schema",
 ]
-
-MOVIELENS_SCHEMA = Schema(
-    user_features=(
-        FeatureSpec("age", FeatureType.CATEGORICAL),
-        FeatureSpec("gender", FeatureType.CATEGORICAL),
-        FeatureSpec("occupation", FeatureType.CATEGORICAL),
-        FeatureSpec("zip_prefix", FeatureType.CATEGORICAL),
-    ),
-    item_features=(
-        FeatureSpec("title", FeatureType.TEXT),
-        FeatureSpec("genres", FeatureType.MULTI_HOT, separator="|"),
-        FeatureSpec("year", FeatureType.NUMERIC, nullable=True),
-    ),
-)
-
-#: ML-1M age buckets (lower bound -> label), used for ML-100K raw ages too.
-AGE_BUCKETS = ((1, "Under 18"), (18, "18-24"), (25, "25-34"), (35, "35-44"), (45, "45-49"),
-               (50, "50-55"), (56, "56+"))
 
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -61,41 +49,78 @@ ML1M_OCCUPATIONS = (
     "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer",
 )
 
+#: ``u.user``'s fields, in file order: what a served model takes for an ML-100K user.
+USER_COLUMNS = ("user_id", "age", "gender", "occupation", "zip_code")
+#: ``users.dat``'s fields (ML-1M), in file order; ``occupation`` is a code (0-20).
+ML1M_USER_COLUMNS = ("user_id", "gender", "age", "occupation", "zip_code")
+#: ``movies.dat``'s fields (ML-1M), in file order.
+ML1M_ITEM_COLUMNS = ("item_id", "movie_title", "genres")
+
+_AGE = FeatureSpec("age_bucket", FeatureType.CATEGORICAL, source="age", derive="age_bucket")
+_ZIP = FeatureSpec("zip_prefix", FeatureType.CATEGORICAL, source="zip_code", derive="prefix:2")
+_TITLE = FeatureSpec("title", FeatureType.TEXT, source="movie_title", derive="strip_year")
+#: ML-100K's (and TFDS's) user features, from the columns of :data:`USER_COLUMNS`.
+MOVIELENS_USER_FEATURES = (
+    _AGE,
+    FeatureSpec("gender", FeatureType.CATEGORICAL),
+    FeatureSpec("occupation", FeatureType.CATEGORICAL),
+    _ZIP,
+)
+
+
+def genre_column(genre: str) -> str:
+    """The flag column of an ML-100K genre: ``"Children's"`` -> ``"genre_childrens"``, a
+    name TF Serving takes as a signature input."""
+    return "genre_" + re.sub(r"[^0-9a-z]+", "_", genre.lower().replace("'", "")).strip("_")
+
+
+def ml100k_item_columns(genres: tuple[str, ...] = ML100K_GENRES) -> tuple[str, ...]:
+    """``u.item``'s fields, in file order: what the item encoder takes for an ML-100K item."""
+    return ("item_id", "movie_title", "release_date", "video_release_date", "imdb_url",
+            *(genre_column(g) for g in genres))
+
+
+def ml100k_schema(genres: tuple[str, ...] = ML100K_GENRES) -> Schema:
+    """ML-100K's schema: ``u.user``'s and ``u.item``'s columns to the features (the genre
+    names come from ``u.genre``)."""
+    return Schema(
+        user_features=MOVIELENS_USER_FEATURES,
+        item_features=(
+            _TITLE,
+            FeatureSpec("genres", FeatureType.MULTI_HOT, separator="|",
+                        source=tuple(genre_column(g) for g in genres),
+                        derive="flags_to_multi_hot", labels=tuple(genres)),
+            FeatureSpec("year", FeatureType.NUMERIC, nullable=True,
+                        source=("movie_title", "release_date"), derive="year_from_title"),
+        ),
+    )
+
+
+#: ML-100K's schema; a loaded dataset's also holds the year ``fill`` (the median year).
+MOVIELENS_SCHEMA = ml100k_schema()
+#: ML-1M's schema (``users.dat``'s occupation codes to ``occupation_name``).
+ML1M_SCHEMA = Schema(
+    user_features=(
+        _AGE,
+        FeatureSpec("gender", FeatureType.CATEGORICAL),
+        FeatureSpec("occupation_name", FeatureType.CATEGORICAL, source="occupation",
+                    derive="code_label", labels=ML1M_OCCUPATIONS),
+        _ZIP,
+    ),
+    item_features=(
+        _TITLE,
+        FeatureSpec("genres", FeatureType.MULTI_HOT, separator="|"),
+        FeatureSpec("year", FeatureType.NUMERIC, nullable=True, source="movie_title",
+                    derive="year_from_title"),
+    ),
+)
+
 _ML100K_FILES = ("u.data", "u.item", "u.user")
 _ML1M_FILES = ("ratings.dat", "movies.dat", "users.dat")
 _ML_ACCEPTED = (
     "accepted layouts: ml-100k (u.data, u.item, u.user) or ml-1m (ratings.dat, movies.dat, "
     "users.dat), as unzipped from https://grouplens.org/datasets/movielens/"
 )
-_YEAR_IN_TITLE = re.compile(r"\s*\((\d{4})\)\s*$")
-
-
-def age_bucket(age: Any) -> str:
-    """ML-1M age bucket label of an age (raw years or an ML-1M bucket code)."""
-    a = float(age)
-    label = AGE_BUCKETS[0][1]
-    for lower, name in AGE_BUCKETS:
-        if a >= lower:
-            label = name
-    return label
-
-
-def split_title(title: str) -> tuple[str, float]:
-    """'Toy Story (1995)' -> ('Toy Story', 1995.0); no year -> (title, nan)."""
-    title = title.strip()
-    m = _YEAR_IN_TITLE.search(title)
-    if not m:
-        return title, np.nan
-    stripped = title[: m.start()].strip()
-    return (stripped or title), float(m.group(1))
-
-
-def fill_year(years: list[float]) -> np.ndarray:
-    """Years as float32 with missing ones (nan) set to the median known year (0 if none)."""
-    arr = np.asarray(years, dtype=np.float64)
-    known = arr[~np.isnan(arr)]
-    fill = float(np.median(known)) if known.size else 0.0
-    return np.where(np.isnan(arr), fill, arr).astype(np.float32)
 
 
 def _find_movielens_dir(data_dir: Path) -> tuple[Path, str]:
@@ -154,11 +179,13 @@ def _read_ratings(path: Path, sep: str) -> pd.DataFrame:
 
 
 def load_movielens(data_dir: str | os.PathLike[str]) -> Dataset:
-    """Load a raw MovieLens 100K or 1M folder into :data:`MOVIELENS_SCHEMA` tables.
+    """Load a raw MovieLens 100K or 1M folder: :data:`MOVIELENS_SCHEMA` or :data:`ML1M_SCHEMA`.
 
-    Users get an ML-1M age bucket, gender, occupation and the first two zip characters;
-    items get the title without its year, '|'-joined genres and the release year (missing
-    years are filled with the median year). Ratings become ``weight``; file order is kept.
+    Each file becomes a table with its own columns; the schema derives the features: the
+    ML-1M age band, gender, occupation and the first two zip characters of each user; each
+    item's title without its year, genres, and release year (from the title, else the
+    release date; missing years are the median year, saved with the schema as ``fill``).
+    Ratings become ``weight``; file order is kept.
     """
     if data_dir is None:
         raise DataError(f"load_movielens needs data_dir (a MovieLens folder); {_ML_ACCEPTED}")
@@ -168,59 +195,25 @@ def load_movielens(data_dir: str | os.PathLike[str]) -> Dataset:
     d, variant = _find_movielens_dir(root)
     if variant == "ml-100k":
         inter = _read_ratings(d / "u.data", "\t")
-        user_rows = _read_delimited(d / "u.user", "|", 5, "latin-1")
-        users = pd.DataFrame({
-            "user_id": [r[0] for r in user_rows],
-            "age": [age_bucket(r[1]) for r in user_rows],
-            "gender": [r[2] for r in user_rows],
-            "occupation": [r[3] for r in user_rows],
-            "zip_prefix": [r[4].strip()[:2] for r in user_rows],
-        })
-        genre_names = list(ML100K_GENRES)
+        users = pd.DataFrame(_read_delimited(d / "u.user", "|", 5, "latin-1"),
+                             columns=list(USER_COLUMNS))
+        genres = ML100K_GENRES
         genre_file = d / "u.genre"
         if genre_file.is_file():
-            pairs = [r for r in _read_delimited(genre_file, "|", 2, "latin-1")]
-            genre_names = [name for name, _ in sorted(pairs, key=lambda p: int(p[1]))]
-        item_rows = _read_delimited(d / "u.item", "|", 5 + len(genre_names), "latin-1")
-        titles, years, genres = [], [], []
-        for r in item_rows:
-            title, year = split_title(r[1])
-            if np.isnan(year) and re.search(r"\d{4}$", r[2].strip()):
-                year = float(r[2].strip()[-4:])
-            flags = r[5 : 5 + len(genre_names)]
-            names = [g for g, f in zip(genre_names, flags, strict=True) if f.strip() == "1"]
-            titles.append(title)
-            years.append(year)
-            genres.append("|".join(names) or "unknown")
-        items = pd.DataFrame({"item_id": [r[0] for r in item_rows], "title": titles,
-                              "genres": genres, "year": fill_year(years)})
+            pairs = _read_delimited(genre_file, "|", 2, "latin-1")
+            genres = tuple(name for name, _ in sorted(pairs, key=lambda p: int(p[1])))
+        columns = ml100k_item_columns(genres)
+        items = pd.DataFrame(_read_delimited(d / "u.item", "|", len(columns), "latin-1"),
+                             columns=list(columns))
+        schema = ml100k_schema(genres)
     else:
         inter = _read_ratings(d / "ratings.dat", "::")
-        user_rows = _read_delimited(d / "users.dat", "::", 5, "latin-1")
-        occupations = []
-        for r in user_rows:
-            code = r[3].strip()
-            occupations.append(
-                ML1M_OCCUPATIONS[int(code)]
-                if code.isdigit() and int(code) < len(ML1M_OCCUPATIONS) else code
-            )
-        users = pd.DataFrame({
-            "user_id": [r[0] for r in user_rows],
-            "age": [age_bucket(r[2]) for r in user_rows],
-            "gender": [r[1] for r in user_rows],
-            "occupation": occupations,
-            "zip_prefix": [r[4].strip()[:2] for r in user_rows],
-        })
-        item_rows = _read_delimited(d / "movies.dat", "::", 3, "latin-1")
-        split = [split_title(r[1]) for r in item_rows]
-        items = pd.DataFrame({
-            "item_id": [r[0] for r in item_rows],
-            "title": [t for t, _ in split],
-            "genres": [r[2].strip() or "unknown" for r in item_rows],
-            "year": fill_year([y for _, y in split]),
-        })
+        users = pd.DataFrame(_read_delimited(d / "users.dat", "::", 5, "latin-1"),
+                             columns=list(ML1M_USER_COLUMNS))
+        items = pd.DataFrame(_read_delimited(d / "movies.dat", "::", 3, "latin-1"),
+                             columns=list(ML1M_ITEM_COLUMNS))
+        schema = ML1M_SCHEMA
     try:
-        return load_tables(inter, users, items, MOVIELENS_SCHEMA, name=variant)
+        return load_tables(inter, users, items, schema, name=variant)
     except DataError as e:
         raise DataError(f"MovieLens folder {d} ({variant}): {e}") from None
-

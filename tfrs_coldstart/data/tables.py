@@ -6,12 +6,18 @@ users, items) against the schema and normalises their dtypes to the form describ
 validate their own users/items tables the same way (:func:`read_table`, :func:`feature_table`,
 :func:`normalise_ids`, :func:`normalise_feature`).
 
+A schema's derived features (``source`` + ``derive``, see :mod:`tfrs_coldstart.data.schema`)
+are made here from the table's source columns, with the TensorFlow implementation the
+exported models run (:mod:`tfrs_coldstart.data.derive`); a users or items table then holds its
+id, its source columns and its features.
+
 Bad input raises :class:`DataError` naming the file (or ``<DataFrame interactions>``), the
 column, the first offending row and what to do next. Loading never writes anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -22,18 +28,29 @@ import numpy as np
 import pandas as pd
 
 from tfrs_coldstart.data.dataset import Dataset
-from tfrs_coldstart.data.schema import DataError, FeatureSpec, FeatureType, Schema
+from tfrs_coldstart.data.schema import (
+    DataError,
+    FeatureSpec,
+    FeatureType,
+    Schema,
+    SourceColumn,
+    input_names,
+    source_columns,
+)
 
 __all__ = [
     "COMPRESSION_SUFFIXES",
     "TABLE_SUFFIXES",
     "TableSource",
+    "conform",
+    "derived_table",
     "feature_table",
     "find_table",
     "interactions_table",
     "load_tables",
     "normalise_feature",
     "normalise_ids",
+    "normalise_source",
     "object_series",
     "read_table",
     "table_suffix",
@@ -361,6 +378,33 @@ def normalise_feature(
     return out
 
 
+def normalise_source(series: pd.Series, col: SourceColumn, src: TableSource) -> np.ndarray:
+    """A source column's cells, read as the derivations take them: ``float32`` (missing: NaN)
+    for a numeric source, else stripped ``str`` (missing: ``""``).
+
+    Raises :class:`DataError` at the first unparseable cell, or missing one unless every
+    feature made from the column allows that (:attr:`SourceColumn.nullable`).
+    """
+    made = ", ".join(f"'{f}'" for f in col.features)
+    if col.numeric:
+        vals, missing, bad = _numeric_cells(series)
+        if bad.any():
+            pos = int(np.argmax(bad))
+            raise src.error(col.name, pos, f"value {series.iloc[pos]!r} is not a finite number "
+                            f"(a source of {made}, read as numbers)", "Fix the value")
+    else:
+        try:
+            vals, missing = _to_str_cells(series)
+        except _CellError as e:
+            raise src.error(col.name, e.pos, f"value is {e.reason}",
+                            f"Give one value per cell (a source of {made})") from None
+    if missing.any() and not col.nullable:
+        raise src.error(col.name, int(np.argmax(missing)), "missing or empty value",
+                        f"It is the source of {made}: fill it, drop the row, or mark the "
+                        "feature(s) nullable in the schema")
+    return vals.astype(np.float32) if col.numeric else vals
+
+
 def _short(v: Any) -> str:
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -387,30 +431,63 @@ def object_series(values: np.ndarray) -> pd.Series:
     return pd.Series(values, dtype=object)
 
 
-def _require_columns(df: pd.DataFrame, cols: list[str], src: TableSource, role: str) -> None:
+def _require_columns(df: pd.DataFrame, cols: list[str], src: TableSource, role: str,
+                     specs: tuple[FeatureSpec, ...] = ()) -> None:
     for col in cols:
         if col not in df.columns:
+            made = [s.name for s in specs if col in s.source and s.name != col]
+            what = (f"the source column of {made} (derive: "
+                    f"{next(s.derive for s in specs if s.name == made[0])})" if made else "")
             raise src.error(
                 col,
                 None,
-                f"missing required column (the {role} table has columns {list(df.columns)})",
+                f"missing required column{' ' + what if what else ''} (the {role} table has "
+                f"columns {list(df.columns)})",
                 "Add the column, rename the existing one, or remove the feature from the schema",
             )
+
+
+def _derive(spec: FeatureSpec, columns: dict[str, np.ndarray]) -> tuple[FeatureSpec, np.ndarray]:
+    """The derived column of ``spec`` from the normalised ``columns``; a ``year_from_*``
+    feature without a ``fill`` gets the median found value (0 if none) as its fill, returned
+    in the spec so the run saves it and serving fills with the same constant."""
+    # Imported here: it imports TensorFlow, which only a schema with derivations needs;
+    # `import tfrs_coldstart.data` stays free of TensorFlow (see data/__init__).
+    from tfrs_coldstart.data.derive import derive_column
+
+    sources = [columns[c] for c in spec.source]
+    if spec.takes_fill and spec.fill is None:
+        found = derive_column(spec, sources)
+        found = found[~np.isnan(found)].astype(np.float64)
+        spec = dataclasses.replace(spec, fill=float(np.median(found)) if found.size else 0.0)
+    return spec, derive_column(spec, sources)
 
 
 def feature_table(
     df: pd.DataFrame, src: TableSource, side: str, specs: tuple[FeatureSpec, ...]
 ) -> pd.DataFrame:
-    """A validated users or items table (``side`` "user"/"item"): id column + ``specs``.
+    """A validated users or items table (``side`` "user"/"item"): the id column, the source
+    columns of derived features (:func:`~tfrs_coldstart.data.schema.source_columns`) and
+    ``specs``' features, in that order.
 
-    The table must be non-empty, hold the id and every feature column, and have unique ids.
+    The table must be non-empty, hold the id, every plain feature column and every source
+    column, and have unique ids. Derived features are made from their sources (a column of
+    that name in ``df`` is ignored); see :func:`derived_table` for the specs with their fills.
     """
+    return derived_table(df, src, side, specs)[0]
+
+
+def derived_table(
+    df: pd.DataFrame, src: TableSource, side: str, specs: tuple[FeatureSpec, ...]
+) -> tuple[pd.DataFrame, tuple[FeatureSpec, ...]]:
+    """:func:`feature_table` and ``specs`` with each ``year_from_*`` fill resolved (the
+    median found year of this table where the spec gives none)."""
     id_col = f"{side}_id"
     role = f"{side}s"
     if len(df) == 0:
         raise DataError(f"{src.label}: the {role} table is empty (0 rows); it needs one row per "
                         f"{side}")
-    _require_columns(df, [id_col] + [s.name for s in specs], src, role)
+    _require_columns(df, [id_col] + list(input_names(specs)), src, role, specs)
     ids = normalise_ids(df[id_col], id_col, src)
     dup = pd.Series(ids).duplicated(keep="first").to_numpy()
     if dup.any():
@@ -423,10 +500,28 @@ def feature_table(
             f"Keep one row per {side}",
         )
     data: dict[str, Any] = {id_col: object_series(ids)}
+    columns: dict[str, np.ndarray] = {}  # normalised inputs (sources, plain features) by name
+    for col in source_columns(specs):
+        columns[col.name] = data[col.name] = normalise_source(df[col.name], col, src)
     for spec in specs:
-        values = normalise_feature(df[spec.name], spec, src)
-        data[spec.name] = object_series(values) if values.dtype == object else values
-    return pd.DataFrame(data)
+        if spec.derive is None:
+            columns[spec.name] = normalise_feature(df[spec.name], spec, src)
+    resolved = []
+    for spec in specs:
+        if spec.derive is None:
+            values = columns[spec.name]
+        else:
+            spec, made = _derive(spec, columns)
+            try:
+                values = normalise_feature(pd.Series(made, dtype=made.dtype), spec, src)
+            except DataError as e:
+                raise DataError(f"{e} (feature '{spec.name}' is derived by {spec.derive!r} "
+                                f"from {list(spec.source)})") from None
+        data[spec.name] = values
+        resolved.append(spec)
+    data = {k: object_series(v) if isinstance(v, np.ndarray) and v.dtype == object else v
+            for k, v in data.items()}
+    return pd.DataFrame(data), tuple(resolved)
 
 
 def interactions_table(df: pd.DataFrame, src: TableSource) -> pd.DataFrame:
@@ -513,7 +608,10 @@ def load_tables(
             tables[side] = (pd.DataFrame({id_col: object_series(ids)}), None)
             continue
         df, src = read_table(obj, f"{side}s")
-        tables[side] = (feature_table(df, src, side, schema.side(side)), src)
+        table, specs = derived_table(df, src, side, schema.side(side))
+        tables[side] = (table, src)
+        schema = (Schema(specs, schema.item_features) if side == "user"
+                  else Schema(schema.user_features, specs))
     for side in ("user", "item"):
         id_col = f"{side}_id"
         table, src = tables[side]
@@ -535,3 +633,35 @@ def load_tables(
         items=tables["item"][0],
         schema=schema,
     )
+
+
+def conform(ds: Dataset, saved: Schema) -> Dataset:
+    """``ds`` as a run trained with ``saved`` reads it.
+
+    A run saved before its loader declared derivations (its schema has none, e.g. a MovieLens
+    run with the feature ``age`` holding age bands) meets tables whose derived features have
+    names of their own (``age_bucket``, made from the source column ``age``). Each of its
+    features is found under its own name, or as the derived feature of the same type made
+    from the one source column of that name; the result holds the id and those columns under
+    the saved names, with schema ``saved``. When ``ds`` already has schema ``saved``, or some
+    saved feature has no counterpart, ``ds`` is returned unchanged (the caller's schema
+    check then names the difference).
+    """
+    if saved == ds.schema or saved.derives or not ds.schema.derives:
+        return ds
+    tables = {}
+    for side in ("user", "item"):
+        have = ds.schema.side(side)
+        by_name = {s.name: s for s in have}
+        table = ds.users if side == "user" else ds.items
+        data: dict[str, Any] = {f"{side}_id": table[f"{side}_id"]}
+        for spec in saved.side(side):
+            match = by_name.get(spec.name)
+            if match is None or match.underived() != spec:
+                match = next((s for s in have if s.source == (spec.name,) and dataclasses.replace(
+                    s.underived(), name=spec.name) == spec), None)
+            if match is None:
+                return ds
+            data[spec.name] = table[match.name]
+        tables[side] = pd.DataFrame(data)
+    return dataclasses.replace(ds, users=tables["user"], items=tables["item"], schema=saved)

@@ -1,4 +1,9 @@
-"""TensorFlow Datasets' MovieLens ``*-ratings`` datasets as the three tables."""
+"""TensorFlow Datasets' MovieLens ``*-ratings`` datasets as the three tables.
+
+Users get ``u.user``'s columns (``age``, ``gender``, ``occupation``, ``zip_code``) and items
+``movie_title`` and ``genres``; :data:`TFDS_SCHEMA` derives the features from them as the
+MovieLens loader does (age band, zip prefix, title without its year, year from the title).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,15 @@ import numpy as np
 import pandas as pd
 
 from tfrs_coldstart.data.dataset import Dataset
-from tfrs_coldstart.data.movielens import MOVIELENS_SCHEMA, age_bucket, fill_year, split_title
+from tfrs_coldstart.data.movielens import ML1M_SCHEMA, MOVIELENS_USER_FEATURES
 from tfrs_coldstart.data.schema import DataError, Schema
 from tfrs_coldstart.data.tables import load_tables, object_series
 
-__all__ = ["load_tfds"]
+__all__ = ["TFDS_SCHEMA", "load_tfds"]
+
+#: The TFDS datasets' schema: ML-100K's user features, ML-1M's item features (genres come
+#: joined by "|"; the year only from the title).
+TFDS_SCHEMA = Schema(MOVIELENS_USER_FEATURES, ML1M_SCHEMA.item_features)
 
 
 def load_tfds(
@@ -82,27 +91,25 @@ def load_tfds(
                           "timestamp": cols["timestamp"].astype(np.int64),
                           "weight": cols["user_rating"].astype(np.float32)})
     first_item = pd.Series(iid).drop_duplicates(keep="first").index.to_numpy()
-    split = [split_title(t) for t in _text(cols["movie_title"][first_item])]
     genres = _text(cols["movie_genres"][first_item])
     items = pd.DataFrame({
         "item_id": object_series(iid[first_item]),
-        "title": [t for t, _ in split],
-        "genres": [g or "unknown" for g in genres],
-        "year": fill_year([y for _, y in split]),
+        "movie_title": object_series(_text(cols["movie_title"][first_item])),
+        "genres": [g or "unknown" for g in genres],  # TFDS's empty genre list
     })
     if has_users:
         first_user = pd.Series(uid).drop_duplicates(keep="first").index.to_numpy()
         users = pd.DataFrame({
             "user_id": object_series(uid[first_user]),
-            "age": [age_bucket(a) for a in cols["bucketized_user_age"][first_user]],
+            "age": cols["bucketized_user_age"][first_user].astype(np.float32),
             "gender": np.where(cols["user_gender"][first_user], "M", "F"),
             "occupation": _text(cols["user_occupation_text"][first_user]),
-            "zip_prefix": [z.strip()[:2] for z in _text(cols["user_zip_code"][first_user])],
+            "zip_code": _text(cols["user_zip_code"][first_user]),
         })
-        schema = MOVIELENS_SCHEMA
+        schema = TFDS_SCHEMA
     else:
         users = None
-        schema = Schema(user_features=(), item_features=MOVIELENS_SCHEMA.item_features)
+        schema = Schema(user_features=(), item_features=TFDS_SCHEMA.item_features)
     try:
         return load_tables(inter, users, items, schema, name=f"tfds:{name}")
     except DataError as e:

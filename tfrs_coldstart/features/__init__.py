@@ -1,7 +1,8 @@
 """Feature columns: per-type preprocessing state, Keras layers and served input specs.
 
 ``columns`` holds one class per feature type (the one place a type is defined); ``encoder``
-puts one side's columns together as the tower's input layer.
+puts one side's columns together as the tower's input layer; ``sources`` maps a served
+model's inputs (the source columns of derived features) to the tower's.
 """
 
 from tfrs_coldstart.features.columns import (
@@ -23,6 +24,7 @@ from tfrs_coldstart.features.columns import (
     spec_for_input,
 )
 from tfrs_coldstart.features.encoder import FeatureEncoder, build_state, dummy_inputs
+from tfrs_coldstart.features.sources import SourceInputError, SourceInputs, served_arrays
 
 __all__ = [
     "COLUMN_TYPES",
@@ -35,6 +37,8 @@ __all__ = [
     "IdsOfColumn",
     "MultiHotColumn",
     "NumericColumn",
+    "SourceInputError",
+    "SourceInputs",
     "TextColumn",
     "build_columns",
     "build_state",
@@ -43,5 +47,6 @@ __all__ = [
     "columns_to_state",
     "dummy_inputs",
     "input_array",
+    "served_arrays",
     "spec_for_input",
 ]
