@@ -7,6 +7,7 @@ SavedModel loader and called directly, as TF Serving would.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,33 @@ def test_batch_cli(setup: dict[str, Any], tmp_path: Path,
     assert err.startswith("error: ") and "does not exist" in err and not out2.exists()
 
 
+def test_long_multi_hot_cell_is_not_padded_across_the_batch(setup: dict[str, Any],
+                                                            tmp_path: Path) -> None:
+    """A 250 KB `interests` cell in a Parquet users table (CSV stops at 128 KiB cells): the
+    model pads every row of a call to the longest row's tags, so before the fix the 240-row
+    call grew RSS by ~660 MiB (a 10 MB cell: ~26 GB); rows are now grouped
+    (saved_model.row_groups). The other rows' results do not change."""
+    from test_devserver_limits import MiB, peak_rss_growth
+
+    users = setup["ds"].users.copy()
+    users.loc[7, "interests"] = "|".join(f"tag{i % 150:03d}" for i in range(36_000))
+    assert len(users.loc[7, "interests"]) > 250_000
+    src = tmp_path / "users.parquet"
+    users.to_parquet(src)
+    model = setup["base"] / "student"
+    batch_recommend(model, setup["users"], tmp_path / "warm.parquet", progress=False)
+    out = tmp_path / "recs.parquet"
+    growth, _ = peak_rss_growth(lambda: batch_recommend(model, src, out, progress=False))
+    print(f"batch, one 250 KB multi-hot cell in 240 rows: peak RSS growth {growth / MiB:.1f} MiB")
+    got = pd.read_parquet(out)
+    want = pd.read_parquet(tmp_path / "warm.parquet")
+    other = want["user_id"] != users.loc[7, "user_id"]
+    assert len(got) == len(want)
+    np.testing.assert_array_equal(got[other]["item_id"], want[other]["item_id"])
+    np.testing.assert_allclose(got[other]["score"], want[other]["score"], atol=1e-5)
+    assert growth < 128 * MiB, f"peak RSS grew {growth / MiB:.0f} MiB"
+
+
 # --------------------------------------------------------------------------------------------
 # Apache Beam
 
@@ -258,6 +286,122 @@ def test_beam_bad_cell_fails_without_output(setup: dict[str, Any], tmp_path: Pat
     with pytest.raises(Exception, match="activity"):
         beam_batch_recommend(setup["base"] / "student", src, out)
     assert not out.exists() and _leftovers(out.parent) == []
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny recommend-shaped SavedModel (inputs age, activity; 30 items, k=5): enough for
+    the Beam input checks, without training."""
+    import tensorflow as tf
+    from conftest import make_recommender
+
+    base = tmp_path_factory.mktemp("beam_small") / "export" / "rec"
+    m = make_recommender([f"i{i}" for i in range(30)], 5, 1, dim=4, buckets=16, seed=0)
+    tf.saved_model.save(m, str(base / "1"),
+                        signatures={"serving_default": m.recommend, "embed_user": m.embed_user})
+    return base
+
+
+def _local_error(model: Path, users: Path, out: Path) -> str:
+    with pytest.raises(BatchError) as info:
+        batch_recommend(model, users, out, progress=False)
+    return str(info.value)
+
+
+@pytest.mark.skipif(not HAS_BEAM, reason="apache_beam not installed (extra [beam])")
+def test_beam_refuses_ragged_rows_like_the_local_path(small_model: Path, tmp_path: Path) -> None:
+    """Failed before the fix: Beam read the model's columns with pandas, so the long row's
+    extra field was dropped and the short row padded, and the job wrote recommendations."""
+    long_row = tmp_path / "long.csv"
+    long_row.write_text("user_id,age,activity\nu1,20,1\nu2,30,1,extra\nu3,40,1\n")
+    short_row = tmp_path / "short.tsv"
+    short_row.write_text("user_id\tage\tactivity\nu1\t20\t1\n\nu2\t30\n")
+    out = tmp_path / "out" / "recs.parquet"
+    for src, want in ((long_row, r"long\.csv: line 3 \(row 1\) has 4 field\(s\), the header 3"),
+                      (short_row, r"short\.tsv: line 4 \(row 1\) has 2 field\(s\), the header 3")):
+        with pytest.raises(BatchError, match=want) as info:
+            beam_batch_recommend(small_model, src, out)
+        assert str(info.value) == _local_error(small_model, src, out)  # the same error
+        assert not out.exists() and _leftovers(out.parent) == []
+
+
+@pytest.mark.skipif(not HAS_BEAM, reason="apache_beam not installed (extra [beam])")
+def test_beam_refuses_repeated_users_like_the_local_path(small_model: Path,
+                                                         tmp_path: Path) -> None:
+    """Failed before the fix: the repeated user got two sets of rows."""
+    dup = tmp_path / "dup.csv"
+    dup.write_text("user_id,age,activity\n" + "".join(f"u{i},{i},1\n" for i in range(50))
+                   + "u7,99,1\n")
+    dup_pq = tmp_path / "dup.parquet"
+    pd.DataFrame({"user_id": ["a", "b", "a"], "age": ["1", "2", "3"],
+                  "activity": [1.0, 2.0, 3.0]}).to_parquet(dup_pq)
+    out = tmp_path / "out" / "recs.parquet"
+    for src, want in ((dup, r"dup\.csv: user_id 'u7' appears twice \(rows 7 and 50\)"),
+                      (dup_pq, r"dup\.parquet: user_id 'a' appears twice \(rows 0 and 2\)")):
+        with pytest.raises(BatchError, match=want) as info:
+            beam_batch_recommend(small_model, src, out)
+        assert str(info.value) == _local_error(small_model, src, out)
+        assert not out.exists() and _leftovers(out.parent) == []
+    # across files of a glob: both files named
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i, ids in enumerate((["a", "b"], ["c", "b"])):
+        pd.DataFrame({"user_id": ids, "age": ["1", "2"], "activity": [1.0, 2.0]}).to_parquet(
+            parts / f"users-{i}.parquet")
+    with pytest.raises(BatchError, match=r"user_id 'b' appears twice \(.*users-0\.parquet row 1 "
+                                         r"and .*users-1\.parquet row 1\)"):
+        beam_batch_recommend(small_model, str(parts / "users-*.parquet"), out)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not HAS_BEAM, reason="apache_beam not installed (extra [beam])")
+def test_beam_user_error_is_one_cli_line(small_model: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Failed before the fix: a bad cell came out of the runner with `[while running ...]`
+    appended and Beam logged the worker's traceback before the CLI's error line."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,age,activity\nu1,20,1\nu2,30,lots\n")
+    out = tmp_path / "recs.parquet"
+    assert cli_main(["batch", "--runner", "beam", "--model", str(small_model), "--users",
+                     str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    assert "column 'activity'" in errors[0] and "while running" not in errors[0]
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.skipif(not HAS_BEAM, reason="apache_beam not installed (extra [beam])")
+def test_beam_removes_temporaries_of_dead_jobs(small_model: Path, tmp_path: Path) -> None:
+    """Failed before the fix: Beam's temporary folders and files of a killed job stayed
+    forever (and carried no writer pid to tell them from a running job's)."""
+    users = tmp_path / "users.csv"
+    pd.DataFrame({"user_id": [f"u{i}" for i in range(12)], "age": ["20"] * 12,
+                  "activity": [0.5] * 12}).to_csv(users, index=False)
+    out = tmp_path / "recs.parquet"
+    dead, live = "999999999-abcd1234", f"{os.getpid()}-abcd1234"
+    stale = [tmp_path / f".recs.parquet.{dead}.tmp",
+             tmp_path / f"beam-temp-.recs.parquet.{dead}.tmp-0123abcd",
+             tmp_path / f".recs.{dead}.tmp-00000-of-00002.parquet",
+             tmp_path / f"beam-temp-.recs.{dead}.tmp-4567cdef"]
+    kept = [tmp_path / f".recs.parquet.{live}.tmp",
+            tmp_path / f"beam-temp-.recs.parquet.{live}.tmp-89abcdef",
+            tmp_path / ".other.parquet.999999999-abcd1234.tmp"]
+    for p in stale + kept:
+        if p.name.startswith("beam-temp"):
+            p.mkdir()
+            (p / "part.parquet").write_bytes(b"x")
+        else:
+            p.write_bytes(b"x")
+    assert beam_batch_recommend(small_model, users, out, k=3) == [str(out)]
+    assert len(pd.read_parquet(out)) == 12 * 3
+    shards = beam_batch_recommend(small_model, users, out, k=2, num_shards=2)
+    assert [Path(s).name for s in shards] == ["recs-00000-of-00002.parquet",
+                                              "recs-00001-of-00002.parquet"]
+    assert sum(len(pd.read_parquet(s)) for s in shards) == 12 * 2
+    assert [p.name for p in stale if p.exists()] == []
+    assert all(p.exists() for p in kept)
+    assert _leftovers(tmp_path) == sorted(p.name for p in kept)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,15 +22,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import requests
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 # isort: split
+import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-from test_devserver import publish_numeric, publish_recommender
+from test_devserver import publish, publish_numeric, publish_recommender
 
 from tfrs_coldstart.serving.devserver import RequestLimits, Server
 
@@ -39,6 +41,12 @@ MiB = 1024 * 1024
 GRPC_RSS_BOUND = 64 * MiB
 #: Peak RSS growth allowed while the server refuses 100,000 REST instances (it was 4.2 GB).
 REST_RSS_BOUND = 400 * MiB
+#: Peak RSS growth allowed while the server answers 64 rows, one with a 1 MB multi-hot cell
+#: (it took ~1.4 GB: the model pads every row's tags to the longest row).
+TAGS_RSS_BOUND = 96 * MiB
+#: Peak RSS growth allowed while the server refuses a ~63 MiB body of 21M empty lists (parsed,
+#: it took ~1.4 GB): the body's own copies as it is read, not its parse.
+JSON_RSS_BOUND = 256 * MiB
 IDLE = 1.0  # the test server's idle timeout, seconds
 
 
@@ -73,12 +81,31 @@ def peak_rss_growth(action: Callable[[], object], max_seconds: float = 60.0) -> 
     return peak[0] - base, result
 
 
+class _Tags(tf.Module):
+    """A multi-hot tower as the exported ones encode it: 'tags' (``|``-joined) split, padded to
+    the longest row, hashed, embedded and averaged -> 'y' [batch, 8]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = tf.Variable(np.random.default_rng(0).normal(size=(64, 8)).astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="tags")])
+    def predict(self, tags: tf.Tensor) -> dict[str, tf.Tensor]:
+        parts = tf.strings.split(tags, sep="|").to_tensor("")  # [batch, longest row]
+        vecs = tf.gather(self.emb, tf.strings.to_hash_bucket_fast(parts, 64))
+        mask = tf.cast(parts != "", tf.float32)[..., None]
+        return {"y": tf.math.divide_no_nan(tf.reduce_sum(vecs * mask, 1),
+                                           tf.reduce_sum(mask, 1))}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     """Batching off (the limits must hold without it), default limits, a short idle timeout."""
     base = tmp_path_factory.mktemp("limits") / "export"
     publish_numeric(base, "num", 1)
     publish_recommender(base, "rec", 1)
+    tags = _Tags()
+    publish(base, "tags", 1, tags, {"serving_default": tags.predict})
     srv = Server(base, None, rest_port=0, grpc_port=0, poll_seconds=0, idle_timeout=IDLE)
     srv.start()
     yield srv
@@ -90,7 +117,9 @@ def small_server(tmp_path_factory: pytest.TempPathFactory):
     """Small limits, to refuse bodies and messages without sending megabytes."""
     base = tmp_path_factory.mktemp("small") / "export"
     publish_numeric(base, "num", 1)
-    limits = RequestLimits(max_request_bytes=64 * 1024, max_instances=5, max_tensor_elements=30)
+    limits = RequestLimits(
+        max_request_bytes=64 * 1024, max_instances=5, max_tensor_elements=30, max_json_values=200
+    )
     srv = Server(base, None, rest_port=0, grpc_port=0, poll_seconds=0, limits=limits)
     srv.start()
     yield srv
@@ -277,6 +306,70 @@ def test_rest_tensor_elements_are_limited(small_server: Server) -> None:
         timeout=10,
     )
     assert r.status_code == 413 and "--max-instances" in r.json()["error"], r.text
+
+
+def test_rest_json_is_counted_before_it_is_parsed(small_server: Server) -> None:
+    """Instances and values over the limits are refused before json.loads: each body below
+    ends in a syntax error, which parsing would report first (400; that is what the code
+    before the count answered)."""
+    url = f"{small_server.rest_url}/v1/models/num:predict"
+    six = '{"instances": [' + ",".join(["[1.0, 1.0, 1.0]"] * 6) + "], oops"
+    r = requests.post(url, data=six, timeout=10)
+    assert r.status_code == 413 and "--max-instances" in r.json()["error"], r.text
+    assert "6 instances" in r.json()["error"]
+    # quotes, brackets and escapes inside strings are not structure: 5 instances pass the
+    # count (then 400 for the syntax error)
+    tricky = '["a,[{\\"b\\\\", "]],,{{:"]'
+    five = '{"instances": [' + ",".join([tricky] * 5) + "], oops"
+    r = requests.post(url, data=five, timeout=10)
+    assert r.status_code == 400 and "JSON Parse error" in r.json()["error"], r.text
+    many = '{"inputs": [' + ",".join(["[]"] * 250) + "], oops"  # 252 values > 200
+    r = requests.post(url, data=many, timeout=10)
+    assert r.status_code == 413 and "--max-json-values" in r.json()["error"], r.text
+    deep = '{"inputs": ' + "[" * 300 + "1" + "]" * 300 + "}"
+    r = requests.post(url, data=deep, timeout=10)
+    assert r.status_code == 400 and "nested 301 levels deep" in r.json()["error"], r.text
+
+
+def test_rest_tiny_values_body_is_refused_with_bounded_memory(server: Server) -> None:
+    """~63 MiB of `[],` in one instance: under the body limit and every element limit (the
+    tensor has 0 elements), but json.loads would turn each 3 bytes into a 64-byte list."""
+    n = 21_000_000
+    body = b'{"instances": [[' + b"[]," * n + b"[]]]}"
+    assert 60 * MiB < len(body) < RequestLimits().max_request_bytes
+
+    def attack() -> requests.Response:
+        return requests.post(f"{server.rest_url}/v1/models/num:predict", data=body, timeout=120)
+
+    t0 = time.monotonic()
+    growth, r = peak_rss_growth(attack, max_seconds=120)
+    elapsed = time.monotonic() - t0
+    print(f"REST {len(body) / MiB:.0f} MiB of []: peak RSS growth {growth / MiB:.1f} MiB "
+          f"in {elapsed:.2f} s, {r.status_code}")
+    assert r.status_code == 413, r.text[:300]
+    assert "--max-json-values" in r.json()["error"]
+    assert growth < JSON_RSS_BOUND, f"peak RSS grew {growth / MiB:.0f} MiB"
+
+
+def test_rest_long_multi_hot_cell_is_not_padded_across_rows(server: Server) -> None:
+    """One 1 MB tag cell among 64 rows: the model pads all rows to its 500,000 tags (~1.4 GB
+    before the fix); the server now runs such rows apart, with the same answers."""
+    url = f"{server.rest_url}/v1/models/tags:predict"
+    rows = [f"t{i}|t{i + 1}" for i in range(64)]
+    rows[5] = "a|" * 500_000
+    body = json.dumps({"instances": rows})
+    warm = requests.post(url, json={"instances": rows[:5]}, timeout=60)  # first-call costs
+    assert warm.status_code == 200, warm.text[:300]
+
+    growth, r = peak_rss_growth(lambda: requests.post(url, data=body, timeout=60))
+    print(f"REST 64 rows, one 1 MB multi-hot cell: peak RSS growth {growth / MiB:.1f} MiB")
+    assert r.status_code == 200, r.text[:300]
+    got = np.array(r.json()["predictions"])
+    alone = requests.post(url, json={"instances": [rows[5]]}, timeout=60).json()["predictions"]
+    rest = requests.post(url, json={"instances": rows[:5] + rows[6:]}, timeout=60).json()
+    np.testing.assert_allclose(got[5], alone[0], rtol=1e-6)
+    np.testing.assert_allclose(np.delete(got, 5, axis=0), rest["predictions"], rtol=1e-6)
+    assert growth < TAGS_RSS_BOUND, f"peak RSS grew {growth / MiB:.0f} MiB"
 
 
 @pytest.mark.parametrize("depth", [500, 10_000])

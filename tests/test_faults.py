@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -262,6 +263,93 @@ def test_a_crash_before_the_release_is_decided_publishes_nothing(tmp_path: Path,
     monkeypatch.setattr(saved_model, "pid_alive", lambda pid: False)
     recover_releases(base)
     assert not list(base.glob("*/.tmp-*")) and _visible(base) == [[], [], []]
+
+
+def test_a_server_never_loads_part_of_a_cut_release(tmp_path: Path, monkeypatch) -> None:
+    """A crash after the first rename leaves m0/2 on disk, m1/2 and m2/2 not. Failed before the
+    fix: the dev server's next poll served m0 version 2 beside m1, m2 version 1 until a
+    restart. Now it holds version 2 back while the release is cut, and once its writer is
+    gone completes the release at the next poll and serves all of it."""
+    from tfrs_coldstart.serving.devserver.manager import ModelManager
+
+    base = tmp_path / "export"
+    _publish(_planned(), base, 1, "brute-force", lambda m: None)
+    manager = ModelManager(base, None)
+    served = lambda: [manager.resolve(f"m{i}").version for i in range(3)]  # noqa: E731
+    try:
+        manager.poll()
+        assert served() == [1, 1, 1]
+        _failing_rename(monkeypatch, 2, _Crash())
+        with pytest.raises(_Crash):
+            _publish(_planned(), base, 2, "brute-force", lambda m: None)
+        monkeypatch.undo()
+        assert _visible(base) == [[1, 2], [1], [1]]  # part of release 2 on disk
+        manager.poll()  # its writer (this process) is alive: a publish under way
+        assert served() == [1, 1, 1]
+        monkeypatch.setattr(saved_model, "pid_alive", lambda pid: False)  # the writer is gone
+        manager.poll()
+        assert _visible(base) == [[1, 2], [1, 2], [1, 2]]
+        assert served() == [2, 2, 2]
+        # a model of a finished release removed by hand does not hold the others back
+        _publish(_planned(), base, 3, "brute-force", lambda m: None)
+        shutil.rmtree(base / "m1" / "3")
+        manager.poll()
+        assert served() == [3, 2, 3]
+    finally:
+        manager.close()
+
+
+def test_publish_flushes_files_record_and_renames_in_order(tmp_path: Path,
+                                                          monkeypatch) -> None:
+    """What a power loss can leave: staged files are on disk before the record, the record
+    before the first rename, every rename before the record is removed. Failed before the
+    fix: nothing was flushed (a renamed version could hold unwritten files, or the record be
+    gone while a rename was not on disk)."""
+    base = tmp_path / "export"
+    events: list[tuple[str, Path]] = []
+    opened: dict[int, Path] = {}
+    real_open, real_fsync, real_rename, real_unlink = os.open, os.fsync, os.rename, Path.unlink
+
+    def open_(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        fd = real_open(path, flags, *args, **kw)
+        opened[fd] = Path(path)
+        return fd
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", opened.get(fd, Path("?"))))
+        real_fsync(fd)
+
+    def rename(src: Any, dst: Any) -> None:
+        events.append(("rename", Path(dst)))
+        real_rename(src, dst)
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        events.append(("unlink", self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    _publish(_planned(), base, 1, "brute-force", lambda m: None)
+    monkeypatch.undo()
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    record = [i for i, (kind, p) in enumerate(events)
+              if kind == "unlink" and p.name.startswith(".release-")]
+    assert len(renames) == 3 and len(record) == 1
+    synced_before = {p for kind, p in events[:renames[0]] if kind == "fsync"}
+    for i in range(3):
+        final = base / f"m{i}" / "1"
+        on_disk = {p.relative_to(final) for p in final.rglob("*")}  # files and folders
+        staged = {Path(*p.relative_to(base / f"m{i}").parts[1:]) for p in synced_before
+                  if p.is_relative_to(base / f"m{i}") and p != base / f"m{i}"
+                  and p.relative_to(base / f"m{i}").parts[0].startswith(".tmp-")}
+        assert on_disk and on_disk <= staged, f"m{i}: {on_disk - staged} not flushed in time"
+        assert base / f"m{i}" in synced_before  # the staged folder's entry
+    assert any(p.name.startswith(".release-") for p in synced_before)  # the record
+    assert base in synced_before  # its folder entry
+    synced_after = {p for kind, p in events[renames[-1]:record[0]] if kind == "fsync"}
+    assert {base / f"m{i}" for i in range(3)} <= synced_after
 
 
 def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path: Path) -> None:

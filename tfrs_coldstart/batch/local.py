@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,8 +36,9 @@ from tfrs_coldstart.batch.model import (
 )
 from tfrs_coldstart.batch.reader import UsersReader
 from tfrs_coldstart.fileio import process_alive, writer_pid
+from tfrs_coldstart.serving.saved_model import row_groups
 
-__all__ = ["BatchSummary", "batch_recommend"]
+__all__ = ["BatchSummary", "batch_recommend", "recommend_rows"]
 
 
 @dataclass(frozen=True)
@@ -55,16 +58,50 @@ class BatchSummary:
 
 
 def _tmp_path(out: Path) -> Path:
+    """``.<name>.<pid>-<random>.tmp`` beside ``out``: hidden, and named by its writer so a
+    later job can tell an orphan (dead writer) from a job running now."""
     return out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
 
 
-def _remove_orphans(out: Path) -> None:
-    """Temporary outputs of killed batch jobs for ``out`` (their writer's pid is gone)."""
-    prefix = f".{out.name}."
-    for tmp in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
-        pid = writer_pid(tmp.name, prefix)
-        if pid is not None and not process_alive(pid):
-            tmp.unlink(missing_ok=True)
+def _remove_orphans(out: Path) -> list[Path]:
+    """Remove the temporary outputs of killed batch jobs for ``out`` (their writer's pid is
+    gone); returns what was removed.
+
+    In-process jobs leave ``.<name>.<pid>-<id>.tmp``; Beam jobs (which write through the
+    same temporary name, :mod:`.beam`) also leave shards ``.<name>.<pid>-<id>.tmp-SSSSS-of-
+    NNNNN.parquet`` and Beam's folder ``beam-temp-.<name>.<pid>-<id>.tmp-<uuid>``. Those of
+    a live writer (a job running now) are kept.
+    """
+    removed = []
+    name = glob.escape(out.name)
+    for pattern, prefix in ((f".{name}.*.tmp", f".{out.name}."),
+                            (f".{name}.*.tmp-*", f".{out.name}."),
+                            (f"beam-temp-.{name}.*.tmp-*", f"beam-temp-.{out.name}.")):
+        for tmp in out.parent.glob(pattern):
+            pid = writer_pid(tmp.name, prefix)
+            if pid is None or process_alive(pid):
+                continue
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def recommend_rows(model: ServedModel, feats: dict[str, Any],
+                   batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``model.recommend`` over groups of rows (``saved_model.row_groups``): the model pads
+    split string cells (multi-hot tags, a history) to the longest row of a call, so one
+    250 KB cell among 240 rows took ~640 MiB; grouped, a long cell is padded only with the
+    rows of its group. Same results, ``(item ids [n, k], scores [n, k])``."""
+    n = len(next(iter(feats.values()))) if feats else 0
+    groups = row_groups(feats, n)
+    if len(groups) == 1:
+        return model.recommend(feats, batch_size)
+    parts = [model.recommend({k: v[g] for k, v in feats.items()}, batch_size) for g in groups]
+    return (np.concatenate([ids for ids, _ in parts]),
+            np.concatenate([sc for _, sc in parts]))
 
 
 def _rows_table(user_ids: np.ndarray, item_ids: np.ndarray, scores: np.ndarray,
@@ -119,7 +156,7 @@ def batch_recommend(
                 disable=not progress, file=sys.stderr) as bar:
             for offset, df in reader.chunks():
                 ids, feats = model.normalise(df, reader.source(offset))
-                item_ids, scores = model.recommend(feats, batch_size)
+                item_ids, scores = recommend_rows(model, feats, batch_size)
                 table = _rows_table(ids, item_ids, scores, k)
                 writer.write_table(table)
                 users += len(ids)

@@ -17,9 +17,11 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from tfrs_coldstart.fileio import process_alive
@@ -33,6 +35,8 @@ __all__ = [
     "pid_alive",
     "read_manifest",
     "recover_releases",
+    "release_missing",
+    "row_groups",
     "staged_by",
 ]
 
@@ -96,6 +100,41 @@ def read_manifest(version_dir: str | os.PathLike[str]) -> dict[str, Any]:
             return json.load(f)
     except (ValueError, OSError):
         return {}
+
+
+# ---- calling a served model -----------------------------------------------------------------
+
+#: Most "rows x longest string cell" bytes one call of a model is given (``row_groups``).
+STRING_PAD_BUDGET = 1024 * 1024
+
+
+def row_groups(inputs: Mapping[str, np.ndarray], rows: int,
+               budget: int = STRING_PAD_BUDGET) -> list[slice]:
+    """Consecutive row ranges to call a model on, so no call pads more than ``budget`` bytes.
+
+    The exported towers split string cells (multi-hot tags, a history) and pad the pieces to
+    the longest row of the call, so one 1 MB cell among 64 rows costs ~640 MiB, 64 times what
+    it costs alone. Rows are grouped while ``rows x longest string cell`` stays within
+    ``budget`` (a row over it alone); results are the same, as every row is scored on its
+    own. Inputs that are not strings with ``rows`` rows are not looked at.
+    """
+    longest = np.zeros(rows, dtype=np.int64)
+    for arr in inputs.values():
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "OSU":
+            continue
+        if arr.ndim >= 1 and arr.shape[0] == rows and arr.size:
+            cells = np.fromiter(map(len, arr.reshape(-1)), dtype=np.int64, count=arr.size)
+            np.maximum(longest, cells.reshape(rows, -1).max(axis=1), out=longest)
+    if rows == 0 or rows * int(longest.max()) <= budget:
+        return [slice(0, rows)]
+    groups, start, top = [], 0, 0
+    for i, n in enumerate(longest.tolist()):
+        if i > start and (i - start + 1) * max(top, n) > budget:
+            groups.append(slice(start, i))
+            start, top = i, 0
+        top = max(top, n)
+    groups.append(slice(start, rows))
+    return groups
 
 
 # ---- releases: several models published together (export.py's _publish) -------------------
@@ -172,6 +211,33 @@ def recover_releases(base: str | os.PathLike[str], log: Any = None) -> list[str]
         if log is not None:
             log(line)
     return done
+
+
+def release_missing(version_dir: str | os.PathLike[str]) -> list[str]:
+    """The models of a version's release not yet published, as ``<name>/<version>``: while a
+    release record (``export._publish``: a publish under way, or cut by a crash) names this
+    version, the models of its release (its manifest's ``"release"``) that do not have the
+    version on disk. ``[]`` when the release is whole, finished (no record: a model removed
+    by hand later does not hold the others back) or not recorded (older exports, other code).
+
+    A server that loads a version only when this is empty never serves part of a release.
+    """
+    release = read_manifest(version_dir).get("release")
+    if not isinstance(release, dict):
+        return []
+    version, names = release.get("version"), release.get("models")
+    if not isinstance(version, int) or not isinstance(names, list):
+        return []
+    model_dir = os.path.dirname(str(version_dir).rstrip("/"))
+    base = os.path.dirname(model_dir)
+    missing = [f"{n}/{version}" for n in names
+               if isinstance(n, str) and not is_complete(f"{base}/{n}/{version}")]
+    if not missing or "://" in base:
+        return missing
+    this = f"{os.path.basename(model_dir)}/{version}"
+    named = any(this in {m["final"] for m in _release_models(record)}
+                for record in Path(base).glob(f"{RELEASE_PREFIX}*.json"))
+    return missing if named else []
 
 
 def _release_models(record: Path) -> list[dict[str, str]]:

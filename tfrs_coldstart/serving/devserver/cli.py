@@ -90,6 +90,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"(default: {defaults.max_tensor_elements}, 2^24)",
     )
     p.add_argument(
+        "--max-json-values",
+        type=int,
+        default=defaults.max_json_values,
+        help="most JSON values (numbers, strings, arrays, objects, keys) in one REST body, "
+        "counted before it is parsed; bounds the memory parsing takes (~80 bytes a value at "
+        f"worst; default: {defaults.max_json_values}, 2^22)",
+    )
+    p.add_argument(
         "--drain-seconds",
         type=float,
         default=DEFAULT_DRAIN_SECONDS,
@@ -124,6 +132,7 @@ def _limits(args: argparse.Namespace) -> RequestLimits:
         max_request_bytes=args.max_request_bytes,
         max_instances=args.max_instances,
         max_tensor_elements=args.max_tensor_elements,
+        max_json_values=args.max_json_values,
     )
 
 
@@ -144,7 +153,7 @@ def _print_ready(server: Server) -> None:
     lim = server.limits
     print(
         f"limits: {lim.max_request_bytes} bytes, {lim.max_instances} instances, "
-        f"{lim.max_tensor_elements} elements per tensor",
+        f"{lim.max_tensor_elements} elements per tensor, {lim.max_json_values} JSON values",
         flush=True,
     )
     print("press Ctrl-C to stop", flush=True)

@@ -3,6 +3,10 @@
 It polls the base paths, applies each model's version policy and labels, loads and warms
 a new version fully before publishing it, keeps serving the old one when a new one fails,
 and answers the lookups behind every request (resolve) and the model status API.
+
+A version published with others (one export: ``export._publish``) is loaded only once every
+model of that release has it on disk; until then the old version keeps serving. A release
+cut by a killed export is completed (or rolled back) at start and at the poll that finds it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,11 @@ from tfrs_coldstart.serving.devserver.config import (
 )
 from tfrs_coldstart.serving.devserver.errors import RpcError, invalid
 from tfrs_coldstart.serving.devserver.servable import LoadedVersion
-from tfrs_coldstart.serving.saved_model import list_versions, recover_releases
+from tfrs_coldstart.serving.saved_model import (
+    list_versions,
+    recover_releases,
+    release_missing,
+)
 from tfrs_coldstart.serving.status import Code
 
 __all__ = ["ModelManager"]
@@ -78,6 +86,7 @@ class ModelManager:
         self._models: dict[str, _ModelState] = {}
         self._failed: dict[tuple[str, int], float] = {}
         self._warned_empty: set[str] = set()
+        self._held: set[tuple[str, int]] = set()
         self._poll_lock = threading.Lock()
         self._config_mtime: float | None = None
         self._configs = self._read_configs()
@@ -157,6 +166,8 @@ class ModelManager:
             stamp = self._stamp(on_disk[v])
             if self._failed.get((cfg.name, v)) == stamp:
                 continue
+            if not self._release_whole(cfg, v, on_disk[v]):
+                continue
             to_load.append(v)
         if to_load:
             for v in to_load:
@@ -183,6 +194,29 @@ class ModelManager:
         for lv in dropped:
             log.info("unloaded %s version %d", cfg.name, lv.version)
             lv.close()
+
+    def _release_whole(self, cfg: ModelConfig, version: int, path: Path) -> bool:
+        """Whether this version may load: no release record names it with a model of its
+        release still without it (``release_missing``). If one does, releases of killed
+        exports under the base are finished first (``recover_releases``); a release still
+        being published holds the version back, the old one serving, until a later poll."""
+        missing = release_missing(path)
+        if missing:
+            try:
+                recover_releases(cfg.base_path.parent, log.info)
+            except OSError as exc:
+                log.error("cannot finish the interrupted releases under %s: %s",
+                          cfg.base_path.parent, exc)
+            missing = release_missing(path)
+        key = (cfg.name, version)
+        if not missing:
+            self._held.discard(key)
+            return True
+        if key not in self._held:
+            self._held.add(key)
+            log.info("holding %s version %d until its release is whole (missing %s)",
+                     cfg.name, version, ", ".join(missing))
+        return False
 
     @staticmethod
     def _stamp(path: Path) -> float:

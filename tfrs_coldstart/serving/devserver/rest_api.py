@@ -7,8 +7,9 @@ URLs as TF Serving's (``model_servers/http_rest_api_util.cc``):
 own 404/405/413. Predictions run on the server's thread pool, so the event loop only parses
 URLs and moves bytes.
 
-A body is measured before it is read (Content-Length, then the bytes as they arrive) against
-:class:`RequestLimits`; a client that stops sending mid-body, or a connection idle for
+A body is measured before it is read (Content-Length, then the bytes as they arrive) and
+counted before it is parsed (JSON values, instances, nesting) against :class:`RequestLimits`;
+a client that stops sending mid-body, or a connection idle for
 ``idle_timeout`` seconds, is closed without a traceback. ``stop`` drains: it stops listening,
 lets requests already received finish for up to ``grace`` seconds, then closes.
 """
@@ -281,6 +282,9 @@ class RestApi:
         """One predict body -> its JSON answer (runs on the thread pool, may wait for a batch)."""
         if not body.strip():
             raise invalid("JSON Parse error: The document is empty")
+        # Counted before parsing: json.loads would spend up to ~25x the body on a body of
+        # tiny values (limits.count_json); too many values, instances or levels stop here.
+        self.limits.check_json(body)
         try:
             doc = json.loads(body)
         except RecursionError as exc:
