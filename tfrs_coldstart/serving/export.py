@@ -14,6 +14,14 @@ Serving never meets a ScaNN version under the same name); ``student_items`` for 
 student's item encoder. Explicit ``names`` are used
 as given.
 
+Served inputs are the source's own columns: a feature the run's schema derives (``zip_prefix``
+from ``zip_code``, ...) is computed inside the model from its source columns
+(``features.sources.SourceInputs``, the ops the loaders ran), so ``serving_default`` and
+``embed_user`` take e.g. a MovieLens ``u.user`` row as it is. Such a model also has
+``serving_derived`` and ``embed_user_derived``, which take the derived features themselves
+(the inputs of a run without derivations). A run saved before schemas declared derivations
+exports as it always did: its signatures take its features.
+
 Each version is written to a hidden temporary folder beside its final place and renamed
 into place once every model of the export is complete, so TF Serving (which only loads
 folders named by an integer) never sees half a model, and a failed export leaves nothing.
@@ -47,10 +55,13 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from tfrs_coldstart import __version__
 from tfrs_coldstart.config import RunConfig, to_dict
-from tfrs_coldstart.data.pipeline import feature_arrays, item_log_counts
+from tfrs_coldstart.data.pipeline import item_log_counts
+from tfrs_coldstart.data.schema import FeatureSpec
+from tfrs_coldstart.data.tables import conform
 from tfrs_coldstart.errors import RunError, UserError
 from tfrs_coldstart.evaluation import prepare
 from tfrs_coldstart.features.columns import HISTORY, HISTORY_SEPARATOR
+from tfrs_coldstart.features.sources import SourceInputError, SourceInputs, served_arrays
 from tfrs_coldstart.fileio import atomic_write_text
 from tfrs_coldstart.modeling.unified import UnifiedRecommender
 from tfrs_coldstart.runs import RunDir
@@ -73,6 +84,9 @@ from tfrs_coldstart.serving.saved_model import (
 )
 
 MODELS = ("recommend", "student", "teacher")
+#: The signatures of a model whose schema derives features that take those features
+#: themselves (``serving_default`` and ``embed_user`` take the source columns).
+DERIVED_SIGNATURES = {"serving_default": "serving_derived", "embed_user": "embed_user_derived"}
 BRUTE_FORCE_SUFFIX = "_bf"
 PARTITIONED_SUFFIX = "_part"
 #: Model-name suffix by index kind: one name never holds versions needing different servers.
@@ -109,14 +123,30 @@ def input_specs(tower: Any) -> dict[str, tf.TensorSpec]:
     for col in (c for t in towers for c in t.encoder.columns.values()):
         if not col.served:
             continue
-        key = col.input_key
+        specs[col.input_key] = col.input_spec()
+    _check_names(specs)
+    return specs
+
+
+def _check_names(specs: dict[str, tf.TensorSpec]) -> None:
+    for key in specs:
         if not key.isidentifier():
             raise ExportError(
-                f"feature '{key}' cannot be a TF Serving signature input name; rename the "
+                f"column '{key}' cannot be a TF Serving signature input name; rename the "
                 "column (letters, digits and underscores, not starting with a digit) in the "
                 "data and schema, and retrain")
-        specs[key] = col.input_spec()
-    return specs
+
+
+def _served_inputs(schema_features: Sequence[FeatureSpec],
+                   features: dict[str, tf.TensorSpec]) -> SourceInputs:
+    """The served inputs of a tower reading ``features``: derived ones replaced by their
+    source columns (``schema_features``: the side's schema; empty: none derived)."""
+    try:
+        sources = SourceInputs(schema_features, features)
+    except SourceInputError as e:
+        raise ExportError(f"cannot serve the source columns: {e}") from None
+    _check_names(sources.specs)
+    return sources
 
 
 def _describe(fn: Any) -> dict[str, Any]:
@@ -131,13 +161,18 @@ def _describe(fn: Any) -> dict[str, Any]:
 class RecommendModule(tf.Module):
     """User tower + top-k index over the whole catalogue.
 
-    Signatures: ``serving_default`` (user features -> ``item_ids`` string ``[batch, k]``,
+    Signatures: ``serving_default`` (user inputs -> ``item_ids`` string ``[batch, k]``,
     ``scores`` float32 ``[batch, k]``, best first) and ``embed_user`` (-> ``embedding``).
+    The inputs (:attr:`specs`) are the source columns of the features ``schema_features``
+    derives (see :class:`~tfrs_coldstart.features.sources.SourceInputs`) and the tower's
+    other inputs; when some feature is derived, ``serving_derived`` and
+    ``embed_user_derived`` take the tower's own inputs (:attr:`feature_specs`).
     Calling the module in Python runs the same concrete functions.
     """
 
     def __init__(self, user_tower: Any, index: tf.keras.Model, k: int,
-                 scorer: Scorer | None = None, fetch: int | None = None) -> None:
+                 scorer: Scorer | None = None, fetch: int | None = None,
+                 schema_features: Sequence[FeatureSpec] = ()) -> None:
         super().__init__(name="recommend")
         self.user_tower = user_tower  # a Tower, or a UnifiedTower (teacher or student per row)
         self.index = index
@@ -146,7 +181,9 @@ class RecommendModule(tf.Module):
         # none) the index returns ``fetch`` >= k results, the history's items are dropped and
         # the best k kept; unknown IDs in a history match nothing.
         self.fetch = max(k, fetch or k)
-        self.specs = input_specs(user_tower)
+        self.feature_specs = input_specs(user_tower)
+        self.sources = _served_inputs(schema_features, self.feature_specs)
+        self.specs = self.sources.specs
         # The index holds scoring.Scorer.index_vectors: [item_emb, log(1 + count), new], and
         # the query is [user_emb / temperature, w(user), new_item_bias] (Scorer.query_vectors,
         # in-graph), so the index's scores are the evaluated ranking scores.
@@ -182,7 +219,7 @@ class RecommendModule(tf.Module):
             return (tf.gather(masked, order, batch_dims=1),
                     tf.gather(ids, order, batch_dims=1))
 
-        def serve(**features: tf.Tensor) -> dict[str, tf.Tensor]:
+        def serve_features(**features: tf.Tensor) -> dict[str, tf.Tensor]:
             scores, ids = self.index(query(features), k=self.fetch)
             if HISTORY in features:
                 scores, ids = drop_history(scores, ids, features[HISTORY])
@@ -195,14 +232,26 @@ class RecommendModule(tf.Module):
                                      [None, self.k])
             return {"item_ids": ids, "scores": scores}
 
-        def embed(**features: tf.Tensor) -> dict[str, tf.Tensor]:
+        def embed_features(**features: tf.Tensor) -> dict[str, tf.Tensor]:
             return {"embedding": self.user_tower(features, training=False)}
 
-        self._serve = tf.function(serve).get_concrete_function(**self.specs)
-        self._embed = tf.function(embed).get_concrete_function(**self.specs)
+        # The tower is traced once, on its own inputs; the source-column signatures call
+        # that function after the derivation ops (no second trace of the tower).
+        serve_f = tf.function(serve_features).get_concrete_function(**self.feature_specs)
+        embed_f = tf.function(embed_features).get_concrete_function(**self.feature_specs)
+        self._derived: dict[str, Any] = {}
+        if self.sources.derives:
+            self._derived = {DERIVED_SIGNATURES["serving_default"]: serve_f,
+                             DERIVED_SIGNATURES["embed_user"]: embed_f}
+            self._serve = tf.function(lambda **x: serve_f(**self.sources(x))
+                                      ).get_concrete_function(**self.specs)
+            self._embed = tf.function(lambda **x: embed_f(**self.sources(x))
+                                      ).get_concrete_function(**self.specs)
+        else:
+            self._serve, self._embed = serve_f, embed_f
 
     def signatures(self) -> dict[str, Any]:
-        return {"serving_default": self._serve, "embed_user": self._embed}
+        return {"serving_default": self._serve, "embed_user": self._embed, **self._derived}
 
     def __call__(self, features: dict[str, Any]) -> dict[str, tf.Tensor]:
         return self._serve(**_as_tensors(features, self.specs))
@@ -210,24 +259,38 @@ class RecommendModule(tf.Module):
     def embed_user(self, features: dict[str, Any]) -> dict[str, tf.Tensor]:
         return self._embed(**_as_tensors(features, self.specs))
 
+    def call_derived(self, features: dict[str, Any]) -> dict[str, tf.Tensor]:
+        """``serving_default`` on the tower's own inputs (derived features included)."""
+        fn = self._derived.get(DERIVED_SIGNATURES["serving_default"], self._serve)
+        return fn(**_as_tensors(features, self.feature_specs))
+
 
 class ItemEncoderModule(tf.Module):
     """Item tower alone: ``serving_default`` maps item features to ``embedding``, for indexing
     new items without re-exporting."""
 
-    def __init__(self, item_tower: tf.keras.Model) -> None:
+    def __init__(self, item_tower: tf.keras.Model,
+                 schema_features: Sequence[FeatureSpec] = ()) -> None:
         super().__init__(name="item_encoder")
         item_tower.encoder.drop_train_only()  # a student's ID sink: zeros when serving anyway
         self.item_tower = item_tower
-        self.specs = input_specs(item_tower)
+        self.feature_specs = input_specs(item_tower)
+        self.sources = _served_inputs(schema_features, self.feature_specs)
+        self.specs = self.sources.specs
 
-        def encode(**features: tf.Tensor) -> dict[str, tf.Tensor]:
+        def encode_features(**features: tf.Tensor) -> dict[str, tf.Tensor]:
             return {"embedding": self.item_tower(features, training=False)}
 
-        self._encode = tf.function(encode).get_concrete_function(**self.specs)
+        encode_f = tf.function(encode_features).get_concrete_function(**self.feature_specs)
+        self._derived: dict[str, Any] = {}
+        self._encode = encode_f
+        if self.sources.derives:  # as RecommendModule: the tower traced once
+            self._derived = {DERIVED_SIGNATURES["serving_default"]: encode_f}
+            self._encode = tf.function(lambda **x: encode_f(**self.sources(x))
+                                       ).get_concrete_function(**self.specs)
 
     def signatures(self) -> dict[str, Any]:
-        return {"serving_default": self._encode}
+        return {"serving_default": self._encode, **self._derived}
 
     def __call__(self, features: dict[str, Any]) -> dict[str, tf.Tensor]:
         return self._encode(**_as_tensors(features, self.specs))
@@ -271,10 +334,23 @@ def warmup_records(name: str, specs: dict[str, tf.TensorSpec], rows: dict[str, n
 
 def _rows(table: pd.DataFrame, ds: Any, side: str,
           specs: dict[str, tf.TensorSpec]) -> dict[str, np.ndarray]:
-    arrays = feature_arrays(table, ds.schema.side(side), f"{side}_id")
+    """Rows of ``table`` as the arrays of the inputs ``specs`` (features, or the source
+    columns a loaded table also holds)."""
+    arrays = served_arrays(table, ds.schema.side(side), f"{side}_id")
     if HISTORY in specs and HISTORY not in arrays:  # warm-up requests: no history
         arrays[HISTORY] = np.full(len(table), "", dtype=object)
     return {k: arrays[k] for k in specs}
+
+
+def _warmup(name: str, module: Any, rows: dict[str, np.ndarray]) -> list[bytes]:
+    """Warm-up records for every signature of ``module``: the source-column ones with the
+    served inputs, the derived ones with the tower's."""
+    sigs = list(module.signatures())
+    derived = [s for s in sigs if s in DERIVED_SIGNATURES.values()]
+    out = warmup_records(name, module.specs, rows, [s for s in sigs if s not in derived])
+    if derived:
+        out += warmup_records(name, module.feature_specs, rows, derived)
+    return out
 
 
 def _json_default(o: Any) -> Any:
@@ -365,12 +441,15 @@ def _load_model(run: RunDir, which: str) -> Any:
             f"retrain it") from None
 
 
-def _check_dataset(ds: Any, run: RunDir) -> None:
+def _check_dataset(ds: Any, run: RunDir) -> Any:
+    """``ds`` in the form the run was trained on (see :func:`data.tables.conform`), checked."""
     run_dir = run.path
     try:
-        saved = run.schema.to_dict()
+        schema = run.schema
     except UserError as e:
         raise ExportError(f"cannot export {run_dir}: {e}") from None
+    ds = conform(ds, schema)
+    saved = schema.to_dict()
     if saved != ds.schema.to_dict():
         raise ExportError(
             f"the dataset named by {run_dir}/config.yaml has another schema than the run was "
@@ -382,13 +461,15 @@ def _check_dataset(ds: Any, run: RunDir) -> None:
     if len(ds.users) == 0:
         raise ExportError(f"the users table of {run_dir} is empty: no real queries to check "
                           "the index with or to warm the server up with")
+    return ds
 
 
-def _check_inputs(tower: Any, table: pd.DataFrame, side: str,
-                  which: str) -> dict[str, tf.TensorSpec]:
+def _check_inputs(tower: Any, table: pd.DataFrame, side: str, which: str,
+                  schema_features: Sequence[FeatureSpec]) -> dict[str, tf.TensorSpec]:
     specs = input_specs(tower)
+    served = _served_inputs(schema_features, specs).specs
     cols = set(table.columns)
-    missing = [k for k in specs if k not in cols and k != HISTORY]  # history: per request
+    missing = [k for k in {**specs, **served} if k not in cols and k != HISTORY]  # per request
     if missing:
         raise ExportError(f"the {which}'s {side} tower reads {missing}, which the {side}s "
                           f"table lacks (columns: {sorted(cols)}); export with the training data")
@@ -482,8 +563,7 @@ def export_run(
             dataset = run.load_dataset()
         except UserError as err:
             raise ExportError(f"cannot load the data {run_dir} was trained on: {err}") from None
-    _check_dataset(dataset, run)
-    ds = dataset
+    ds = _check_dataset(dataset, run)
     scann_over = {"num_leaves": e.scann_num_leaves, "num_leaves_to_search":
                   e.scann_leaves_to_search, "num_reordering_candidates": e.scann_reorder,
                   **(scann or {})}
@@ -527,8 +607,8 @@ def export_run(
             model = load(which)
             user_tower, item_tower = model.user_tower, model.item_tower
         scorer = run.scorer(which)
-        u_specs = _check_inputs(user_tower, ds.users, "user", which)
-        _check_inputs(item_tower, ds.items, "item", which)
+        u_specs = _check_inputs(user_tower, ds.users, "user", which, ds.schema.user_features)
+        _check_inputs(item_tower, ds.items, "item", which, ds.schema.item_features)
         log(f"{which}: embedding {len(item_ids)} catalogue items ...")
         if which == "recommend":
             item_emb, item_known = model.embed("item", ds.items, ds.schema)
@@ -569,7 +649,8 @@ def export_run(
         if gated.recall is not None:
             log(f"{which}: ANN recall@{gated.k} = {gated.recall:.4f} (gate {gate})")
         fetch = min(gated.k + HISTORY_EXTRA, len(item_ids)) if HISTORY in u_specs else gated.k
-        module = RecommendModule(user_tower, gated.layer, gated.k, scorer, fetch)
+        module = RecommendModule(user_tower, gated.layer, gated.k, scorer, fetch,
+                                 ds.schema.user_features)
         manifest = {**common, "name": name, "kind": "recommend", "model": which,
                     "popularity_prior": scorer.prior, "temperature": scorer.temperature,
                     "scorer": scorer.to_dict(),
@@ -583,20 +664,20 @@ def export_run(
                     "signatures": {s: _describe(f) for s, f in module.signatures().items()},
                     "metrics": (report.get("models", {}).get(which) if report else None),
                     "pad": {"item_id": PAD_ID, "score": PAD_SCORE}}
-        rows = _rows(ds.users.iloc[w_rows], ds, "user", u_specs)
+        rows = _rows(ds.users.iloc[w_rows], ds, "user", {**module.specs, **u_specs})
         planned.append(_Planned(name, "recommend", which, module, manifest,
-                                warmup_records(name, u_specs, rows, list(module.signatures()))))
+                                _warmup(name, module, rows)))
         if "student_items" in chosen and which == ("student" if "student" in models
                                                    else "recommend"):
-            enc = ItemEncoderModule(load("student").item_tower)
+            enc = ItemEncoderModule(load("student").item_tower, ds.schema.item_features)
             iname = chosen["student_items"]
-            i_rows = _rows(ds.items.iloc[:4], ds, "item", enc.specs)
+            i_rows = _rows(ds.items.iloc[:4], ds, "item", {**enc.specs, **enc.feature_specs})
             planned.append(_Planned(iname, "item_encoder", which, enc, {
                 **common, "name": iname, "kind": "item_encoder", "model": which, "index": None,
                 "embedding_dim": int(item_emb.shape[1]), "serving": _serving_note("brute-force"),
                 "signatures": {s: _describe(f) for s, f in enc.signatures().items()},
                 "metrics": (report.get("models", {}).get(which) if report else None)},
-                warmup_records(iname, enc.specs, i_rows, ["serving_default"])))
+                _warmup(iname, enc, i_rows)))
     return _publish(planned, base, version, index, log)
 
 
@@ -627,6 +708,32 @@ def _save_quietly(module: Any, path: Path, options: tf.saved_model.SaveOptions) 
         tf_logger.setLevel(level)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk. Folders that cannot be synced
+    (some network file systems) are skipped: they give no ordering to rely on anyway."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file of a staged version, then its folders, bottom up."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
 def _publish(planned: list[_Planned], base: Path, version: int, index: str,
              log: Any) -> list[ExportedModel]:
     """Publish a release (every model of one export, one version) all or nothing.
@@ -635,21 +742,34 @@ def _publish(planned: list[_Planned], base: Path, version: int, index: str,
     time, and several folders cannot be renamed at once. So:
 
     1. stage: each model is written to a hidden folder ``<name>/.tmp-<version>-<pid>-<id>``
-       beside its final place (TF Serving ignores non-integer folders);
-    2. decide: once every model is staged, a release record
+       beside its final place (TF Serving ignores non-integer folders); its manifest names
+       the release (``"release": {"version": v, "models": [...]}``);
+    2. decide: once every model is staged and flushed to disk, a release record
        ``<base>/.release-<version>-<pid>-<id>.json`` listing each (staged, final) pair is
-       written atomically. Before it exists nothing is published, and a crash leaves only
-       hidden folders, removed by the next export or ``serve`` start;
-    3. rename each staged folder to its version, then remove the record.
+       written atomically and flushed. Before it exists nothing is published, and a crash
+       leaves only hidden folders, removed by the next export or ``serve`` start;
+    3. rename each staged folder to its version (back to back, nothing else in between),
+       flush the model folders, then remove the record.
+
+    The flushes order what a power loss can leave: files before the record, the record
+    before any rename, every rename before the record goes, so after a reboot either no
+    version of the release exists (a record of staged folders, or nothing) or the record
+    that completes it is there.
 
     An error during 3 (a rename refused) renames back or removes what was renamed: none of
     the release stays. A crash during 3 (kill -9, power loss) leaves the record, and the next
-    export, ``add-items`` or ``serve`` start completes the renames
-    (:func:`saved_model.recover_releases`: every model is complete on disk, so the release is
-    rolled forward; it is rolled back only if a model of it was removed meanwhile): TF
-    Serving ends with the whole release. Between such a crash and that start a server may
-    see part of the release; renaming folder by folder cannot close that window, the record
-    bounds it to the next start.
+    export, ``add-items`` or ``serve`` start, or the dev server's next poll, completes the
+    renames (:func:`saved_model.recover_releases`: every model is complete on disk, so the
+    release is rolled forward; it is rolled back only if a model of it was removed).
+
+    What a server sees meanwhile: the dev server loads a version only when every model of its
+    release has that version on disk (:func:`saved_model.release_missing`), so it never
+    serves part of a release. A stock TF Serving polling the base loads each model's new
+    version as its folder appears: it can serve part of a release between the first and the
+    last rename (microseconds in a normal publish) and, after a crash in that interval, until
+    the recovery above runs. Closing that needs one atomic switch for all models, which
+    folder renames cannot give (a models.config with ``specific`` versions rewritten
+    atomically, or a symlinked base swapped in one rename, would).
     """
     created_dirs: list[Path] = []
     for d in [base] + [base / p.name for p in planned]:
@@ -657,12 +777,14 @@ def _publish(planned: list[_Planned], base: Path, version: int, index: str,
             created_dirs.append(d)
     tag = f"{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     record = base / f"{RELEASE_PREFIX}{tag}.json"
+    release = {"version": version, "models": [p.name for p in planned]}
     published: list[_Planned] = []
     try:
         for p in planned:
             model_dir = base / p.name
             p.tmp = model_dir / f"{STAGING_PREFIX}{tag}"
             p.final = model_dir / str(version)
+            p.manifest = {**p.manifest, "release": release}
             log(f"writing {p.name} ({p.kind}) ...")
             try:
                 model_dir.mkdir(parents=True, exist_ok=True)
@@ -684,10 +806,19 @@ def _publish(planned: list[_Planned], base: Path, version: int, index: str,
                 raise ExportError(f"{p.final} appeared while exporting (another export?); "
                                   "versions are never overwritten, nothing was published: "
                                   "export again")
+        for p in planned:
+            try:
+                _fsync_tree(p.tmp)  # type: ignore[arg-type]
+                _fsync(base / p.name)
+            except OSError as err:
+                raise ExportError(f"cannot flush {p.tmp} to disk: {err}; nothing was "
+                                  "published") from None
         try:
             atomic_write_text(record, json.dumps({"version": version, "models": [
                 {"staged": f"{p.name}/{p.tmp.name}", "final": f"{p.name}/{version}"}  # type: ignore[union-attr]
                 for p in planned]}))
+            _fsync(record)
+            _fsync(base)
         except OSError as err:
             raise ExportError(f"cannot write the release record {record}: {err}; nothing was "
                               "published") from None
@@ -701,6 +832,9 @@ def _publish(planned: list[_Planned], base: Path, version: int, index: str,
                 raise ExportError(f"cannot publish {p.final} ({err}); versions are never "
                                   "overwritten, nothing was published: export again") from None
             published.append(p)
+        for p in planned:
+            with contextlib.suppress(OSError):  # published already; a failed flush is no undo
+                _fsync(base / p.name)
         record.unlink()
     except (Exception, KeyboardInterrupt):
         # Undo (a crash that skips this is finished by recover_releases at the next start).
