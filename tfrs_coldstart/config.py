@@ -77,21 +77,28 @@ def _weight_transform(obj: Any) -> None:
         raise _FieldError("interaction_weight", str(e)) from None
 
 
-DATA_FORMATS = ("synthetic", "movielens", "tables", "tfds")
+DATA_FORMATS = ("synthetic", "movielens", "tables", "tfds", "stream")
 INDEX_KINDS = ("scann", "partitioned", "brute-force")
 DISTILL_SIDES = ("auto", "both", "user", "item")
 STUDENT_METHODS = ("ridge", "aligned", "own")
 RIDGE_ALPHAS = (0.3, 1.0, 3.0, 10.0, 30.0)
 ID_FEATURE_MODES = ("frozen", "finetune", "learned")
+TRAIN_STRATEGIES = ("none", "mirrored", "multi_worker")
+COLLECTIVES = ("auto", "ring", "nccl")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data comes from and how it is split."""
 
-    format: str = "synthetic"  # synthetic | movielens | tables | tfds
+    format: str = "synthetic"  # synthetic | movielens | tables | tfds | stream
     data_dir: str | None = None  # movielens folder, or folder with interactions/users/items tables
-    schema: str | None = None  # schema YAML for `tables`
+    schema: str | None = None  # schema YAML for `tables` and `stream`
+    # `stream`: the interaction shards (Parquet, CSV/TSV, TFRecord), a glob, folder or file, any
+    # tf.io.gfile path (gs://...); default <data_dir>/interactions/. Users/items as for tables.
+    interactions: str | None = None
+    stream_chunk_rows: int = 65_536  # rows read at a time from a shard
+    stream_shuffle_buffer: int = 100_000  # rows in the streamed input's shuffle buffer
     tfds_name: str = "movielens/100k-ratings"
     synthetic_users: int = 2000
     synthetic_items: int = 1000
@@ -104,7 +111,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _one_of(self, "format", DATA_FORMATS)
-        _at_least(self, 1, "synthetic_users", "synthetic_items", "synthetic_interactions")
+        _at_least(self, 1, "synthetic_users", "synthetic_items", "synthetic_interactions",
+                  "stream_chunk_rows", "stream_shuffle_buffer")
         _fraction(self, "cold_item_frac", "cold_user_frac", "warm_test_frac")
 
 
@@ -266,6 +274,28 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """How the Keras fits (teacher, student methods ``own`` and ``aligned``) are distributed.
+
+    ``strategy``: ``none`` (one process, TensorFlow's default device placement);
+    ``mirrored`` (``tf.distribute.MirroredStrategy``: one replica per GPU, or per logical CPU
+    device when there is no GPU); ``multi_worker`` (``MultiWorkerMirroredStrategy``: one
+    process per machine, the cluster read from ``TF_CONFIG``; every worker runs the same
+    command, the chief writes the run folder). ``batch_size`` stays the *global* batch: it is
+    split across the replicas, so in-batch negatives are per replica (README, "Distributed
+    training"). ``communication``: the multi-worker all-reduce (``auto``, ``ring``: gRPC,
+    what CPUs use; ``nccl``: GPUs).
+    """
+
+    strategy: str = "none"
+    communication: str = "auto"
+
+    def __post_init__(self) -> None:
+        _one_of(self, "strategy", TRAIN_STRATEGIES)
+        _one_of(self, "communication", COLLECTIVES)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     ks: tuple[int, ...] = (10, 20, 50)
     headline_k: int = 20  # the reports' headline and the early-stopping metric
@@ -320,6 +350,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 0

@@ -34,6 +34,9 @@ class Dataset:
     users: pd.DataFrame
     items: pd.DataFrame
     schema: Schema
+    # data.format=stream: the scan of the sharded interactions (data/stream.py), from which the
+    # fits read their batches; None when the interactions exist only as the frame above.
+    stream: Any = None
 
     @property
     def n_users(self) -> int:

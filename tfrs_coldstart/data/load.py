@@ -15,7 +15,7 @@ from tfrs_coldstart.data.tfds import load_tfds
 
 __all__ = ["FORMATS", "load_dataset"]
 
-FORMATS = ("synthetic", "movielens", "tables", "tfds")
+FORMATS = ("synthetic", "movielens", "tables", "tfds", "stream")
 
 
 def load_dataset(
@@ -27,8 +27,16 @@ def load_dataset(
     """Load by format name: ``synthetic`` (kwargs go to :func:`synthetic.generate`),
     ``movielens`` (raw folder), ``tables`` (``interactions.*``, ``users.*``, ``items.*`` in
     ``data_dir`` or given as kwargs, schema from ``schema_path`` or ``data_dir/schema.yaml``)
-    or ``tfds`` (kwargs ``name``, ``download``).
+    or ``tfds`` (kwargs ``name``, ``download``) or ``stream`` (users/items/schema as for
+    ``tables``, the sharded interactions from kwarg ``interactions``; the other kwargs go to
+    :func:`stream.load_stream`).
     """
+    if fmt == "stream":
+        # Lazy: stream imports TensorFlow, which `import tfrs_coldstart.data` does not need.
+        from tfrs_coldstart.data.stream import load_stream
+
+        return load_stream(None if data_dir is None else str(data_dir),
+                           None if schema_path is None else str(schema_path), **kw)
     if fmt == "synthetic":
         return generate(**kw)
     if fmt == "movielens":

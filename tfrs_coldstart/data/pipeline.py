@@ -6,6 +6,7 @@ batch of interactions costs ``O(batch)`` whatever the catalogue size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,31 @@ def interaction_weights(interactions: pd.DataFrame, transform: str) -> np.ndarra
     return (w / mean).astype(np.float32)
 
 
+def feature_gather(users: pd.DataFrame, items: pd.DataFrame,
+                   user_specs: tuple[FeatureSpec, ...], item_specs: tuple[FeatureSpec, ...],
+                   item_prob: np.ndarray) -> Callable[..., dict[str, Any]]:
+    """``gather(user_rows int64 [b], item_rows int64 [b], [weight float32 [b]])`` -> one batch
+    ``{"user": {...}, "item": {...}, "item_prob": float32 [b], ["weight"]}``.
+
+    The entity tables are held once as constants (``item_prob`` aligned with ``items``), so a
+    batch costs ``O(batch)`` whatever the catalogue size; shared by the in-memory and the
+    streamed (``data/stream.py``) pipelines, so both give the model the same batches.
+    """
+    user_t = {k: tf.constant(v) for k, v in feature_arrays(users, user_specs, "user_id").items()}
+    item_t = {k: tf.constant(v) for k, v in feature_arrays(items, item_specs, "item_id").items()}
+    prob_t = tf.constant(np.maximum(item_prob, 1e-9).astype(np.float32))
+
+    def gather(u: tf.Tensor, i: tf.Tensor, *w: tf.Tensor) -> dict[str, Any]:
+        out = {"user": {k: tf.gather(v, u) for k, v in user_t.items()},
+               "item": {k: tf.gather(v, i) for k, v in item_t.items()},
+               "item_prob": tf.gather(prob_t, i)}
+        if w:
+            out["weight"] = w[0]
+        return out
+
+    return gather
+
+
 def interaction_dataset(
     interactions: pd.DataFrame,
     users: pd.DataFrame,
@@ -102,6 +128,7 @@ def interaction_dataset(
     item_prob: np.ndarray | None = None,
     weights: np.ndarray | None = None,
     epochs: tuple[int, int] | None = None,
+    stream: Any = None,
 ) -> tf.data.Dataset:
     """Batches ``{"user": {...}, "item": {...}, "item_prob": float32 [batch]}`` (plus
     ``"weight": float32 [batch]`` when ``weights`` are given, see :func:`interaction_weights`).
@@ -115,27 +142,26 @@ def interaction_dataset(
     epoch ``e`` in the order of a stateless shuffle seeded by ``(seed, e)``: an epoch's
     order does not depend on the epochs before it, so a fit resumed at epoch ``start`` sees
     the same batches as an uninterrupted one.
+
+    ``stream`` (``data.format=stream``: the dataset's
+    :class:`~tfrs_coldstart.data.stream.StreamedInteractions`): the same batches' rows, those of
+    ``interactions`` (by index: file rows), are read shard by shard from the files instead of
+    from the frame (per-epoch shard order and a shuffle buffer, not a global shuffle).
     """
+    if item_prob is None:
+        item_prob = item_probabilities(interactions, items["item_id"].astype(str))
+    if stream is not None:
+        return stream.dataset(rows=interactions.index.to_numpy(), row_weights=weights,
+                              user_specs=user_specs, item_specs=item_specs,
+                              batch_size=batch_size, shuffle=shuffle, seed=seed,
+                              item_prob=item_prob, epochs=epochs)
     u_index = pd.Index(users["user_id"].astype(str))
     i_index = pd.Index(items["item_id"].astype(str))
     u_rows = u_index.get_indexer(interactions["user_id"].astype(str))
     i_rows = i_index.get_indexer(interactions["item_id"].astype(str))
     if (u_rows < 0).any() or (i_rows < 0).any():
         raise ValueError("interactions name users or items missing from the entity tables")
-    if item_prob is None:
-        item_prob = item_probabilities(interactions, items["item_id"].astype(str))
-    user_t = {k: tf.constant(v) for k, v in feature_arrays(users, user_specs, "user_id").items()}
-    item_t = {k: tf.constant(v) for k, v in feature_arrays(items, item_specs, "item_id").items()}
-    prob_t = tf.constant(np.maximum(item_prob, 1e-9).astype(np.float32))
-
-    def gather(u: tf.Tensor, i: tf.Tensor, *w: tf.Tensor) -> dict[str, Any]:
-        out = {"user": {k: tf.gather(v, u) for k, v in user_t.items()},
-               "item": {k: tf.gather(v, i) for k, v in item_t.items()},
-               "item_prob": tf.gather(prob_t, i)}
-        if w:
-            out["weight"] = w[0]
-        return out
-
+    gather = feature_gather(users, items, user_specs, item_specs, item_prob)
     cols: tuple[np.ndarray, ...] = (u_rows.astype(np.int64), i_rows.astype(np.int64))
     if weights is not None:
         if len(weights) != len(interactions):

@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 SEGMENTS = ("warm", "cold_item", "cold_user", "cold_both")
-_INT_RE = re.compile(r"^[+-]?\d+$")
+INT_RE = re.compile(r"^[+-]?\d+$")  # an integer literal (ids sort numerically)
 
 
 class LeakageError(AssertionError):
@@ -51,7 +51,7 @@ class LeakageError(AssertionError):
 def sort_ids(ids: Iterable[Any]) -> list[str]:
     """Unique ids as str, sorted numerically if all are integers, else lexicographically."""
     uniq = list(dict.fromkeys(str(i) for i in ids))
-    if uniq and all(_INT_RE.match(i) for i in uniq):
+    if uniq and all(INT_RE.match(i) for i in uniq):
         return sorted(uniq, key=lambda i: (int(i), i))
     return sorted(uniq)
 
