@@ -3,11 +3,14 @@
 Layout of ``RUN_DIR``::
 
     config.yaml  schema.yaml  split.json (seed, cold ids, training item counts)
-    <model>/     teacher | student | ...
-        preprocessing.json  weights/  history.json  scorer.json
-        checkpoints/last  backup/ (while training)  refit/ (student)
+    <model>/     teacher | teacher_val | student | recommend (a scorer only)
+        preprocessing.json  weights/ (the one copy: model + optimizer)  history.json
+        scorer.json  backup/ (only while a fit runs; refit/backup/ for the student's refit)
     logs/<model>/      TensorBoard
     report.json  report.md  report.png
+
+A student's weights hold the student's own variables only: the frozen teacher is loaded
+from ``teacher/`` when the student is.
 
 Training, evaluation, export, batch, fine-tuning and the CLI read and write runs through
 :class:`RunDir` only, so the layout lives in this file.
@@ -34,6 +37,7 @@ import yaml
 
 from tfrs_coldstart.config import RunConfig, config_from_yaml_dict, save_config, to_dict
 from tfrs_coldstart.data import Dataset, Schema, load_dataset
+from tfrs_coldstart.data.tables import conform
 from tfrs_coldstart.errors import RunError
 from tfrs_coldstart.evaluation import Prepared, write_report
 from tfrs_coldstart.features.encoder import dummy_inputs
@@ -57,17 +61,36 @@ def load_data(cfg: RunConfig) -> Dataset:
                             n_interactions=d.synthetic_interactions, seed=d.synthetic_seed)
     if d.format == "tfds":
         return load_dataset("tfds", name=d.tfds_name, data_dir=d.data_dir)
+    if d.format == "stream":  # sharded interactions, read shard by shard (data/stream.py)
+        return load_dataset("stream", d.data_dir, d.schema, interactions=d.interactions,
+                            seed=d.split_seed, cold_item_frac=d.cold_item_frac,
+                            cold_user_frac=d.cold_user_frac, warm_test_frac=d.warm_test_frac,
+                            chunk_rows=d.stream_chunk_rows,
+                            shuffle_buffer=d.stream_shuffle_buffer)
     return load_dataset(d.format, data_dir=d.data_dir, schema_path=d.schema)
 
 
 class RunDir:
-    """A run folder. ``RunDir(path)`` for a new run, :meth:`open` for an existing one."""
+    """A run folder. ``RunDir(path)`` for a new run, :meth:`open` for an existing one.
 
-    def __init__(self, path: str | Path) -> None:
+    ``RunDir(scratch, chief=run_folder)``: what a non-chief worker of a multi-worker fit
+    (``train.strategy=multi_worker``) writes to: every write goes to its scratch folder, and
+    what resuming reads (backups, finished models) comes from the chief's ``run_folder``
+    (:attr:`resume_source`), so all workers resume from the same state.
+    """
+
+    def __init__(self, path: str | Path, chief: str | Path | None = None) -> None:
         self.path = Path(path)
+        self.chief = RunDir(chief) if chief is not None else None
 
     def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
+        chief = f", chief={str(self.chief.path)!r}" if self.chief is not None else ""
+        return f"RunDir({str(self.path)!r}{chief})"
+
+    @property
+    def resume_source(self) -> RunDir:
+        """The run folder resumable state is read from: the chief's, else this one."""
+        return self.chief or self
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -133,7 +156,10 @@ class RunDir:
         atomic_write_text(self.path / SPLIT_FILE, json.dumps(meta))
 
     def load_dataset(self) -> Dataset:
-        return load_data(self.config)
+        """The run's data, as its saved schema reads it (``data.tables.conform``: a run saved
+        before its loader declared derivations keeps its feature names)."""
+        ds = load_data(self.config)
+        return conform(ds, self.schema) if (self.path / SCHEMA_FILE).is_file() else ds
 
     # ---- models -----------------------------------------------------------------------------
 
@@ -239,6 +265,39 @@ class RunDir:
             tower(dummy_inputs(tower.encoder.state))
         model.load_weights(str(out / "weights" / "model")).expect_partial()
         return model
+
+    def copy_model_from(self, src: RunDir, which: str) -> None:
+        """One finished model's weights and records from ``src`` into this folder (a worker
+        resuming a run takes the models the chief finished before)."""
+        if src.path.resolve() == self.path.resolve():
+            return
+        frm, out = src.model_dir(which), self.model_dir(which)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        if (frm / "weights").is_dir():
+            shutil.copytree(frm / "weights", out / "weights")
+        for name in _MODEL_FILES:
+            if (frm / name).is_file():
+                shutil.copy2(frm / name, out / name)
+
+    def disk_usage(self) -> dict[str, int]:
+        """Bytes on disk under each top-level entry of the folder (``total``: all of them);
+        hard links are counted once."""
+        seen: set[tuple[int, int]] = set()
+        out: dict[str, int] = {}
+        for top in sorted(self.path.iterdir()) if self.path.is_dir() else []:
+            size = 0
+            for p in (top, *top.rglob("*")) if top.is_dir() else (top,):
+                try:
+                    st = p.lstat()
+                except OSError:  # removed meanwhile
+                    continue
+                if p.is_file() and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    size += st.st_size
+            out[top.name] = size
+        out["total"] = sum(out.values())
+        return out
 
     def copy_models_to(self, dst: RunDir) -> None:
         """Config, schema, split and each model's weights and records (no checkpoints, backups

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfrs_coldstart.config import RIDGE_ALPHAS, StudentConfig, TeacherConfig
+from tfrs_coldstart.config import RIDGE_ALPHAS, StudentConfig, TeacherConfig, TrainConfig
 from tfrs_coldstart.console import log, phase, warn_once
 from tfrs_coldstart.data import SEGMENTS
 from tfrs_coldstart.data.pipeline import (
@@ -30,7 +30,7 @@ from tfrs_coldstart.data.pipeline import (
     item_log_counts,
     item_probabilities,
 )
-from tfrs_coldstart.errors import RunError, UserError
+from tfrs_coldstart.errors import ConfigError, RunError, UserError
 from tfrs_coldstart.evaluation import (
     Prepared,
     SegmentTask,
@@ -67,13 +67,143 @@ from tfrs_coldstart.scoring import (
     unified_score_fn,
 )
 
-__all__ = ["fit_student", "fit_teacher", "log"]
+__all__ = ["fit_student", "fit_teacher", "is_chief", "log", "make_strategy", "strategy_scope",
+           "worker_name"]
 
 
 def _entities(table: pd.DataFrame, side: str, interactions: pd.DataFrame) -> pd.DataFrame:
     """Rows of an entity table that occur in ``interactions`` (what preprocessing may see)."""
     key = f"{side}_id"
     return table[table[key].astype(str).isin(set(interactions[key].astype(str)))]
+
+
+# ---- tf.distribute (train.strategy) ----------------------------------------------------------
+
+
+def make_strategy(cfg: TrainConfig) -> tf.distribute.Strategy | None:
+    """The ``tf.distribute`` strategy ``train.strategy`` names (None for ``none``).
+
+    ``mirrored``: one replica per GPU, or per logical CPU device without a GPU (one, unless
+    the process split its CPU with ``tf.config.set_logical_device_configuration``).
+    ``multi_worker``: the cluster and this process's task from ``TF_CONFIG``; it must be
+    made before TensorFlow runs an op in this process (it sets up the collective ops), so
+    the pipeline makes it before reading any data.
+    """
+    if cfg.strategy == "none":
+        return None
+    if cfg.strategy == "mirrored":
+        devices = ([d.name for d in tf.config.list_logical_devices("GPU")]
+                   or [d.name for d in tf.config.list_logical_devices("CPU")])
+        strategy = tf.distribute.MirroredStrategy(devices)
+        log(f"train.strategy=mirrored: {strategy.num_replicas_in_sync} replica(s) on "
+            f"{', '.join(devices)}")
+        return strategy
+    _check_tf_config()
+    impl = tf.distribute.experimental.CommunicationImplementation
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation={"auto": impl.AUTO, "ring": impl.RING, "nccl": impl.NCCL}[cfg.communication])
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except (RuntimeError, ValueError) as err:
+        raise RunError(f"train.strategy=multi_worker could not start ({err}); it must be set up "
+                       "before TensorFlow runs anything: start it as its own process "
+                       "(`tfrs-coldstart run`)") from None
+    tasks = strategy.cluster_resolver.cluster_spec().as_dict()
+    n_workers = len(tasks.get("chief", [])) + len(tasks.get("worker", []))
+    log(f"train.strategy=multi_worker: this is {worker_name(strategy)} of {n_workers} "
+        f"worker(s), {strategy.num_replicas_in_sync} replica(s) in all")
+    return strategy
+
+
+_TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host0:2222", "host1:2222"]}, '
+                      '"task": {"type": "worker", "index": 0}}')
+
+
+def _check_tf_config() -> None:
+    """``TF_CONFIG`` names a cluster and this process's place in it (one error line if not)."""
+    raw = os.environ.get("TF_CONFIG", "")
+    if not raw.strip():
+        raise ConfigError("train.strategy=multi_worker reads the cluster from the TF_CONFIG "
+                          "environment variable, which is not set (the Kubeflow TFJob operator "
+                          f"sets it; by hand: TF_CONFIG='{_TF_CONFIG_EXAMPLE}' on each worker, "
+                          "its own index on each)")
+    try:
+        tf_config = json.loads(raw)
+        cluster, task = tf_config["cluster"], tf_config["task"]
+        hosts = cluster[task["type"]]
+        ok = (isinstance(hosts, list) and isinstance(task["index"], int)
+              and 0 <= task["index"] < len(hosts))
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"TF_CONFIG is not a cluster with this process's task in it "
+                          f"(got {raw[:200]!r}); expected e.g. {_TF_CONFIG_EXAMPLE}")
+
+
+def is_chief(strategy: tf.distribute.Strategy | None) -> bool:
+    """Whether this process writes the run folder: every process but the non-chief workers
+    of ``multi_worker`` (they write to a scratch folder, as TensorFlow's docs advise)."""
+    return strategy is None or bool(strategy.extended.should_checkpoint)
+
+
+def worker_name(strategy: tf.distribute.Strategy | None) -> str:
+    """``worker1``, ``chief0``...: this process's task in the cluster (``local`` without one)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return "local"
+    return f"{resolver.task_type}{resolver.task_id}"
+
+
+def strategy_scope(strategy: tf.distribute.Strategy | None) -> contextlib.AbstractContextManager:
+    """Where models and optimizers are built: the strategy's scope (their variables mirrored)."""
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def _agree(strategy: tf.distribute.Strategy | None, value: int, what: str) -> None:
+    """All workers of ``multi_worker`` reach this point and hold the same ``value``: a
+    barrier (the chief removes a backup only after every worker has restored from it) and
+    a check (workers that resumed at different epochs would hang in their collectives).
+
+    Mean of ``[value, value**2]`` over the replicas: its variance is 0 iff all agree, and
+    every worker gets the same mean, so all of them stop or none does.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    x = tf.constant([float(value), float(value) ** 2], tf.float64)
+
+    @tf.function  # collectives run eagerly are slow and warn
+    def mean_over_replicas() -> tf.Tensor:
+        return strategy.reduce(tf.distribute.ReduceOp.MEAN,
+                               strategy.run(lambda: tf.identity(x)), axis=None)
+
+    mean = mean_over_replicas().numpy()
+    if mean[1] - mean[0] ** 2 > 1e-6:
+        raise RunError(f"the workers disagree on {what} (this one: {value}; mean over the "
+                       f"workers: {mean[0]:g}): each must see the chief's run folder on shared "
+                       "storage; rerun all of them")
+
+
+def _distributable_options(strategy: tf.distribute.Strategy | None) -> tf.data.Options | None:
+    """``tf.data`` options of in-memory input under a strategy (None without one): auto-shard
+    policy DATA. Every worker builds the same global batches (their order seeded by the
+    epoch) and keeps its replicas' slices of each (Keras splits each global batch across
+    the replicas), so the global batch means what it means in one process."""
+    if strategy is None:
+        return None
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
+
+
+def _distributable(data: tf.data.Dataset, strategy: tf.distribute.Strategy | None
+                   ) -> tf.data.Dataset:
+    """``data`` with :func:`_distributable_options`; a dataset that chose its auto-shard
+    policy already (e.g. FILE, for sharded files) keeps it."""
+    options = _distributable_options(strategy)
+    if options is None or data.options().experimental_distribute.auto_shard_policy \
+            != tf.data.experimental.AutoShardPolicy.AUTO:
+        return data
+    return data.with_options(options)
 
 
 class ValidationRecall(tf.keras.callbacks.Callback):
@@ -133,11 +263,18 @@ class FitBackup(tf.keras.callbacks.Callback):
     counted early stopping from the resume point and lost the history of the epochs before
     it. This backup holds, per finished epoch ``e``, in ``<folder>/epoch-<e>/``: the model's
     and the optimizer's variables (``state.npz``), early stopping's state (best value, best
-    epoch, wait counter, stopped) with its best weights (``best.npz``, hard-linked from the
-    previous epoch's folder while the best epoch does not change) and the history so far
-    (``state.json``). ``<folder>/latest.json``, replaced atomically once the epoch's folder
-    is complete, names the folder to resume from; older folders are then removed. A kill at
-    any moment leaves ``latest.json`` naming a complete folder (or none: start afresh).
+    epoch, wait counter, stopped) and the history so far (``state.json``). Early stopping's
+    best weights are the model part of ``state.npz`` when epoch ``e`` is the best one, else
+    ``best.npz``: a hard link to the best epoch's file (written once, when no link can be
+    made). ``<folder>/latest.json``, replaced atomically once the epoch's folder is
+    complete, names the folder to resume from; older folders are then removed. A kill at
+    any moment leaves ``latest.json`` naming a complete folder (or none: start afresh). One
+    epoch writes the model and optimizer state once (no other per-epoch copy: nothing
+    else is needed to resume); :func:`_fit` removes the backup when the fit ends.
+
+    ``restore_from``: the folder to resume from when it is not ``folder``: a non-chief
+    worker of ``train.strategy=multi_worker`` writes its backups to a scratch folder and
+    restores from the chief's (TensorFlow's rule for multi-worker checkpoints).
 
     With the per-epoch data order of ``interaction_dataset(epochs=...)`` (seeded by epoch, not
     by the epochs before), a resumed fit is bit-identical to an uninterrupted one unless the
@@ -148,36 +285,40 @@ class FitBackup(tf.keras.callbacks.Callback):
     their state at each epoch end and puts it back in ``on_train_begin``.
     """
 
-    def __init__(self, folder: Path, early: tf.keras.callbacks.EarlyStopping | None) -> None:
+    def __init__(self, folder: Path, early: tf.keras.callbacks.EarlyStopping | None,
+                 restore_from: Path | None = None) -> None:
         super().__init__()
         self.folder = Path(folder)
+        self.restore_from = Path(restore_from) if restore_from is not None else self.folder
         self.early = early
         self.history: dict[str, list[float]] = {}
         self.start = 0  # the first epoch to train (epochs before it are restored)
         self.stopped = False
         self._early_state: dict[str, Any] | None = None
+        self._best_file: str | None = None  # where the latest backup keeps the best weights
         self._best_weights: list[np.ndarray] | None = None
 
     # ---- restore ----------------------------------------------------------------------------
 
-    def _latest(self) -> Path | None:
+    @staticmethod
+    def _latest(folder: Path) -> Path | None:
         try:
-            name = json.loads((self.folder / "latest.json").read_text())["folder"]
+            name = json.loads((folder / "latest.json").read_text())["folder"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        path = self.folder / str(name)
+        path = folder / str(name)
         return path if (path / "state.json").is_file() and (path / "state.npz").is_file() \
             else None
 
     def restore(self, model: TwoTowerModel) -> int:
         """Load the latest backup into ``model`` (built and compiled); the epoch to start at
         (0 without a backup)."""
-        path = self._latest()
+        path = self._latest(self.restore_from)
         if path is None:
             return 0
         state = json.loads((path / "state.json").read_text())
+        n_model = int(state["n_model"])
         with np.load(path / "state.npz") as arrays:
-            n_model = int(state["n_model"])
             values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
         opt = model.optimizer
         opt.build(model.trainable_variables)
@@ -187,17 +328,22 @@ class FitBackup(tf.keras.callbacks.Callback):
                 raise ValueError("another number of optimizer variables")
             model.set_weights(values[:n_model])
         except ValueError as err:
-            raise RunError(f"{self.folder} holds a backup of another model ({err}); remove it "
-                           "to start this fit afresh") from None
+            raise RunError(f"{self.restore_from} holds a backup of another model ({err}); "
+                           "remove it to start this fit afresh") from None
         for var, value in zip(opt_vars, values[n_model:], strict=True):
             var.assign(value)
         self.history = {k: [float(x) for x in v] for k, v in state["history"].items()}
         self.start = int(state["epoch"]) + 1
         self.stopped = bool(state.get("stopped", False))
         self._early_state = state.get("early")
-        if (path / "best.npz").is_file():
-            with np.load(path / "best.npz") as arrays:
-                self._best_weights = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+        # backups written before "best_file" was recorded always kept best.npz
+        best = state.get("best_file", "best.npz" if (path / "best.npz").is_file() else None)
+        self._best_file = best
+        if best == "state.npz":
+            self._best_weights = values[:n_model]
+        elif best is not None:
+            with np.load(path / best) as arrays:
+                self._best_weights = [arrays[f"arr_{i}"] for i in range(n_model)]
         return self.start
 
     def finish_restored(self) -> None:
@@ -217,10 +363,28 @@ class FitBackup(tf.keras.callbacks.Callback):
 
     # ---- save -------------------------------------------------------------------------------
 
+    def _save_best(self, es: tf.keras.callbacks.EarlyStopping, epoch: int, out: Path,
+                   previous: Path | None) -> str | None:
+        """Where this epoch's backup keeps early stopping's best weights (see the class)."""
+        if es.best_weights is None:
+            return None
+        if es.best_epoch == epoch:  # they are this epoch's weights, in state.npz already
+            return "state.npz"
+        same = (previous is not None and self._best_file is not None
+                and self._early_state is not None
+                and int(self._early_state["best_epoch"]) == es.best_epoch)
+        if same:
+            with contextlib.suppress(OSError):
+                os.link(previous / self._best_file, out / "best.npz")  # type: ignore[operator]
+                return "best.npz"
+        with open(out / "best.npz", "wb") as f:
+            np.savez(f, *es.best_weights)
+        return "best.npz"
+
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(float(value))
-        previous = self._latest()
+        previous = self._latest(self.folder)
         out = self.folder / f"epoch-{epoch}"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
@@ -229,26 +393,15 @@ class FitBackup(tf.keras.callbacks.Callback):
         with open(out / "state.npz", "wb") as f:
             np.savez(f, *weights, *opt_values)
         es = self.early
-        early = None
+        early = best_file = None
         if es is not None:
             early = {"best": float(es.best), "best_epoch": int(es.best_epoch),
                      "wait": int(es.wait), "stopped_epoch": int(es.stopped_epoch)}
-            if es.best_weights is not None:
-                old = previous / "best.npz" if previous is not None else None
-                same = (old is not None and old.is_file() and self._early_state is not None
-                        and int(self._early_state["best_epoch"]) == es.best_epoch)
-                linked = False
-                if same:
-                    with contextlib.suppress(OSError):
-                        os.link(old, out / "best.npz")  # type: ignore[arg-type]
-                        linked = True
-                if not linked:
-                    with open(out / "best.npz", "wb") as f:
-                        np.savez(f, *es.best_weights)
-        self._early_state = early
+            best_file = self._save_best(es, epoch, out, previous)
+        self._early_state, self._best_file = early, best_file
         atomic_write_text(out / "state.json", json.dumps({
             "epoch": epoch, "n_model": len(weights), "history": self.history, "early": early,
-            "stopped": bool(self.model.stop_training)}))
+            "best_file": best_file, "stopped": bool(self.model.stop_training)}))
         atomic_write_text(self.folder / "latest.json", json.dumps({"folder": out.name}))
         for old in self.folder.glob("epoch-*"):
             if old.name != out.name:
@@ -258,12 +411,15 @@ class FitBackup(tf.keras.callbacks.Callback):
 def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float,
          batch_size: int, epochs: int, patience: int, val_segments: tuple[str, ...],
          run: RunDir, name: str, seed: int, verbose: int | str = "auto",
-         k: int = 20, weight_decay: float = 0.0,
-         interaction_weight: str = "none") -> dict[str, Any]:
-    """Keras fit with validation recall@k, early stopping, checkpoints, TensorBoard and resume.
+         k: int = 20, weight_decay: float = 0.0, interaction_weight: str = "none",
+         strategy: tf.distribute.Strategy | None = None) -> dict[str, Any]:
+    """Keras fit with validation recall@k, early stopping, a resumable backup, TensorBoard.
 
-    Checkpoints go to ``<run>/<name>/``; no ``val_segments``: a refit for a fixed number of
-    epochs.
+    The backup lives in ``<run>/<name>/backup/`` while the fit runs (removed when it ends;
+    the caller saves the model's weights once, with :meth:`RunDir.save_model`); no
+    ``val_segments``: a refit for a fixed number of epochs. ``strategy``: variables and the
+    optimizer are made in its scope, ``batch_size`` is the global batch (split across its
+    replicas); ``model`` must have been built in the same scope.
     """
     ds = prep.dataset
     out = run.model_dir(name)
@@ -272,14 +428,18 @@ def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float
     if interaction_weight != "none" and weights is None:
         warn_once(f"interaction_weight={interaction_weight} has no effect: the interactions "
                   "have no weight column")
-    for side in SIDES:  # create the variables now: BackupAndRestore needs a built model
-        tower = model.tower(side)
-        tower(dummy_inputs(tower.encoder.state))
-    if isinstance(model, StudentModel):
-        model.build_extras()
-    model.built = True
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=lr,
-                                                     weight_decay=weight_decay or None))
+    with strategy_scope(strategy):  # the variables and the optimizer's slots: mirrored
+        for side in SIDES:  # create the variables now: the backup restores into a built model
+            tower = model.tower(side)
+            tower(dummy_inputs(tower.encoder.state))
+        if isinstance(model, StudentModel):
+            model.build_extras()
+        model.built = True
+        model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=lr,
+                                                         weight_decay=weight_decay or None))
+        # Its slots now, not in the first step: a train function that creates variables is
+        # traced twice, and under a strategy one trace costs several seconds.
+        model.optimizer.build(model.trainable_variables)
     monitor = f"val_recall@{k}"
     callbacks: list[tf.keras.callbacks.Callback] = [StopOnNonFiniteLoss(name)]
     early = None
@@ -287,25 +447,26 @@ def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float
         early = tf.keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
                                                  patience=patience, restore_best_weights=True)
         callbacks += [ValidationRecall(prep, val_segments, k), early]
-    backup = FitBackup(out / "backup", early)
-    first = backup.restore(model)
+    backup = FitBackup(out / "backup", early,
+                       restore_from=run.resume_source.model_dir(name) / "backup")
+    with strategy_scope(strategy):
+        first = backup.restore(model)
+    _agree(strategy, first, f"the epoch {name} resumes at")
     if first:
         log(f"resuming {name} at epoch {first + 1} of {epochs} ({first} done; early "
             "stopping state and history restored)")
     callbacks += [
         backup,
-        # The latest epoch's weights (overwritten each epoch: a 1M-item catalogue's ID table
-        # per epoch would fill a disk); the best ones are saved apart as weights/.
-        tf.keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "last"),
-                                           save_weights_only=True),
         tf.keras.callbacks.TensorBoard(str(run.log_dir(name)), update_freq="epoch"),
     ]
     start = time.time()
     if first < epochs and not backup.stopped:
         data = interaction_dataset(train_df, ds.users, ds.items, ds.schema.user_features,
                                    ds.schema.item_features, batch_size, shuffle=True, seed=seed,
-                                   item_prob=prob, weights=weights, epochs=(first, epochs))
-        model.fit(data, epochs=epochs, initial_epoch=first,
+                                   item_prob=prob, weights=weights, epochs=(first, epochs),
+                                   stream=ds.stream)
+        # fit enters the strategy's scope itself (the model was built in it)
+        model.fit(_distributable(data, strategy), epochs=epochs, initial_epoch=first,
                   steps_per_epoch=-(-len(train_df) // batch_size), callbacks=callbacks,
                   verbose=verbose)
     else:  # killed after the last epoch's backup: only the fit's ending is left
@@ -320,13 +481,15 @@ def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float
 
 def fit_teacher(prep: Prepared, cfg: TeacherConfig, run: RunDir, seed: int = 0,
                 verbose: int | str = "auto", validation_only: bool = False,
-                k: int = 20, name: str = "teacher") -> TeacherModel:
+                k: int = 20, name: str = "teacher",
+                strategy: tf.distribute.Strategy | None = None) -> TeacherModel:
     """Teacher on training minus held-out warm validation; early stopping on its recall@k.
 
     ``validation_only`` trains on the validation split's training part alone, without the
     pseudo-cold users' and items' interactions: the teacher to tune students with, since a
     teacher that saw the pseudo-cold entities would leak them into a student through the
-    distillation term and flatter its validation recall.
+    distillation term and flatter its validation recall. ``strategy``: see
+    :func:`make_strategy` (the model is built and trained in its scope).
     """
     tf.keras.utils.set_random_seed(seed)
     v = prep.val
@@ -335,31 +498,34 @@ def fit_teacher(prep: Prepared, cfg: TeacherConfig, run: RunDir, seed: int = 0,
     ds = prep.dataset
     states = teacher_states(ds.schema, _entities(ds.users, "user", train_df),
                             _entities(ds.items, "item", train_df), cfg.tower)
-    model = build_teacher(states, cfg)
+    with strategy_scope(strategy):
+        model = build_teacher(states, cfg)
     info = _fit(model, train_df, prep, cfg.learning_rate, cfg.batch_size, cfg.epochs,
                 cfg.patience, ("warm",), run, name, seed, verbose, k, cfg.weight_decay,
-                cfg.interaction_weight)
+                cfg.interaction_weight, strategy)
     run.save_model(name, model, states, info, Scorer(cfg.temperature))
     return model
 
 
 def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig, run: RunDir,
                 seed: int = 0, verbose: int | str = "auto", name: str = "student",
-                k: int = 20, val_teacher: TeacherModel | None = None) -> StudentModel:
+                k: int = 20, val_teacher: TeacherModel | None = None,
+                strategy: tf.distribute.Strategy | None = None) -> StudentModel:
     """Content-only student distilled from ``teacher``; early stopping on pseudo-cold validation.
 
-    ``method=ridge``: see :func:`fit_ridge_student`. ``method=own``, three phases: a search
-    fit on the validation split's training part (so its pseudo-cold
-    users and items are truly unseen when choosing the epoch), the popularity prior's weight
-    chosen on the same validation data, then (``cfg.refit``) a refit on all training data for
-    the chosen number of epochs.
+    ``method=ridge``: see :func:`fit_ridge_student` (closed form in numpy: ``strategy`` plays
+    no part). ``method=own``, three phases: a search fit on the validation split's training
+    part (so its pseudo-cold users and items are truly unseen when choosing the epoch), the
+    popularity prior's weight chosen on the same validation data, then (``cfg.refit``) a
+    refit on all training data for the chosen number of epochs; both fits (and
+    ``method=aligned``'s) run under ``strategy`` (:func:`make_strategy`).
     """
     if cfg.method == "ridge":
         return fit_ridge_student(prep, teacher, cfg, run, name=name, k=k,
                                  val_teacher=val_teacher)
     if cfg.method == "aligned":
         return fit_aligned_student(prep, teacher, cfg, run, seed, verbose, name, k,
-                                   val_teacher)
+                                   val_teacher, strategy)
     tf.keras.utils.set_random_seed(seed + 1000)
     ds = prep.dataset
     sides = student_sides(ds.schema, cfg.distill_sides)
@@ -372,12 +538,13 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
         states = student_states(ds.schema, _entities(ds.users, "user", train_df),
                                 _entities(ds.items, "item", train_df), cfg.tower, sides,
                                 cfg.item_id_sink, cfg.item_id_sink_dropout)
-        model = build_student(states, cfg, teacher)
-        model.cache_teacher(_entities(ds.users, "user", train_df),
-                            _entities(ds.items, "item", train_df), ds.schema)
+        with strategy_scope(strategy):
+            model = build_student(states, cfg, teacher)
+            model.cache_teacher(_entities(ds.users, "user", train_df),
+                                _entities(ds.items, "item", train_df), ds.schema)
         info = _fit(model, train_df, prep, cfg.learning_rate, cfg.batch_size, cfg.epochs,
                     cfg.patience, val_segments, run, name, seed, verbose, k,
-                    interaction_weight=cfg.interaction_weight)
+                    interaction_weight=cfg.interaction_weight, strategy=strategy)
     info["sides"] = list(sides)
     scorer = Scorer(cfg.temperature, float(cfg.popularity_prior or 0.0))
     if cfg.popularity_prior is None:
@@ -394,13 +561,17 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
             states = student_states(ds.schema, _entities(ds.users, "user", full),
                                     _entities(ds.items, "item", full), cfg.tower, sides,
                                     cfg.item_id_sink, cfg.item_id_sink_dropout)
-            model = build_student(states, cfg, teacher)
-            model.cache_teacher(_entities(ds.users, "user", full),
-                                _entities(ds.items, "item", full), ds.schema)
+            with strategy_scope(strategy):
+                model = build_student(states, cfg, teacher)
+                model.cache_teacher(_entities(ds.users, "user", full),
+                                    _entities(ds.items, "item", full), ds.schema)
             shutil.rmtree(run.model_dir(name) / "backup", ignore_errors=True)
             info["refit"] = _fit(model, full, prep, cfg.learning_rate, cfg.batch_size,
                                  info["best_epoch"], 0, (), run, f"{name}/refit", seed, verbose,
-                                 k, interaction_weight=cfg.interaction_weight)
+                                 k, interaction_weight=cfg.interaction_weight,
+                                 strategy=strategy)
+            with contextlib.suppress(OSError):  # empty once its backup is gone
+                (run.model_dir(name) / "refit").rmdir()
     run.save_model(name, model, states, info, scorer)
     return model
 
@@ -659,9 +830,11 @@ def aligned_config(cfg: StudentConfig) -> AlignedConfig:
         patience=cfg.patience)
 
 
-def _aligned(prep: Prepared, teacher: TeacherModel, cfg: StudentConfig, train_df: pd.DataFrame
+def _aligned(prep: Prepared, teacher: TeacherModel, cfg: StudentConfig, train_df: pd.DataFrame,
+             strategy: tf.distribute.Strategy | None = None
              ) -> tuple[AlignedStudent, dict[str, Any]]:
-    """An aligned student on ``train_df``'s entities with ``teacher``'s embeddings cached."""
+    """An aligned student on ``train_df``'s entities with ``teacher``'s embeddings cached
+    (built in ``strategy``'s scope)."""
     ds = prep.dataset
     acfg = aligned_config(cfg)
     users, items = _entities(ds.users, "user", train_df), _entities(ds.items, "item", train_df)
@@ -669,21 +842,24 @@ def _aligned(prep: Prepared, teacher: TeacherModel, cfg: StudentConfig, train_df
                                     id_dim=0)
     states = student_states(ds.schema, users, items, tower_cfg, SIDES, cfg.item_id_sink,
                             cfg.item_id_sink_dropout)
-    model = AlignedStudent(Tower(states["user"], tower_cfg, name="user_tower"),
-                           Tower(states["item"], tower_cfg, name="item_tower"),
-                           teacher.temperature, acfg)
-    for side, table in (("user", users), ("item", items)):
-        model.tower(side)(dummy_inputs(model.tower(side).encoder.state))
-        model.cache_teacher(side, table[f"{side}_id"].astype(str).to_numpy(),
-                            teacher.embed(side, table, ds.schema),
-                            _counts(train_df, side, table[f"{side}_id"]))
+    embeddings = {side: teacher.embed(side, table, ds.schema)
+                  for side, table in (("user", users), ("item", items))}
+    with strategy_scope(strategy):
+        model = AlignedStudent(Tower(states["user"], tower_cfg, name="user_tower"),
+                               Tower(states["item"], tower_cfg, name="item_tower"),
+                               teacher.temperature, acfg)
+        for side, table in (("user", users), ("item", items)):
+            model.tower(side)(dummy_inputs(model.tower(side).encoder.state))
+            model.cache_teacher(side, table[f"{side}_id"].astype(str).to_numpy(),
+                                embeddings[side], _counts(train_df, side, table[f"{side}_id"]))
     return model, states
 
 
 def fit_aligned_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig,
                         run: RunDir, seed: int = 0, verbose: int | str = "auto",
                         name: str = "student", k: int = 20,
-                        val_teacher: TeacherModel | None = None) -> StudentModel:
+                        val_teacher: TeacherModel | None = None,
+                        strategy: tf.distribute.Strategy | None = None) -> StudentModel:
     """Content towers trained *in the teacher's space* (:class:`AlignedStudent`).
 
     Search: trained on the validation split's training part against ``val_teacher``, early
@@ -703,7 +879,7 @@ def fit_aligned_student(prep: Prepared, teacher: TeacherModel | None, cfg: Stude
     cold = tuple(s for s in ("cold_item", "cold_user", "cold_both")
                  if len(prep.val_tasks[s].user_rows))
     with phase(f"{name}: search fit (validation)"):
-        model, _ = _aligned(prep, vt, cfg, v.train)
+        model, _ = _aligned(prep, vt, cfg, v.train, strategy)
 
         def score(m: AlignedStudent) -> dict[str, float]:
             fn = unified_score_fn(UnifiedRecommender(vt, m), Scorer(vt.temperature), ds,
@@ -713,8 +889,10 @@ def fit_aligned_student(prep: Prepared, teacher: TeacherModel | None, cfg: Stude
             return {f"val_{s}_recall@{k}": x for s, x in vals.items()} | {
                 "val_cold_mean": float(np.mean(list(vals.values()))) if vals else 0.0}
 
-        info = fit_aligned(model, v.train, ds.users, ds.items, ds.schema, seed, score,
-                           verbose=0 if verbose == "auto" else int(verbose))
+        with strategy_scope(strategy):
+            info = fit_aligned(model, v.train, ds.users, ds.items, ds.schema, seed, score,
+                               verbose=0 if verbose == "auto" else int(verbose),
+                               data_options=_distributable_options(strategy))
     info["method"] = "aligned"
     with phase(f"{name}: score search (validation)"):
         rec_scorer, rec_info = tune_unified(UnifiedRecommender(vt, model), prep, k=k)
@@ -723,12 +901,14 @@ def fit_aligned_student(prep: Prepared, teacher: TeacherModel | None, cfg: Stude
                                                      if len(prep.val_tasks[s].user_rows)), k=k)
         info["popularity_prior"] = own.prior
     with phase(f"{name}: refit ({info['best_epoch']} epochs on all training data)"):
-        model, states = _aligned(prep, teacher, cfg, prep.split.train)
+        model, states = _aligned(prep, teacher, cfg, prep.split.train, strategy)
         refit = dataclasses.replace(model.cfg, epochs=info["best_epoch"])
         model.cfg = refit
-        info["refit"] = fit_aligned(model, prep.split.train, ds.users, ds.items, ds.schema,
-                                    seed + 2000, None,
-                                    verbose=0 if verbose == "auto" else int(verbose))
+        with strategy_scope(strategy):
+            info["refit"] = fit_aligned(model, prep.split.train, ds.users, ds.items,
+                                        ds.schema, seed + 2000, None,
+                                        verbose=0 if verbose == "auto" else int(verbose),
+                                        data_options=_distributable_options(strategy))
     run.save_model(name, model, states, info, Scorer(teacher.temperature, own.prior))
     if name == "student":  # a benchmark's extra students do not replace the served one
         run.save_scorer(RECOMMEND, rec_scorer, {"student": name, **rec_info})

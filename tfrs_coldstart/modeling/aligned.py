@@ -241,14 +241,18 @@ class EpochScore(tf.keras.callbacks.Callback):
 def fit_aligned(model: AlignedStudent, train_df: pd.DataFrame, users: pd.DataFrame,
                 items: pd.DataFrame, schema: Schema, seed: int,
                 score: Callable[[AlignedStudent], dict[str, float]] | None = None,
-                monitor: str = "val_cold_mean", verbose: int = 0) -> dict[str, Any]:
-    """Adam on ``train_df``; with ``score``, early stopping on ``monitor`` (best weights kept)."""
+                monitor: str = "val_cold_mean", verbose: int = 0,
+                data_options: tf.data.Options | None = None) -> dict[str, Any]:
+    """Adam on ``train_df``; with ``score``, early stopping on ``monitor`` (best weights kept).
+    ``data_options``: applied to the input (e.g. a distribution strategy's sharding)."""
     cfg = model.cfg
     tf.keras.utils.set_random_seed(seed + 1000)
     prob = item_probabilities(train_df, items["item_id"].astype(str))
     data = interaction_dataset(train_df, users, items, schema.user_features,
                                schema.item_features, cfg.batch_size, shuffle=True, seed=seed,
                                item_prob=prob)
+    if data_options is not None:
+        data = data.with_options(data_options)
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=cfg.learning_rate))
     callbacks: list[tf.keras.callbacks.Callback] = []
     if score is not None:

@@ -137,7 +137,9 @@ class StudentModel(TwoTowerModel):
         super().__init__(user_tower, item_tower, temperature or cfg.temperature,
                          cfg.logq_correction, cfg.remove_accidental_hits, **kwargs)
         self.cfg = cfg
-        self.teacher = teacher
+        # Untracked: the frozen teacher is saved in its own folder, not again (with its Adam
+        # slots) in every student checkpoint; loading a student passes the teacher in.
+        self._teacher = Untracked(teacher)
         if teacher is not None:
             teacher.trainable = False
         if teacher is not None and cfg.align_weight > 0:
@@ -145,6 +147,10 @@ class StudentModel(TwoTowerModel):
                                                     use_bias=False)
             self.align_item = tf.keras.layers.Dense(teacher.item_tower.cfg.output_dim,
                                                     use_bias=False)
+
+    @property
+    def teacher(self) -> TeacherModel | None:
+        return self._teacher.value
 
     def build_extras(self) -> None:
         """Create the alignment variables before the optimizer sees the model."""
