@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup run test lint bench bench-quality bench-fewshot lightfm clean
+.PHONY: setup run test lint bench bench-quality bench-fewshot lightfm scann-sources clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,35 @@ bench-fewshot: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py $(ARGS)
+
+# Streamed against in-memory input at 1M, 5M and 20M interactions (issue 16): peak RSS and
+# examples/s, each size in its own process at nice 19; about 300 MB of shards in /tmp.
+.PHONY: bench-scale
+bench-scale: $(STAMP)
+	nice -n 19 $(BIN)/python benchmarks/scale.py $(ARGS)
+
+# The sources the ScaNN image is built from (TF Serving at its release tag; google-research at the
+# ScaNN 1.4.2 release, scann/ only), for tests/test_scann_build.py, which runs
+# serving/scann/patch_tf_serving.py against them. Keep SCANN_COMMIT equal to the Dockerfile's.
+SOURCES ?= ../sources
+TF_SERVING_TAG ?= 2.20.0
+SCANN_COMMIT ?= 634a79fb5b4b23237a81eac028d27b5d34a5dba4
+
+scann-sources:
+	@test -d $(SOURCES)/serving-$(TF_SERVING_TAG) || git -c advice.detachedHead=false clone -q \
+	  --depth 1 --branch $(TF_SERVING_TAG) https://github.com/tensorflow/serving.git \
+	  $(SOURCES)/serving-$(TF_SERVING_TAG)
+	@test -d $(SOURCES)/google-research-scann || { \
+	  rm -rf $(SOURCES)/google-research-scann.tmp && \
+	  mkdir -p $(SOURCES)/google-research-scann.tmp && cd $(SOURCES)/google-research-scann.tmp && \
+	  git init -q && \
+	  git remote add origin https://github.com/google-research/google-research.git && \
+	  git sparse-checkout init --cone && git sparse-checkout set scann && \
+	  git fetch -q --depth 1 --filter=blob:none origin $(SCANN_COMMIT) && \
+	  git checkout -q FETCH_HEAD && cd - >/dev/null && \
+	  mv $(SOURCES)/google-research-scann.tmp $(SOURCES)/google-research-scann; }
+	@echo "TF Serving $(TF_SERVING_TAG): $(SOURCES)/serving-$(TF_SERVING_TAG)"
+	@echo "ScaNN (google-research $(SCANN_COMMIT)): $(SOURCES)/google-research-scann/scann"
 
 clean:
 	rm -rf runs .pytest_cache
