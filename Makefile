@@ -18,9 +18,14 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/tfrs-coldstart run $(ARGS)
 
+# Two pytest workers (pytest-xdist), one test file each at a time so a file's fixtures are built
+# once: most tests are single-threaded Python around TensorFlow, so the 2 cores finish the suite
+# in ~10 minutes instead of ~15. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff check tfrs_coldstart tests benchmarks
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check tfrs_coldstart tests benchmarks

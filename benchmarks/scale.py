@@ -230,18 +230,63 @@ def _spec_row(spec: dict[str, Any]) -> dict[str, Any]:
 # ---- 2 workers against 1 (issue 16, item 2) -----------------------------------------------
 
 
-def workers_ratio(args: argparse.Namespace) -> dict[str, Any]:
-    """Examples/s of 2 local workers (``train.strategy=multi_worker``, ``TF_CONFIG`` on
-    localhost) against 1 on the same streamed data.
+def _free_ports(n: int) -> list[int]:
+    import socket
 
-    TODO(issue 16, item 2, the tf.distribute owner): start 1 and then 2 worker processes of the
-    teacher fit on ``write_data(...)``'s shards (``data.format=stream``, ``--set
-    train.strategy=multi_worker``), each for a fixed number of steps, and return
-    ``{"workers_1_examples_per_s": ..., "workers_2_examples_per_s": ..., "ratio": ...}``;
-    ``render`` prints it. Until then the section reports itself as not measured.
+    socks = [socket.socket() for _ in range(n)]
+    for sk in socks:
+        sk.bind(("localhost", 0))
+    ports = [sk.getsockname()[1] for sk in socks]
+    for sk in socks:
+        sk.close()
+    return ports
+
+
+def workers_ratio(args: argparse.Namespace) -> dict[str, Any]:
+    """Teacher-fit throughput of 2 local workers (``train.strategy=multi_worker``,
+    ``TF_CONFIG`` on localhost, CPU collectives) against 1 process, on the embedded synthetic
+    default (in memory: the same data for both), a fixed number of epochs each.
+
+    Both share this machine's 2 cores, so the ratio says what the collectives cost when the
+    workers cannot run in parallel on more hardware, not how a cluster scales.
     """
-    return {"status": "not measured: the multi-worker fit is issue 16 item 2 (TODO in "
-                      "benchmarks/scale.py:workers_ratio)"}
+    if args.workers_epochs <= 0:
+        return {"status": "skipped (--workers-epochs 0)"}
+    overrides = ["--set", f"teacher.epochs={args.workers_epochs}", "--set", "teacher.patience=100",
+                 "--set", "student.method=ridge"]
+    cmd = [sys.executable, "-m", "tfrs_coldstart.cli", "train", *overrides]
+    work = Path(args.workdir) / "workers"
+    out: dict[str, Any] = {"epochs": args.workers_epochs, "data": "embedded synthetic default"}
+    for n in (1, 2):
+        runs = []
+        ports = _free_ports(n)
+        for i in range(n):
+            env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+            argv = [*cmd, "--output", str(work / f"w{n}"), "--quiet"]
+            if n > 1:
+                env["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"localhost:{p}"
+                                                                      for p in ports]},
+                                               "task": {"type": "worker", "index": i}})
+                argv += ["--set", "train.strategy=multi_worker"]
+            runs.append((argv, env))
+        if (work / f"w{n}").exists():
+            subprocess.run(["rm", "-rf", str(work / f"w{n}")], check=True)
+        log(f"teacher fit with {n} worker(s), {args.workers_epochs} epochs ...")
+        t = time.time()
+        procs = [subprocess.Popen(a, cwd=REPO, env=e, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for a, e in runs]
+        errs = [pr.communicate(timeout=3600)[1] for pr in procs]
+        if any(pr.returncode for pr in procs):
+            return {"status": f"failed with {n} worker(s): {errs[0][-800:]}"}
+        hist = json.loads((work / f"w{n}" / "teacher" / "history.json").read_text())
+        rows = json.loads((work / f"w{n}" / "report.json").read_text()).get("data", {})
+        out[f"workers_{n}"] = {"teacher_fit_s": hist["seconds"], "epochs": hist["epochs_run"],
+                               "seconds_per_epoch": hist["seconds"] / hist["epochs_run"],
+                               "wall_s": time.time() - t, "report_data": rows}
+    out["ratio"] = (out["workers_1"]["seconds_per_epoch"]
+                    / out["workers_2"]["seconds_per_epoch"])
+    out["load_average_end"] = load_average()
+    return out
 
 
 # ---- report -------------------------------------------------------------------------------
@@ -277,7 +322,15 @@ def render(res: dict[str, Any], out: Path) -> str:
         lines += [f"Streamed peak RSS at {flat['largest']:,} interactions / at "
                   f"{flat['smallest']:,}: **{flat['ratio']:.3f}x** (target at most 1.2x: "
                   f"{'met' if flat['ratio'] <= 1.2 else 'NOT met'}).", ""]
-    lines += [f"2 local workers against 1: {res.get('workers', {}).get('status', '-')}", ""]
+    w = res.get("workers", {})
+    if "ratio" in w:
+        lines += [f"2 local workers against 1 (teacher fit, {w['epochs']} epochs, "
+                  f"{w['data']}; both on this machine's 2 shared cores): "
+                  f"{w['workers_1']['seconds_per_epoch']:.2f} s/epoch with 1 process, "
+                  f"{w['workers_2']['seconds_per_epoch']:.2f} s/epoch with 2 workers: "
+                  f"throughput ratio {w['ratio']:.2f}x", ""]
+    else:
+        lines += [f"2 local workers against 1: {w.get('status', '-')}", ""]
     md = "\n".join(lines)
     write_text(out / "report.md", md)
     _plot(rows, out / "scale.png")
@@ -332,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="/tmp/tfrs_scale_work", help="where the shards go")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "scale"))
     p.add_argument("--render", action="store_true", help="report from results.json only")
+    p.add_argument("--workers-epochs", type=int, default=3,
+                   help="teacher epochs of the 1-against-2-workers measurement (0: skip)")
+    p.add_argument("--workers-only", action="store_true",
+                   help="only the 1-against-2-workers measurement, into results.json's rows")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -341,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.render:
         print(render(json.loads((out / "results.json").read_text()), out))
+        return 0
+    if args.workers_only:
+        res = json.loads((out / "results.json").read_text())
+        res["workers"] = workers_ratio(args)
+        write_json(out / "results.json", res)
+        print(render(res, out))
         return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     if any(s % SHARD_ROWS for s in sizes):
