@@ -28,6 +28,7 @@ from tfrs_coldstart.batch import (
 from tfrs_coldstart.cli import main as cli_main
 from tfrs_coldstart.data import DataError
 from tfrs_coldstart.data.pipeline import feature_arrays
+from tfrs_coldstart.features.columns import HISTORY_SEPARATOR
 from tfrs_coldstart.serving.add_items import ADDED_ITEMS_DIR, AddItemsError, add_items
 from tfrs_coldstart.serving.export import export_run
 
@@ -273,6 +274,40 @@ def test_beam_direct_runner_matches_in_process(setup: dict[str, Any], tmp_path: 
     with pytest.raises(BatchError, match="does not exist"):
         beam_batch_recommend(tmp_path / "nope", setup["users"], tmp_path / "never.parquet")
     assert not (tmp_path / "never.parquet").exists()
+
+
+@pytest.mark.skipif(not HAS_BEAM, reason="apache_beam not installed (extra [beam])")
+def test_beam_passes_a_history_column_like_the_local_path(setup: dict[str, Any],
+                                                         tmp_path: Path) -> None:
+    """A users table with the request-time ``history`` (issue 17): the Beam path sends it to
+    the model as the in-process path does (same results, the history's items left out),
+    from Parquet and CSV."""
+    model = setup["base"] / "student"
+    users = setup["ds"].users.iloc[:30].copy()
+    plain = tmp_path / "plain.parquet"
+    users.to_parquet(plain)
+    batch_recommend(model, plain, tmp_path / "plain_out.parquet", k=10, progress=False)
+    top = (pd.read_parquet(tmp_path / "plain_out.parquet").sort_values(["user_id", "rank"])
+           .groupby("user_id")["item_id"].apply(list))
+    if "history" not in ServedModel.load(model).specs:
+        pytest.skip("this export takes no history (student.history=false)")
+    users["history"] = [HISTORY_SEPARATOR.join(top[u][:2]) for u in users["user_id"]]
+    with_hist = tmp_path / "hist.parquet"
+    users.to_parquet(with_hist)
+    ref = tmp_path / "ref.parquet"
+    batch_recommend(model, with_hist, ref, k=10, progress=False)
+    want = pd.read_parquet(ref).sort_values(["user_id", "rank"]).reset_index(drop=True)
+    for u, g in want.groupby("user_id"):  # the history's items are left out
+        assert not set(g["item_id"]) & set(top[u][:2])
+    csv = tmp_path / "hist.csv"
+    users.to_csv(csv, index=False)
+    for src in (with_hist, csv):
+        out = tmp_path / f"beam-{src.suffix[1:]}.parquet"
+        beam_batch_recommend(model, src, out, k=10, batch_size=16,
+                             pipeline_options=["--runner=DirectRunner"])
+        got = pd.read_parquet(out).sort_values(["user_id", "rank"]).reset_index(drop=True)
+        assert (got["item_id"] == want["item_id"]).all(), src
+        np.testing.assert_allclose(got["score"], want["score"], atol=1e-5)
 
 
 @pytest.mark.skipif(not HAS_BEAM, reason="apache_beam not installed (extra [beam])")

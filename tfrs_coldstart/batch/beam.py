@@ -94,9 +94,11 @@ def _define_handler() -> type:
 
         def __init__(self, model_dir: str, signature: str = "serving_default",
                      k: int | None = None, max_batch_size: int = DEFAULT_BATCH_SIZE,
-                     min_batch_size: int = 1, label: str = "users") -> None:
+                     min_batch_size: int = 1, label: str = "users",
+                     columns: Sequence[str] | None = None) -> None:
             super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
             self.model_dir = str(model_dir)
+            self.columns = list(columns) if columns is not None else None
             self.signature = signature
             self.k = k
             self.label = label
@@ -107,7 +109,7 @@ def _define_handler() -> type:
         def run_inference(self, batch: Sequence[dict[str, Any]], model: ServedModel,
                           inference_args: dict[str, Any] | None = None
                           ) -> Iterable[tuple[str, np.ndarray, np.ndarray]]:
-            df = pd.DataFrame(list(batch), columns=model.required_columns)
+            df = pd.DataFrame(list(batch), columns=self.columns or model.required_columns)
             ids_guess = tuple(str(v) for v in df[USER_ID].tolist())
             ids, feats = model.normalise(df, _NamedSource(self.label, ids=ids_guess))
             item_ids, scores = recommend_rows(model, feats, max(1, len(df)))
@@ -346,9 +348,10 @@ def _pipeline_options(options: Any) -> Any:
     return PipelineOptions(list(options))
 
 
-def _check_remote_users(path: str, model: ServedModel) -> tuple[str, list[str]]:
+def _check_remote_users(path: str, model: ServedModel) -> tuple[str, list[str], list[str]]:
     """Column and emptiness checks of a users file pattern before the pipeline starts;
-    ``(kind, matched files)``."""
+    ``(kind, matched files, columns to read)``: the model's inputs plus its optional
+    ``history`` when the first file has that column (then every file must have it)."""
     from apache_beam.io.filesystems import FileSystems  # optional extra [beam]
 
     try:
@@ -370,18 +373,20 @@ def _check_remote_users(path: str, model: ServedModel) -> tuple[str, list[str]]:
         if suffix in (".parquet", ".pq"):
             meta = pq.ParquetFile(f).metadata
             model.check_columns(meta.schema.names, first)
+            columns = model.columns_in(meta.schema.names)
             if sum(pq.ParquetFile(FileSystems.open(m.path)).metadata.num_rows
                    for m in matches) == 0:
                 raise BatchError(f"{path}: the users table has no rows")
-            return "parquet", [m.path for m in matches]
+            return "parquet", [m.path for m in matches], columns
         try:
             head = pd.read_csv(f, nrows=1, dtype=str, sep="\t" if suffix == ".tsv" else ",")
         except pd.errors.EmptyDataError:
             raise BatchError(f"{first}: the users file is empty (no header, no rows)") from None
         model.check_columns(head.columns, first)
+        columns = model.columns_in(head.columns)
         if len(head) == 0 and len(matches) == 1:
             raise BatchError(f"{first}: the users file has a header but no rows")
-    return suffix[1:], [m.path for m in matches]
+    return suffix[1:], [m.path for m in matches], columns
 
 
 def beam_batch_recommend(
@@ -419,7 +424,7 @@ def beam_batch_recommend(
     model = ServedModel.load(model_dir, signature)  # fail fast, before any worker starts
     k = check_k(k, model)
     users = str(users_path)
-    kind, matched = _check_remote_users(users, model)
+    kind, matched, columns = _check_remote_users(users, model)
     # Errors name a single input file as the user named it.
     names = {matched[0]: users} if len(matched) == 1 else {}
     out = str(out_path)
@@ -437,8 +442,7 @@ def beam_batch_recommend(
         tmp = _tmp_path(final)
         write_prefix = str(tmp)
     handler = _handler_class()(model.path, signature, k, max_batch_size=batch_size,
-                               label=users)
-    columns = model.required_columns
+                               label=users, columns=columns)
     try:
         with _quiet_user_errors(), beam.Pipeline(
                 options=_pipeline_options(pipeline_options)) as p:
