@@ -285,7 +285,7 @@ def distill_command(args: argparse.Namespace) -> int:
                           "machine: --set train.strategy=mirrored (or none)")
     strategy = make_strategy(cfg.train)
     with phase(f"data ({cfg.data.format})"):
-        ds = load_data(cfg)
+        ds = run.load_dataset(cfg)  # the feature names the saved teacher was trained on
     with phase("split"):
         prep = prepare(ds, cfg)
     with strategy_scope(strategy):

@@ -155,10 +155,11 @@ class RunDir:
         meta["item_counts"] = counts
         atomic_write_text(self.path / SPLIT_FILE, json.dumps(meta))
 
-    def load_dataset(self) -> Dataset:
-        """The run's data, as its saved schema reads it (``data.tables.conform``: a run saved
-        before its loader declared derivations keeps its feature names)."""
-        ds = load_data(self.config)
+    def load_dataset(self, config: RunConfig | None = None) -> Dataset:
+        """The run's data (or ``config``'s, e.g. a ``distill`` with new ``--set data.*``), as
+        the run's saved schema reads it (``data.tables.conform``: a run saved before its loader
+        declared derivations keeps its feature names, which its models were trained on)."""
+        ds = load_data(config or self.config)
         return conform(ds, self.schema) if (self.path / SCHEMA_FILE).is_file() else ds
 
     # ---- models -----------------------------------------------------------------------------
