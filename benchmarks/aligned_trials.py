@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import emit_row  # benchmarks/ is the script's folder
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS first)
 from tfrs_coldstart.config import TowerConfig, load_config, to_dict
@@ -302,9 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                    "cold_mean": _mean([rec[s] for s in COLD]),
                    "prior_warm": pri["warm"], "prior_cold_user": pri["cold_user"], **res,
                    "seconds": round(time.time() - t0, 1)}
-            print(json.dumps(row), flush=True)
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            emit_row(row, out)
     return 0
 
 

@@ -231,6 +231,16 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=1, default=_default))
 
 
+def emit_row(row: dict[str, Any], out: str | os.PathLike[str] | None) -> None:
+    """A trial's result: printed as one JSON line and, with ``out``, appended to that JSON-lines
+    file (appended as each trial ends, so a long search that stops keeps what it measured)."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
 def write_text(path: Path, text: str) -> None:
     """Atomic write, readable by all (results are meant to be read and committed)."""
     from tfrs_coldstart.fileio import atomic_write_text

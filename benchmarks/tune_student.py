@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import emit_row  # benchmarks/ is the script's folder
 
 import tfrs_coldstart  # noqa: F401
 from tfrs_coldstart.config import load_config
@@ -72,10 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                    "prior": info["popularity_prior"], "mean": round(float(np.mean(
                        list(val.values()))), 4), **val,
                    "seconds": round(time.time() - t0, 1)}
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            emit_row(row, args.out)
     return 0
 
 

@@ -10,10 +10,11 @@ recall@20 of each (every interaction still counts as a positive when scoring).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
+
+from common import emit_row  # benchmarks/ is the script's folder
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS first)
 from tfrs_coldstart.config import load_config
@@ -44,10 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"transform": transform, "seed": args.seed,
                "best_val_warm_recall@20": round(max(val), 4), "best_epoch": hist["best_epoch"],
                "seconds": round(time.time() - t0, 1)}
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit_row(row, args.out)
     return 0
 
 
