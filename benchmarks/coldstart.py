@@ -50,7 +50,6 @@ from tfrs_coldstart.evaluation import (
     write_report,
 )
 from tfrs_coldstart.modeling.models import student_sides
-from tfrs_coldstart.modeling.unified import UnifiedRecommender
 from tfrs_coldstart.runs import RECOMMEND, VALIDATION_TEACHER, RunDir, load_data
 from tfrs_coldstart.scoring import (
     evaluate_model,
@@ -179,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ks = cfg.eval.cutoffs
     k = cfg.eval.headline_k
     per_seed, mixed_seed = [], []
+    cold_paths: list[dict[str, str]] = []
     t_start = time.time()
     for seed in range(args.seeds):
         run = RunDir(out / "runs" / f"seed{seed}")
@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         timing["ridge_s"] = time.time() - t1
         res["ridge mapper (closed form)"] = evaluate_model(prep, ridge, run.scorer("student"),
                                                            ks, sides)
-        unified = UnifiedRecommender(teacher, ridge)
+        unified = run.load_unified(teacher, ridge)  # with the cold paths chosen on validation
+        cold_paths.append(run.cold_paths())
         rec = run.scorer(RECOMMEND)
         res["recommend (unified)"] = evaluate_unified(prep, unified, rec, ks)
         mixed = {"teacher": evaluate_mixed(prep, model_score_fn(
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "mixed": aggregate_mixed(mixed_seed, k),
         "params": {"teacher": teacher.param_count(), "ridge student": ridge.param_count()},
         "timing": timing_all,
+        "cold_paths": cold_paths,  # recommend's cold path per side, chosen on validation per seed
         "command": "python benchmarks/coldstart.py " + " ".join(argv or sys.argv[1:]),
         "machine": f"{platform.machine()}, {platform.processor() or ''} "
                    f"{__import__('os').cpu_count()} cores, {platform.platform()}",
@@ -252,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "per_seed.json").write_text(json.dumps({"segments": per_seed, "mixed": mixed_seed},
                                                   indent=1))
     print(metrics_table(report, cfg.eval.headline_k))
+    print("recommend cold paths per seed (chosen on validation):", cold_paths)
     print(f"report: {out / 'report.md'}")
     return 0
 

@@ -8,6 +8,9 @@ Rows:
 - popularity (training counts; the revealed items are excluded like everywhere);
 - implicit ALS (32 factors) on the training interactions, the history folded in with
   ``recalculate_user`` (popularity at n = 0); only if the ``implicit`` package is installed;
+- item-kNN (cosine) and EASE fold-ins: item-item scores summed over the history, plus a
+  popularity term; settings chosen on validation. Not servable in one index: they show how
+  much a history can say on this split (the ceiling the targets are compared with);
 - teacher-mean: the mean of the history items' teacher embeddings, half-and-half with the
   teacher's content-path user embedding (the issue's naive baseline);
 - recommend, no history: the served model before issue 17 (``student.history=false``);
@@ -112,6 +115,70 @@ def als_scorer(prep: Prepared, seed: int, factors: int = 32):
             return out
         return fn
     return make
+
+
+def _binary_matrix(ds, train: pd.DataFrame):
+    import scipy.sparse as sp
+
+    u_index = pd.Index(ds.users["user_id"].astype(str))
+    i_index = pd.Index(ds.items["item_id"].astype(str))
+    m = sp.csr_matrix((np.ones(len(train), np.float64),
+                       (u_index.get_indexer(train["user_id"].astype(str)),
+                        i_index.get_indexer(train["item_id"].astype(str)))),
+                      shape=(len(u_index), len(i_index)))
+    m.data[:] = 1.0
+    return m, i_index
+
+
+def item_item_scorer(ds, train: pd.DataFrame, kind: str, lam: float, pop_weight: float):
+    """Item-to-item fold-in peers (not in one index, so not servable as ``recommend``): a
+    history scores item j by sum_i S[i, j] over its items, plus ``pop_weight`` x normalised
+    log-popularity (which alone ranks at n = 0). ``kind``: ``cosine`` (item-kNN, every
+    neighbour) or ``ease`` (Steck 2019: the closed-form item-item regression, L2 ``lam``)."""
+    m, i_index = _binary_matrix(ds, train)
+    gram = (m.T @ m).toarray()
+    if kind == "ease":
+        gram[np.diag_indices_from(gram)] += lam
+        inv = np.linalg.inv(gram)
+        sim = -inv / np.diag(inv)
+    else:
+        norm = np.sqrt(np.diag(gram)) + 1e-9
+        sim = gram / norm[:, None] / norm[None, :]
+    np.fill_diagonal(sim, 0.0)
+    sim = sim.astype(np.float32)
+    pop = np.log1p(np.asarray(m.sum(0)).ravel())
+    pop = (pop / max(pop.max(), 1e-12)).astype(np.float32)
+
+    def make(history: np.ndarray):
+        hist = np.zeros((len(history), len(i_index)), np.float32)
+        for row, its in enumerate(_hist_lists(history)):
+            cols = [c for c in i_index.get_indexer(its) if c >= 0]
+            hist[row, cols] = 1.0
+        scores = hist @ sim
+
+        def fn(u: np.ndarray, i: np.ndarray) -> np.ndarray:
+            return scores[u][:, i] + pop_weight * pop[i][None, :]
+        return fn
+    return make
+
+
+#: The item-item peers' settings tried on validation (mean recall@20 over n >= 1 picks one).
+ITEM_ITEM_GRID = {"cosine": [(0.0, w) for w in (0.0, 0.2, 1.0)],
+                  "ease": [(lam, w) for lam in (50.0, 200.0, 500.0) for w in (0.0, 0.05, 0.2)]}
+
+
+def chosen_item_item(prep: Prepared, val_tasks: dict[int, FewShotTask], kind: str
+                     ) -> tuple[float, float, dict[str, float]]:
+    """``(lam, pop_weight, search)`` of an item-item peer, chosen on the validation split's
+    pseudo-cold users (fit on its training part)."""
+    search = {}
+    for lam, w in ITEM_ITEM_GRID[kind]:
+        res = evaluate_fewshot(val_tasks, item_item_scorer(prep.dataset, prep.val.train, kind,
+                                                           lam, w), (20,))
+        search[f"lam={lam},w={w}"] = float(np.mean([v["recall@20"] for key, v in res.items()
+                                                    if key != "n=0"]))
+    best = max(ITEM_ITEM_GRID[kind], key=lambda x: search[f"lam={x[0]},w={x[1]}"])
+    return best[0], best[1], search
 
 
 def teacher_mean_scorer(prep: Prepared, teacher, scorer: Scorer):
@@ -247,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     val_tasks = fewshot_tasks(prep.val, ds.users, ds.items)
     known_val = set(prep.val.train["user_id"].astype(str))
     per_seed, per_seed_val = [], []
+    item_item: dict[str, dict] = {}
+    item_item_choice: dict[str, dict] = {}
     t_start = time.time()
 
     def ours(prep_tasks: dict[int, FewShotTask], teacher, student, scorer, train, known=None):
@@ -268,6 +337,16 @@ def main(argv: list[str] | None = None) -> int:
             als = als_scorer(prep, seed)
             if als is not None:
                 res["implicit ALS (32 factors), fold-in"] = evaluate_fewshot(test_tasks, als, KS)
+        if seed == 0:  # deterministic: the same on every seed
+            for kind, label in (("cosine", "item-kNN (cosine), fold-in"),
+                                ("ease", "EASE (item-item regression), fold-in")):
+                lam, w, search = chosen_item_item(prep, val_tasks, kind)
+                item_item[label] = evaluate_fewshot(
+                    test_tasks, item_item_scorer(ds, prep.split.train, kind, lam, w), KS)
+                item_item_choice[label] = {"lam": lam, "pop_weight": w, "search": search}
+                print(f"{label}: lam {lam} pop weight {w} (validation {search})",
+                      file=sys.stderr, flush=True)
+        res.update(item_item)
         res["teacher-mean (half history mean, half content path)"] = evaluate_fewshot(
             test_tasks, teacher_mean_scorer(prep, teacher, run.scorer("teacher")), KS)
         val: dict[str, dict] = {}
@@ -314,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
          "gap": ours_row["n=0"]["mean"] - base0},
     ]
     report = {"dataset": ds.name, "seeds": args.seeds, "test": test, "validation": validation,
-              "targets": targets,
+              "targets": targets, "item_item_peers": item_item_choice,
               "command": "python benchmarks/fewshot.py " + " ".join(argv or sys.argv[1:]),
               "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
               "date": time.strftime("%Y-%m-%d %H:%M"),

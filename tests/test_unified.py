@@ -246,3 +246,91 @@ def test_ridge_student_config_is_checked():
     with pytest.raises(Exception, match="student.reliability"):
         load_config(None, ["student.reliability=sometimes"])
     assert dataclasses.replace(load_config().student).method == "ridge"
+
+
+# ---- the cold path per side (the student's map or the teacher's own content path) ------------
+
+
+@pytestmark_slow
+def test_cold_path_teacher_gives_new_entities_the_teachers_content_path(unified_run):
+    prep, teacher, student = unified_run["prep"], unified_run["teacher"], unified_run["student"]
+    ds = prep.dataset
+    unified = UnifiedRecommender(teacher, student, {"item": "teacher"})
+    emb, known = unified.embed("item", ds.items, ds.schema)
+    assert known.any() and (~known).any()
+    np.testing.assert_allclose(emb, teacher.embed("item", ds.items, ds.schema), atol=1e-6)
+    users, u_known = unified.embed("user", ds.users, ds.schema)  # users keep the student
+    np.testing.assert_allclose(users[~u_known],
+                               student.embed("user", ds.users[~u_known], ds.schema), atol=1e-6)
+    # a known item's cold path is its content path (any unseen ID), not its ID embedding
+    warm = ds.items[known].iloc[:5]
+    cold = unified.cold_embed("item", warm, ds.schema)
+    np.testing.assert_allclose(cold, teacher.embed("item", warm.assign(item_id="never-seen"),
+                                                   ds.schema), atol=1e-6)
+    assert not np.allclose(cold, emb[known][:5], atol=1e-3)
+    # in-graph: the item side is the teacher's tower alone, for known and new rows
+    tower = unified.towers["item"]
+    assert len(tower.towers) == 1 and tower.towers[0] is teacher.tower("item")
+    rows = np.r_[np.flatnonzero(known)[:5], np.flatnonzero(~known)[:5]]
+    batch = next(iter(table_dataset(ds.items.iloc[rows], ds.schema.item_features, "item_id",
+                                    64)))
+    np.testing.assert_allclose(tower(batch).numpy(), emb[rows], atol=1e-5)
+    with pytest.raises(ValueError, match="cold path item='oracle'"):
+        UnifiedRecommender(teacher, student, {"item": "oracle"})
+
+
+@pytestmark_slow
+def test_the_run_chooses_the_cold_path_per_side_on_validation(unified_run):
+    run, teacher, student = unified_run["run"], unified_run["teacher"], unified_run["student"]
+    info = run.history(RECOMMEND)
+    search = info["cold_path_search"]
+    # the user tower reads the request-time history, so users keep the student; items try both
+    assert set(search) == {"user=student,item=student", "user=student,item=teacher"}
+    for values in search.values():
+        assert set(values) == {"cold_item", "cold_user", "cold_both", "mean"}
+        assert values["mean"] == pytest.approx(np.mean([values[s] for s in
+                                                        ("cold_item", "cold_user", "cold_both")]))
+    # the users' cold path does not change the item-only segment's users: same cold_user
+    assert len({round(v["cold_user"], 9) for v in search.values()}) == 1
+    best = max(search, key=lambda key: search[key]["mean"])
+    assert info["cold_paths"] == dict(part.split("=") for part in best.split(","))
+    assert run.load_unified(teacher, student).cold_paths == info["cold_paths"]
+
+
+@pytestmark_slow
+def test_forced_teacher_cold_path_is_what_the_export_serves(unified_run, tmp_path):
+    """``student.cold_path_item=teacher``: the exported recommend model's index holds the
+    teacher's content-path embedding of each new item (brute force: its top-k is the Python
+    score's), and the item encoder for new items is the teacher's item tower."""
+    import shutil
+
+    from tfrs_coldstart.serving.export import export_run
+
+    prep, teacher, cfg = unified_run["prep"], unified_run["teacher"], unified_run["cfg"]
+    ds = prep.dataset
+    run = RunDir(shutil.copytree(unified_run["run"].path, tmp_path / "run"))
+    sc = dataclasses.replace(cfg.student, cold_path_item="teacher")
+    student = fit_student(prep, teacher, sc, run, verbose=0,
+                          val_teacher=run.load_model(VALIDATION_TEACHER))
+    assert run.cold_paths() == {"user": "student", "item": "teacher"}
+    assert "cold_path_search" not in run.history(RECOMMEND)  # nothing to choose
+    out = export_run(run.path, tmp_path / "export", models=["recommend"], index="brute-force",
+                     dataset=ds, n_queries=50)
+    by_kind = {m.manifest["kind"]: m for m in out}
+    enc = by_kind["item_encoder"]
+    assert enc.manifest["item_tower"] == "teacher"
+    new = ~ds.items["item_id"].astype(str).isin(set(prep.split.train["item_id"].astype(str)))
+    items = ds.items[new.to_numpy()].iloc[:6]
+    got = enc.module({k: items[k].to_numpy() for k in enc.module.specs})["embedding"].numpy()
+    np.testing.assert_allclose(got, teacher.embed("item", items, ds.schema), atol=1e-5)
+    rec = by_kind["recommend"]
+    unified = run.load_unified(teacher, student)
+    fn = unified_score_fn(unified, run.scorer(RECOMMEND), ds, prep.split.train)
+    rows = np.arange(20)
+    want = np.argsort(-fn(rows, np.arange(len(ds.items))), axis=1)[:, :10]
+    feats = {k: (ds.users[k].iloc[rows].to_numpy() if k in ds.users
+                 else np.full(len(rows), "", object)) for k in rec.module.specs}
+    served = rec.module(feats)["item_ids"].numpy()[:, :10].astype(str)
+    ids = ds.items["item_id"].astype(str).to_numpy()
+    overlap = np.mean([len(set(served[r]) & set(ids[want[r]])) / 10 for r in range(len(rows))])
+    assert overlap >= 0.95  # exact search; ties in float32 may swap an item at the cut

@@ -81,6 +81,7 @@ DATA_FORMATS = ("synthetic", "movielens", "tables", "tfds", "stream")
 INDEX_KINDS = ("scann", "partitioned", "brute-force")
 DISTILL_SIDES = ("auto", "both", "user", "item")
 STUDENT_METHODS = ("ridge", "aligned", "own")
+COLD_PATH_CHOICES = ("auto", "student", "teacher")  # student.cold_path_*: see StudentConfig
 RIDGE_ALPHAS = (0.3, 1.0, 3.0, 10.0, 30.0)
 ID_FEATURE_MODES = ("frozen", "finetune", "learned")
 TRAIN_STRATEGIES = ("none", "mirrored", "multi_worker")
@@ -243,6 +244,13 @@ class StudentConfig:
     history_scale: float = 10.0
     history_table: str = "embedding"
     history_weight: float = 1.0
+    # Where the served `recommend` model takes a new user's / item's embedding from:
+    # `student` (this student, in the teacher's space), `teacher` (the teacher's own content
+    # path: its ID falls into the OOV bucket) or `auto`: the better on the validation split's
+    # cold segments, per side (a user tower that reads the history keeps the student, which
+    # the history needs). Methods ridge and aligned (BENCHMARKS.md, "Cold path").
+    cold_path_user: str = "auto"
+    cold_path_item: str = "auto"
     interaction_weight: str = "none"  # as TeacherConfig.interaction_weight
     learning_rate: float = 0.005
     batch_size: int = 1024
@@ -268,6 +276,8 @@ class StudentConfig:
         _at_least(self, 0, "history_copies", "history_shrinkage", "history_weight")
         _positive(self, "history_scale")
         _one_of(self, "history_table", ("embedding", "id"))
+        _one_of(self, "cold_path_user", COLD_PATH_CHOICES)
+        _one_of(self, "cold_path_item", COLD_PATH_CHOICES)
         if not 0.0 <= self.item_id_sink_dropout < 1.0:
             raise _FieldError("item_id_sink_dropout",
                               f"must be in [0, 1), got {self.item_id_sink_dropout}")

@@ -29,7 +29,6 @@ from tfrs_coldstart.evaluation import (
 )
 from tfrs_coldstart.fileio import process_alive, writer_pid
 from tfrs_coldstart.modeling.models import student_sides
-from tfrs_coldstart.modeling.unified import UnifiedRecommender
 from tfrs_coldstart.runs import RECOMMEND, VALIDATION_TEACHER, RunDir, load_data
 from tfrs_coldstart.scoring import (
     evaluate_model,
@@ -220,7 +219,7 @@ def run_pipeline(cfg: RunConfig, student: bool = True, verbose: int | str = "aut
                 prep, model_score_fn(teacher, run.scorer("teacher"), ds, prep.split.train),
                 cfg.eval.cutoffs, k)}
             if run.has_scorer(RECOMMEND):
-                unified = UnifiedRecommender(teacher, st)
+                unified = run.load_unified(teacher, st)
                 scorer = run.scorer(RECOMMEND)
                 models[RECOMMEND] = evaluate_unified(prep, unified, scorer, cfg.eval.cutoffs)
                 report["mixed"][RECOMMEND] = evaluate_mixed(
@@ -337,7 +336,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
                                                cfg.eval.cutoffs, sides)
         if run.has_scorer(RECOMMEND) and len(loaded) == 2:
             models[RECOMMEND] = evaluate_unified(
-                prep, UnifiedRecommender(loaded["teacher"], loaded["student"]),
+                prep, run.load_unified(loaded["teacher"], loaded["student"]),
                 run.scorer(RECOMMEND), cfg.eval.cutoffs)
     report = {"dataset": ds.name, "protocol": protocol(cfg, prep), "models": models}
     _finish(report, run, cfg, args.output)

@@ -43,6 +43,7 @@ from tfrs_coldstart.evaluation import Prepared, write_report
 from tfrs_coldstart.features.encoder import dummy_inputs
 from tfrs_coldstart.fileio import atomic_write_text
 from tfrs_coldstart.modeling.models import SIDES, TwoTowerModel, build_student, build_teacher
+from tfrs_coldstart.modeling.unified import UnifiedRecommender, check_cold_paths
 from tfrs_coldstart.scoring import Scorer, log_counts
 
 MODELS = ("teacher", "student")
@@ -241,6 +242,18 @@ class RunDir:
         if info is not None:
             self.write_history(which, info)
         atomic_write_text(self.model_dir(which) / "scorer.json", json.dumps(scorer.to_dict()))
+
+    def cold_paths(self) -> dict[str, str]:
+        """Where the ``recommend`` model takes a new user's / item's embedding from (chosen
+        on validation, saved with its score); runs saved before the choice: the student."""
+        return check_cold_paths(self.history(RECOMMEND).get("cold_paths"))
+
+    def load_unified(self, teacher: TwoTowerModel | None = None,
+                     student: TwoTowerModel | None = None) -> UnifiedRecommender:
+        """The ``recommend`` model (teacher, student and the saved cold paths); pass models
+        already loaded to reuse them."""
+        return UnifiedRecommender(teacher or self.load_model("teacher"),
+                                  student or self.load_model("student"), self.cold_paths())
 
     def load_model(self, which: str = "student") -> TwoTowerModel:
         """Rebuild a trained teacher or student, weights restored; ``compile`` + ``fit``

@@ -222,8 +222,8 @@ def unified_score_fn(unified: UnifiedRecommender, scorer: Scorer, ds: Dataset,
     users, u_known = unified.embed("user", ds.users, ds.schema)
     items, i_known = unified.embed("item", ds.items, ds.schema)
     if known_users is not None or known_items is not None:
-        student_u = unified.student.embed("user", ds.users, ds.schema)
-        student_i = unified.student.embed("item", ds.items, ds.schema)
+        student_u = unified.cold_embed("user", ds.users, ds.schema)
+        student_i = unified.cold_embed("item", ds.items, ds.schema)
         if known_users is not None:
             u_known &= ds.users["user_id"].astype(str).isin(known_users).to_numpy()
             users = np.where(u_known[:, None], users, student_u)
@@ -250,7 +250,7 @@ def unified_history_scorer(unified: UnifiedRecommender, scorer: Scorer, ds: Data
         if known_users is not None:
             u_known &= ds.users["user_id"].astype(str).isin(known_users).to_numpy()
             users = np.where(u_known[:, None], users,
-                             unified.student.embed("user", table, ds.schema))
+                             unified.cold_embed("user", table, ds.schema))
         return scorer.score_fn(users, items, counts, u_known, counts == 0)
     return make
 
@@ -268,6 +268,16 @@ def _val_recall(fn: ScoreFn, prep: Prepared, segments: tuple[str, ...], k: int) 
     vals = [rank_metrics(prep.val_tasks[s], fn, (k,))[f"recall@{k}"] for s in segments
             if len(prep.val_tasks[s].user_rows)]
     return float(np.mean(vals)) if vals else 0.0
+
+
+def unified_validation_recall(unified: UnifiedRecommender, scorer: Scorer, prep: Prepared,
+                              segments: tuple[str, ...], k: int = 20) -> float:
+    """Mean validation recall@k of the unified model's served score over ``segments``
+    (pseudo-cold entities take the cold path; pass the validation teacher)."""
+    v = prep.val
+    fn = unified_score_fn(unified, scorer, prep.dataset, v.train,
+                          set(v.train["user_id"].astype(str)), set(v.train["item_id"].astype(str)))
+    return _val_recall(fn, prep, segments, k)
 
 
 def tune_unified(unified: UnifiedRecommender, prep: Prepared, grid: tuple[float, ...] = PRIOR_GRID,
@@ -289,8 +299,8 @@ def tune_unified(unified: UnifiedRecommender, prep: Prepared, grid: tuple[float,
     items, i_known = unified.embed("item", ds.items, ds.schema)
     u_known &= ds.users["user_id"].astype(str).isin(known_users).to_numpy()
     i_known &= ds.items["item_id"].astype(str).isin(known_items).to_numpy()
-    su = unified.student.embed("user", ds.users, ds.schema)
-    si = unified.student.embed("item", ds.items, ds.schema)
+    su = unified.cold_embed("user", ds.users, ds.schema)
+    si = unified.cold_embed("item", ds.items, ds.schema)
     users = np.where(u_known[:, None], users, su)
     items = np.where(i_known[:, None], items, si)
     counts = item_log_counts(v.train, ds.items)

@@ -65,6 +65,7 @@ from tfrs_coldstart.scoring import (
     tune_prior,
     tune_unified,
     unified_score_fn,
+    unified_validation_recall,
 )
 
 __all__ = ["fit_student", "fit_teacher", "is_chief", "log", "make_strategy", "strategy_scope",
@@ -743,6 +744,55 @@ def _ridge_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
     return alphas, search
 
 
+COLD_SEGMENTS = ("cold_item", "cold_user", "cold_both")
+
+
+def choose_cold_paths(vt: TeacherModel, model: StudentModel, prep: Prepared,
+                      cfg: StudentConfig, sides: tuple[str, ...], k: int = 20
+                      ) -> tuple[Scorer, dict[str, Any]]:
+    """The ``recommend`` model's cold path per side and its score, on validation.
+
+    Each side the student serves may take a new entity's embedding from the student or from
+    the teacher's own content path (``student.cold_path_*``; ``auto``: both are tried). Each
+    combination gets its score tuned (:func:`scoring.tune_unified`) and the one with the best
+    mean validation recall@k over the cold segments wins (ties: the student). Returns the
+    score and how it was chosen (``cold_paths``, ``cold_path_search`` and the tuning's info).
+    """
+    options: dict[str, tuple[str, ...]] = {}
+    for side in SIDES:
+        fixed = getattr(cfg, f"cold_path_{side}")
+        if side not in sides:
+            options[side] = ("student",)  # no content tower: the student is the teacher there
+        elif fixed != "auto":
+            options[side] = (fixed,)
+        elif side == "user" and has_history(model.tower("user")):
+            options[side] = ("student",)  # the request-time history is read by the student
+        else:
+            options[side] = ("student", "teacher")
+    segments = tuple(s for s in COLD_SEGMENTS if len(prep.val_tasks[s].user_rows))
+    search: dict[str, dict[str, float]] = {}
+    best: tuple[float, dict[str, str], Scorer, dict[str, Any]] | None = None
+    for user_path in options["user"]:
+        for item_path in options["item"]:
+            paths = {"user": user_path, "item": item_path}
+            unified = UnifiedRecommender(vt, model, paths)
+            scorer, info = tune_unified(unified, prep, k=k)
+            if len(options["user"]) * len(options["item"]) == 1:
+                return scorer, {"cold_paths": paths, **info}
+            per = {s: unified_validation_recall(unified, scorer, prep, (s,), k)
+                   for s in segments}
+            value = float(np.mean(list(per.values()))) if per else 0.0
+            search[f"user={user_path},item={item_path}"] = {**per, "mean": value}
+            if best is None or value > best[0] + 1e-9:
+                best = (value, paths, scorer, info)
+    assert best is not None
+    _, paths, scorer, info = best
+    log(f"cold path: users {paths['user']}, items {paths['item']} (validation recall@{k} over "
+        f"the cold segments: " + ", ".join(f"{key} {v['mean']:.4f}" for key, v in search.items())
+        + ")")
+    return scorer, {"cold_paths": paths, "cold_path_search": search, **info}
+
+
 def fit_ridge_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig,
                       run: RunDir, name: str = "student", k: int = 20,
                       val_teacher: TeacherModel | None = None) -> StudentModel:
@@ -790,8 +840,8 @@ def fit_ridge_student(prep: Prepared, teacher: TeacherModel | None, cfg: Student
         alphas, search = _ridge_alpha_search(model, vt, prep, sides, cfg, grid, k)
         info["alpha"], info["alpha_search"] = alphas, search
         _fit_ridge_sides(model, vt, prep, v.train, sides, cfg, alphas)
-    with phase(f"{name}: score search (validation)"):
-        rec_scorer, rec_info = tune_unified(UnifiedRecommender(vt, model), prep, k=k)
+    with phase(f"{name}: cold path and score search (validation)"):
+        rec_scorer, rec_info = choose_cold_paths(vt, model, prep, cfg, sides, k)
         val_segments = tuple(s for s in SEGMENTS if servable(s, sides)
                              and len(prep.val_tasks[s].user_rows))
         own = Scorer(vt.temperature, float(cfg.popularity_prior or 0.0))
@@ -894,8 +944,8 @@ def fit_aligned_student(prep: Prepared, teacher: TeacherModel | None, cfg: Stude
                                verbose=0 if verbose == "auto" else int(verbose),
                                data_options=_distributable_options(strategy))
     info["method"] = "aligned"
-    with phase(f"{name}: score search (validation)"):
-        rec_scorer, rec_info = tune_unified(UnifiedRecommender(vt, model), prep, k=k)
+    with phase(f"{name}: cold path and score search (validation)"):
+        rec_scorer, rec_info = choose_cold_paths(vt, model, prep, cfg, SIDES, k)
         own, info["prior_search"] = tune_prior(model, Scorer(vt.temperature), prep,
                                                tuple(s for s in SEGMENTS
                                                      if len(prep.val_tasks[s].user_rows)), k=k)

@@ -63,7 +63,6 @@ from tfrs_coldstart.evaluation import prepare
 from tfrs_coldstart.features.columns import HISTORY, HISTORY_SEPARATOR
 from tfrs_coldstart.features.sources import SourceInputError, SourceInputs, served_arrays
 from tfrs_coldstart.fileio import atomic_write_text
-from tfrs_coldstart.modeling.unified import UnifiedRecommender
 from tfrs_coldstart.runs import RunDir
 from tfrs_coldstart.scoring import Scorer
 from tfrs_coldstart.serving.index import (
@@ -599,7 +598,7 @@ def export_run(
                                   "without a student in the teacher's space; retrain it with "
                                   "`tfrs-coldstart run` (student.space=teacher)")
             try:
-                model = UnifiedRecommender(load("teacher"), load("student"))
+                model = run.load_unified(load("teacher"), load("student"))
             except ValueError as err:
                 raise ExportError(f"cannot export recommend from {run_dir}: {err}") from None
             user_tower, item_tower = model.towers["user"], model.towers["item"]
@@ -669,11 +668,16 @@ def export_run(
                                 _warmup(name, module, rows)))
         if "student_items" in chosen and which == ("student" if "student" in models
                                                    else "recommend"):
-            enc = ItemEncoderModule(load("student").item_tower, ds.schema.item_features)
+            # new items are embedded as the recommend model embeds them: the student's item
+            # tower, or the teacher's (its content path for an unseen ID) when chosen so
+            enc_tower = ("teacher" if "recommend" in models and run.has_scorer("recommend")
+                         and run.cold_paths()["item"] == "teacher" else "student")
+            enc = ItemEncoderModule(load(enc_tower).item_tower, ds.schema.item_features)
             iname = chosen["student_items"]
             i_rows = _rows(ds.items.iloc[:4], ds, "item", {**enc.specs, **enc.feature_specs})
             planned.append(_Planned(iname, "item_encoder", which, enc, {
                 **common, "name": iname, "kind": "item_encoder", "model": which, "index": None,
+                "item_tower": enc_tower,
                 "embedding_dim": int(item_emb.shape[1]), "serving": _serving_note("brute-force"),
                 "signatures": {s: _describe(f) for s, f in enc.signatures().items()},
                 "metrics": (report.get("models", {}).get(which) if report else None)},
