@@ -172,7 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [f"data.format={args.format}", f"data.data_dir={args.data_dir}", *overrides]
     cfg = load_config(args.config, overrides)
     out = Path(args.out)
-    ds = with_shape(load_data(cfg), args.shape)
+    saved = RunDir(out / "runs" / "seed0")
+    if args.reuse and (saved.path / "schema.yaml").is_file():
+        # the reused models read the data as they were trained on it (the run's saved schema:
+        # a run saved before a loader change names its features as then; data loaded with
+        # today's default schema would feed them other columns)
+        ds = with_shape(saved.load_dataset(cfg), args.shape)
+    else:
+        ds = with_shape(load_data(cfg), args.shape)
     prep = prepare(ds, cfg)
     sides = student_sides(ds.schema, cfg.student.distill_sides)
     ks = cfg.eval.cutoffs
