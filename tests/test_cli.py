@@ -26,6 +26,10 @@ def test_run_writes_report_and_config(tmp_path, capsys):
     assert set(report["models"]) == {"popularity", "teacher", "student", "recommend"}
     assert set(report["mixed"]) == {"teacher", "recommend"}
     assert "Mixed catalogue" in (out / "report.md").read_text()
+    # the recommend model's cold path per side, chosen on validation, is reported
+    assert set(report["cold_paths"]) == {"user", "item"}
+    assert set(report["cold_paths"].values()) <= {"student", "teacher"}
+    assert "`recommend` embeds new users with the" in (out / "report.md").read_text()
     for model in report["models"].values():
         assert set(model) == {"warm", "cold_item", "cold_user", "cold_both"}
         for seg in model.values():

@@ -425,6 +425,12 @@ def report_markdown(report: dict[str, Any], headline_k: int = 20) -> str:
              "Users per segment: " + ", ".join(f"{SEGMENT_TITLES[s]} {users[s]}" for s in SEGMENTS),
              "", f"## Recall@{headline_k} and NDCG@{headline_k}", "",
              metrics_table(report, headline_k)]
+    if report.get("cold_paths"):  # where `recommend` takes new users' and items' embeddings
+        paths = report["cold_paths"]
+        lines.append("`recommend` embeds new users with the "
+                     + " and new items with the ".join(
+                         "teacher's content path" if paths.get(s) == "teacher" else "student"
+                         for s in ("user", "item")) + " (chosen on validation).\n")
     if any(seg.get("fallback") for m in report["models"].values() for seg in m.values()
            if isinstance(seg, dict)):
         lines.append("† this side has no content features: unseen entities fall back to "

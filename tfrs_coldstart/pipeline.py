@@ -220,6 +220,7 @@ def run_pipeline(cfg: RunConfig, student: bool = True, verbose: int | str = "aut
                 cfg.eval.cutoffs, k)}
             if run.has_scorer(RECOMMEND):
                 unified = run.load_unified(teacher, st)
+                report["cold_paths"] = unified.cold_paths  # chosen on validation per side
                 scorer = run.scorer(RECOMMEND)
                 models[RECOMMEND] = evaluate_unified(prep, unified, scorer, cfg.eval.cutoffs)
                 report["mixed"][RECOMMEND] = evaluate_mixed(
