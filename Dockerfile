@@ -8,8 +8,15 @@
 # The `stock` target needs no build: it is the official image serving the partitioned exports
 # (`--index partitioned`, an approximate k-means index in TensorFlow's own ops).
 # The build takes hours and tens of GB; it has not been run on the machine this project was
-# written on (no Docker engine there). Build context: the repository root, after an export
-# (export/<name>/<version>/ must exist for every model named in serving/models*.config).
+# written on (no Docker engine there). Build context: the repository root, after an export.
+#
+# Which versions are served: `tfrs-coldstart export` (and add-items, and the recovery of a
+# killed export) rewrites export/models.config and export/models.stock.config after every
+# publish, in one atomic rename each, pinning every model to the version of its newest whole
+# release (`specific` version policy; base paths /models/<name>, the `--serving-base`). TF
+# Serving reads that file (copied, or mounted by serving/docker-compose.yml, at /models) and
+# re-reads it every 10 s, so it never loads a version folder the file does not name: a release
+# is switched all at once, never model by model as folders appear (export/README.md).
 
 ARG TF_SERVING_VERSION=2.20.0
 ARG TF_SERVING_DEVEL_IMAGE=tensorflow/serving:${TF_SERVING_VERSION}-devel
@@ -67,19 +74,18 @@ RUN bazel build --color=yes --curses=no --verbose_failures \
 
 # ---------------------------------------------------------------------------------------------
 # Stage 2 (`--target stock`): the official image; serves the partitioned exports (<name>_part,
-# approximate top-k at ANN speed) and the item encoder, which use TensorFlow's own ops only
-# (brute-force exports, <name>_bf, would load too: add them to serving/models.stock.config).
+# approximate top-k at ANN speed), the brute-force ones (<name>_bf) and the item encoder, which
+# use TensorFlow's own ops only: models.stock.config is models.config without the ScaNN models.
 FROM ${TF_SERVING_RUNTIME_IMAGE} AS stock
 
 COPY export/ /models/
-COPY serving/models.stock.config /config/models.config
 COPY serving/batching.config /config/batching.config
 COPY serving/monitoring.config /config/monitoring.config
 
 EXPOSE 8500 8501
 ENTRYPOINT ["/usr/bin/tensorflow_model_server", "--port=8500", "--rest_api_port=8501", \
-            "--model_config_file=/config/models.config", \
-            "--model_config_file_poll_wait_seconds=60", \
+            "--model_config_file=/models/models.stock.config", \
+            "--model_config_file_poll_wait_seconds=10", \
             "--enable_batching=true", "--batching_parameters_file=/config/batching.config", \
             "--monitoring_config_file=/config/monitoring.config", \
             "--enable_model_warmup=true"]
@@ -92,14 +98,13 @@ FROM ${TF_SERVING_RUNTIME_IMAGE} AS serving-scann
 
 COPY --from=scann-build /usr/local/bin/tensorflow_model_server /usr/bin/tensorflow_model_server
 COPY export/ /models/
-COPY serving/models.config /config/models.config
 COPY serving/batching.config /config/batching.config
 COPY serving/monitoring.config /config/monitoring.config
 
 EXPOSE 8500 8501
 ENTRYPOINT ["/usr/bin/tensorflow_model_server", "--port=8500", "--rest_api_port=8501", \
-            "--model_config_file=/config/models.config", \
-            "--model_config_file_poll_wait_seconds=60", \
+            "--model_config_file=/models/models.config", \
+            "--model_config_file_poll_wait_seconds=10", \
             "--enable_batching=true", "--batching_parameters_file=/config/batching.config", \
             "--monitoring_config_file=/config/monitoring.config", \
             "--enable_model_warmup=true"]

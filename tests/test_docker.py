@@ -102,19 +102,44 @@ def _parse_text_proto(path: Path, message: Any) -> Any:
 
 
 def test_models_configs_name_exported_models(context: Path, exports: dict[str, Any]) -> None:
+    """The configs the images start TF Serving with are the ones the exports wrote into
+    export/ (copied, or mounted, at /models): every model pinned to its two newest releases
+    (the item encoder is in all three); the stock one without ScaNN's models."""
     from tensorflow_serving.config import model_server_config_pb2
 
-    for cfg_file, variant in (("models.config", "scann"), ("models.stock.config", "part")):
-        cfg = _parse_text_proto(context / "serving" / cfg_file,
+    entrypoints = {stage: json.loads(rest) for stage, rest in _entrypoints(context)}
+    exported: dict[str, list[int]] = {}
+    for variant in ("scann", "bf", "part"):
+        for n, m in exports[variant].items():
+            exported.setdefault(n, []).append(m.version)
+    newest = {n: sorted(vs)[-2:] for n, vs in exported.items()}
+    scann = {n for n, m in exports["scann"].items() if m.kind == "recommend"}
+    for stage, cfg_file, names in (("serving-scann", "models.config", set(newest)),
+                                   ("stock", "models.stock.config", set(newest) - scann)):
+        assert f"--model_config_file=/models/{cfg_file}" in entrypoints[stage]
+        assert "--model_config_file_poll_wait_seconds=10" in entrypoints[stage]
+        cfg = _parse_text_proto(context / "export" / cfg_file,
                                 model_server_config_pb2.ModelServerConfig())
-        names = [c.name for c in cfg.model_config_list.config]
-        assert set(names) == set(exports[variant]), cfg_file
+        pinned = {c.name: list(c.model_version_policy.specific.versions)
+                  for c in cfg.model_config_list.config}
+        assert pinned == {n: newest[n] for n in names}, cfg_file
+        assert newest["student_items"] == [2, 3]
         for c in cfg.model_config_list.config:
             assert c.base_path == f"/models/{c.name}" and c.model_platform == "tensorflow"
-            assert c.model_version_policy.latest.num_versions == 2
-            local = exports["base"] / c.name  # the image copies export/ to /models
-            assert any((v / "saved_model.pb").is_file() for v in local.iterdir()
-                       if v.name.isdigit()), f"{cfg_file}: no version of {c.name}"
+            for v in pinned[c.name]:
+                local = exports["base"] / c.name / str(v)
+                assert (local / "saved_model.pb").is_file(), f"{cfg_file}: {local} missing"
+
+
+def _entrypoints(context: Path) -> list[tuple[str, str]]:
+    """``(stage, ENTRYPOINT json)`` of every stage that has one."""
+    out, stage = [], ""
+    for ins, rest, _ in parse_dockerfile((context / "Dockerfile").read_text()):
+        if ins == "FROM":
+            stage = rest.split()[-1]
+        elif ins == "ENTRYPOINT":
+            out.append((stage, rest))
+    return out
 
 
 def test_stock_image_serves_the_partitioned_exports(context: Path,
@@ -124,7 +149,7 @@ def test_stock_image_serves_the_partitioned_exports(context: Path,
     import yaml
     from tensorflow_serving.config import model_server_config_pb2
 
-    stock = _parse_text_proto(context / "serving" / "models.stock.config",
+    stock = _parse_text_proto(context / "export" / "models.stock.config",
                               model_server_config_pb2.ModelServerConfig())
     names = {c.name for c in stock.model_config_list.config}
     recommend = {n for n, m in exports["part"].items() if m.kind == "recommend"}

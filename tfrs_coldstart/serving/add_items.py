@@ -32,9 +32,10 @@ from tfrs_coldstart.data.tables import feature_table, read_table
 from tfrs_coldstart.errors import RunError, UserError
 from tfrs_coldstart.fileio import atomic_write_bytes
 from tfrs_coldstart.runs import RunDir
-from tfrs_coldstart.serving.export import ExportedModel, export_run
+from tfrs_coldstart.serving.export import ExportedModel, export_run, set_serving_base
 from tfrs_coldstart.serving.saved_model import (
     STAGING_PREFIX,
+    check_serving_base,
     is_complete,
     list_versions,
     pid_alive,
@@ -118,6 +119,7 @@ def add_items(
     run_dir: str | os.PathLike[str] | None = None,
     version: int | None = None,
     log: Callable[[str], None] | None = None,
+    serving_base: str | None = None,
 ) -> ExportedModel:
     """Add new items to an exported ``recommend`` model and publish a new version.
 
@@ -130,14 +132,19 @@ def add_items(
       run_dir: the run folder that trained the export (default: the manifest's).
       version: the new version (default: the next free one; never overwritten).
       log: progress lines (default: stderr).
+      serving_base: where TF Serving sees ``base_dir``, for the base paths of
+        ``<base_dir>/models.config`` (default: kept as they are, else ``/models``).
 
     Returns:
       The published :class:`~tfrs_coldstart.serving.export.ExportedModel`. Its catalogue =
       the run's items + every item added to ``model_dir``'s version before + ``items``,
       embedded by the run's item tower and indexed with the same index kind, ``k`` and
-      recall gate.
+      recall gate. The publish rewrites ``<base_dir>/models.config``, pinning the model
+      to the new version (``export._publish``).
     """
     log = log or _stderr_log
+    if serving_base is not None:
+        check_serving_base(serving_base)
     path, name, src_version = _resolve_local(model_dir)
     manifest = read_manifest(path)
     if manifest.get("kind") != "recommend" or "model" not in manifest:
@@ -170,6 +177,8 @@ def add_items(
     base = Path(base_dir) if base_dir is not None else src_root.parent
     target = base / name
     recover_releases(base, log)  # complete or roll back what a killed export left
+    if serving_base is not None:
+        set_serving_base(base, serving_base)
     _remove_orphan_records(target, log)
     if version is None:
         version = 1 + max(list_versions(target, complete_only=False), default=0)
@@ -195,6 +204,8 @@ def add_items(
         with contextlib.suppress(OSError):
             record.parent.rmdir()
         raise
+    if serving_base is not None:
+        set_serving_base(base, serving_base)
     return out[0]
 
 
@@ -213,12 +224,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-dir", default=None,
                    help="publish under BASE/<name>/<version> (default: beside --model)")
     p.add_argument("--version", type=int, default=None, help="new version (default: next)")
+    p.add_argument("--serving-base", default=None,
+                   help="where TF Serving sees the base dir, for BASE/models.config "
+                        "(default: as the existing config has it, else /models)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tfrs-coldstart add-items``: one line for the published version; bad input
     raises :class:`AddItemsError` (or a ``DataError``) for the CLI's one error wrapper."""
-    m = add_items(args.model, args.items, args.base_dir, args.run_dir, args.version)
+    m = add_items(args.model, args.items, args.base_dir, args.run_dir, args.version,
+                  serving_base=args.serving_base)
     print(f"{m.name:<16} v{m.version}  {m.path}  catalogue "
           f"{m.manifest.get('catalogue_size')} items")
     return 0

@@ -8,8 +8,9 @@ TF Serving, so code written against it runs unchanged against production.
 
 What it does, as TF Serving does:
 
-* reads ``serving/models.config`` (a ``ModelServerConfig`` text proto) or, when
-  there is none, serves every folder under the model base path as a model;
+* reads ``<model base>/models.config`` (a ``ModelServerConfig`` text proto; the
+  exporter writes it, pinning each model's whole releases) or, when there is none,
+  serves every folder under the model base path as a model;
   honours ``model_version_policy`` (``latest``, ``specific``, ``all``) and
   ``version_labels``;
 * REST on 8501: ``POST /v1/models/<name>[/versions/N|/labels/L]:predict`` with
@@ -58,7 +59,7 @@ Example::
 
     from tfrs_coldstart.serving.devserver import Server
 
-    with Server("export", "serving/models.config", rest_port=0, grpc_port=0) as server:
+    with Server("export", "export/models.config", rest_port=0, grpc_port=0) as server:
         print(server.rest_url, server.grpc_address)   # ports chosen by the OS
 """
 

@@ -22,11 +22,12 @@ from tfrs_coldstart.serving.devserver.server import (
     Server,
     serve,
 )
+from tfrs_coldstart.serving.saved_model import MODELS_CONFIG
 
 __all__ = ["add_arguments", "main", "run"]
 
-#: Picked up when present and no flag names another file (the repository's committed ones).
-DEFAULT_MODELS_CONFIG = Path("serving/models.config")
+#: Picked up when present and no flag names another file (the repository's committed one);
+#: the models config likewise: ``<model-base>/models.config``, written by the exporter.
 DEFAULT_BATCHING_CONFIG = Path("serving/batching.config")
 DESCRIPTION = (
     "Serve exported models with TF Serving's REST and gRPC APIs (for machines without TF "
@@ -44,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--models-config",
         default=None,
-        help="TF Serving ModelServerConfig text proto (default: serving/models.config "
-        "if it exists, else every folder under --model-base)",
+        help="TF Serving ModelServerConfig text proto (default: <model-base>/models.config, "
+        "written by export, if it exists, else every folder under --model-base, latest version)",
     )
     p.add_argument("--rest-port", type=int, default=8501, help="REST port; 0 picks a free one")
     p.add_argument("--grpc-port", type=int, default=8500, help="gRPC port; 0 picks a free one")
@@ -170,8 +171,9 @@ def run(args: argparse.Namespace) -> int:
         if not value >= 0 or (flag == "--idle-timeout" and value == 0):
             raise ConfigError(f"{flag} must be a positive number of seconds, got {value}")
     models_config = args.models_config
-    if models_config is None and DEFAULT_MODELS_CONFIG.exists():
-        models_config = str(DEFAULT_MODELS_CONFIG)
+    default_config = Path(args.model_base) / MODELS_CONFIG
+    if models_config is None and default_config.is_file():
+        models_config = str(default_config)
     serve(
         args.model_base,
         models_config,

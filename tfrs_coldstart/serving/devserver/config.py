@@ -71,23 +71,31 @@ class BatchingParameters:
     num_batch_threads: int = 1
 
 
-def _resolve_base_path(base_path: str, name: str, model_base: Path | None) -> Path:
-    """Use base_path if it exists, else look for it under the local model base.
+def _resolve_base_path(base_path: str, name: str, model_base: Path | None,
+                       config_dir: Path | None = None) -> Path:
+    """Use base_path if it exists, else look for it under the local model base, then beside
+    the config file.
 
-    The committed models.config names Docker paths (``/models/student``); on a
-    laptop the same config then serves ``<model-base>/student``.
+    The exporter's ``<base>/models.config`` names Docker paths (``/models/student``); on a
+    laptop the same file then serves ``<model-base>/student`` (or ``<base>/student``).
     """
     path = Path(base_path)
-    if path.exists() or model_base is None:
+    if path.exists():
         return path
-    for candidate in (model_base / path.name, model_base / name):
-        if candidate.exists():
-            return candidate
-    return model_base / name
+    roots = [r for r in (model_base, config_dir) if r is not None]
+    for root in roots:
+        for candidate in (root / path.name, root / name):
+            if candidate.exists():
+                return candidate
+    return roots[0] / name if roots else path
 
 
 def parse_models_config(path: Path, model_base: Path | None = None) -> list[ModelConfig]:
-    """Parse TF Serving's ModelServerConfig text proto into ModelConfigs."""
+    """Parse TF Serving's ModelServerConfig text proto into ModelConfigs.
+
+    A ``specific`` policy serves exactly its versions (those on disk), as TF Serving does:
+    the exporter's ``<base>/models.config`` pins each model to its newest whole release.
+    """
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -131,7 +139,8 @@ def parse_models_config(path: Path, model_base: Path | None = None) -> list[Mode
         models.append(
             ModelConfig(
                 name=c.name,
-                base_path=_resolve_base_path(c.base_path, c.name, model_base),
+                base_path=_resolve_base_path(c.base_path, c.name, model_base,
+                                             Path(path).parent),
                 policy=choice,
                 num_versions=num_versions,
                 versions=versions,

@@ -6,7 +6,9 @@ and answers the lookups behind every request (resolve) and the model status API.
 
 A version published with others (one export: ``export._publish``) is loaded only once every
 model of that release has it on disk; until then the old version keeps serving. A release
-cut by a killed export is completed (or rolled back) at start and at the poll that finds it.
+cut by a killed export is completed (or rolled back) at start and at the poll that finds it
+(which rewrites the base's ``models.config``; a ``specific`` policy there serves exactly the
+pinned versions, as TF Serving).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tfrs_coldstart.serving.devserver.config import (
 from tfrs_coldstart.serving.devserver.errors import RpcError, invalid
 from tfrs_coldstart.serving.devserver.servable import LoadedVersion
 from tfrs_coldstart.serving.saved_model import (
+    RELEASE_PREFIX,
     list_versions,
     recover_releases,
     release_missing,
@@ -88,11 +91,19 @@ class ModelManager:
         self._warned_empty: set[str] = set()
         self._held: set[tuple[str, int]] = set()
         self._poll_lock = threading.Lock()
-        self._config_mtime: float | None = None
+        self._config_stamp: tuple[int, int, int] | None = None
         self._configs = self._read_configs()
         # Releases cut by a killed export are completed (or rolled back) before the first
         # scan, so this server starts with whole releases (serving.export._publish).
+        self._recover(every=True)
+
+    def _recover(self, every: bool) -> None:
+        """Finish releases cut by killed exports under each base (``every``: also clean their
+        temporaries; else only where a release record is left). Recovery rewrites the base's
+        models.config, which the next :meth:`_refresh_configs` reads."""
         for base in sorted({c.base_path.parent for c in self._configs}):
+            if not every and not any(base.glob(f"{RELEASE_PREFIX}*.json")):
+                continue
             try:
                 recover_releases(base, log.info)
             except OSError as exc:
@@ -100,7 +111,7 @@ class ModelManager:
 
     def _read_configs(self) -> list[ModelConfig]:
         if self.models_config is not None:
-            self._config_mtime = self.models_config.stat().st_mtime
+            self._config_stamp = self._stamp_config()
             return parse_models_config(self.models_config, self.model_base)
         if self.model_base is None:
             raise ConfigError("give a model base path or a models config")
@@ -109,14 +120,20 @@ class ModelManager:
     def _refresh_configs(self) -> None:
         try:
             if self.models_config is not None:
-                mtime = self.models_config.stat().st_mtime
-                if mtime != self._config_mtime:
+                if self._stamp_config() != self._config_stamp:
                     self._configs = self._read_configs()
                     log.info("reloaded %s", self.models_config)
             elif self.model_base is not None:
                 self._configs = discover_models(self.model_base)
         except (ConfigError, OSError) as exc:
             log.error("keeping the previous model config: %s", exc)
+
+    def _stamp_config(self) -> tuple[int, int, int]:
+        """Identity of the config file: the exporter replaces it by a rename (a new inode),
+        possibly twice within the file system's mtime granularity."""
+        assert self.models_config is not None
+        st = self.models_config.stat()
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     @property
     def model_names(self) -> list[str]:
@@ -126,6 +143,9 @@ class ModelManager:
     def poll(self) -> None:
         """Scan every base path once: load wanted versions, publish, unload the rest."""
         with self._poll_lock:
+            # a release cut by a killed export: with a models.config pinning versions, no
+            # version of it is wanted (so _release_whole never sees it); finish it here
+            self._recover(every=False)
             self._refresh_configs()
             configs = {c.name: c for c in self._configs}
             for name in list(self._models):

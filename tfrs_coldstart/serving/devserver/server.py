@@ -41,7 +41,7 @@ class Server:
 
     Example::
 
-        with Server("export", "serving/models.config", rest_port=0, grpc_port=0) as server:
+        with Server("export", "export/models.config", rest_port=0, grpc_port=0) as server:
             print(server.rest_url, server.grpc_address)
     """
 
