@@ -301,7 +301,7 @@ def test_the_run_chooses_the_cold_path_per_side_on_validation(unified_run):
 def test_forced_teacher_cold_path_is_what_the_export_serves(unified_run, tmp_path):
     """``student.cold_path_item=teacher``: the exported recommend model's index holds the
     teacher's content-path embedding of each new item (brute force: its top-k is the Python
-    score's), and the item encoder for new items is the teacher's item tower."""
+    score's) and its manifest says so; the ``student_items`` encoder stays the student's."""
     import shutil
 
     from tfrs_coldstart.serving.export import export_run
@@ -318,12 +318,12 @@ def test_forced_teacher_cold_path_is_what_the_export_serves(unified_run, tmp_pat
                      dataset=ds, n_queries=50)
     by_kind = {m.manifest["kind"]: m for m in out}
     enc = by_kind["item_encoder"]
-    assert enc.manifest["item_tower"] == "teacher"
     new = ~ds.items["item_id"].astype(str).isin(set(prep.split.train["item_id"].astype(str)))
     items = ds.items[new.to_numpy()].iloc[:6]
     got = enc.module({k: items[k].to_numpy() for k in enc.module.specs})["embedding"].numpy()
-    np.testing.assert_allclose(got, teacher.embed("item", items, ds.schema), atol=1e-5)
+    np.testing.assert_allclose(got, student.embed("item", items, ds.schema), atol=1e-5)
     rec = by_kind["recommend"]
+    assert rec.manifest["cold_paths"] == {"user": "student", "item": "teacher"}
     unified = run.load_unified(teacher, student)
     fn = unified_score_fn(unified, run.scorer(RECOMMEND), ds, prep.split.train)
     rows = np.arange(20)

@@ -60,7 +60,7 @@ from tfrs_coldstart.data.schema import FeatureSpec
 from tfrs_coldstart.data.tables import conform
 from tfrs_coldstart.errors import RunError, UserError
 from tfrs_coldstart.evaluation import prepare
-from tfrs_coldstart.features.columns import HISTORY, HISTORY_SEPARATOR
+from tfrs_coldstart.features.columns import HISTORY, HISTORY_SEPARATOR, history_hits
 from tfrs_coldstart.features.sources import SourceInputError, SourceInputs, served_arrays
 from tfrs_coldstart.fileio import atomic_write_text
 from tfrs_coldstart.runs import RunDir
@@ -74,12 +74,17 @@ from tfrs_coldstart.serving.index import (
     scann_params,
 )
 from tfrs_coldstart.serving.saved_model import (
+    DEFAULT_SERVING_BASE,
     MANIFEST_FILE,
+    MODELS_CONFIG,
     RELEASE_PREFIX,
     STAGING_PREFIX,
     WARMUP_FILE,
+    check_serving_base,
+    configured_versions,
     list_versions,
     recover_releases,
+    write_models_config,
 )
 
 MODELS = ("recommend", "student", "teacher")
@@ -207,11 +212,9 @@ class RecommendModule(tf.Module):
 
         def drop_history(scores: tf.Tensor, ids: tf.Tensor, history: tf.Tensor
                          ) -> tuple[tf.Tensor, tf.Tensor]:
-            seen = tf.strings.split(history, sep=HISTORY_SEPARATOR).to_tensor("")  # [b, h]
-            hit = tf.logical_and(tf.equal(ids[:, :, None], seen[:, None, :]),
-                                 tf.not_equal(seen, "")[:, None, :])
-            masked = tf.where(tf.reduce_any(hit, axis=2), tf.fill(tf.shape(scores), np.nan),
-                              scores)
+            # ragged: memory follows the history IDs, not batch x k x the longest history
+            hit = history_hits(ids, history, HISTORY_SEPARATOR)  # bool [b, k]
+            masked = tf.where(hit, tf.fill(tf.shape(scores), np.nan), scores)
             keep = tf.minimum(self.k, tf.shape(scores)[1])
             order = tf.math.top_k(tf.where(tf.math.is_nan(masked), -np.inf, masked),
                                   k=keep).indices
@@ -651,6 +654,8 @@ def export_run(
         module = RecommendModule(user_tower, gated.layer, gated.k, scorer, fetch,
                                  ds.schema.user_features)
         manifest = {**common, "name": name, "kind": "recommend", "model": which,
+                    # where new users' / items' embeddings come from (chosen on validation)
+                    "cold_paths": run.cold_paths() if which == "recommend" else None,
                     "popularity_prior": scorer.prior, "temperature": scorer.temperature,
                     "scorer": scorer.to_dict(),
                     "new_items": (None if item_known is None else int((~item_known).sum())),
@@ -668,16 +673,13 @@ def export_run(
                                 _warmup(name, module, rows)))
         if "student_items" in chosen and which == ("student" if "student" in models
                                                    else "recommend"):
-            # new items are embedded as the recommend model embeds them: the student's item
-            # tower, or the teacher's (its content path for an unseen ID) when chosen so
-            enc_tower = ("teacher" if "recommend" in models and run.has_scorer("recommend")
-                         and run.cold_paths()["item"] == "teacher" else "student")
-            enc = ItemEncoderModule(load(enc_tower).item_tower, ds.schema.item_features)
+            # the content-only student's item tower, whatever recommend's cold path (a
+            # `teacher` item cold path is in recommend's manifest; add-items follows it)
+            enc = ItemEncoderModule(load("student").item_tower, ds.schema.item_features)
             iname = chosen["student_items"]
             i_rows = _rows(ds.items.iloc[:4], ds, "item", {**enc.specs, **enc.feature_specs})
             planned.append(_Planned(iname, "item_encoder", which, enc, {
                 **common, "name": iname, "kind": "item_encoder", "model": which, "index": None,
-                "item_tower": enc_tower,
                 "embedding_dim": int(item_emb.shape[1]), "serving": _serving_note("brute-force"),
                 "signatures": {s: _describe(f) for s, f in enc.signatures().items()},
                 "metrics": (report.get("models", {}).get(which) if report else None)},
@@ -753,27 +755,34 @@ def _publish(planned: list[_Planned], base: Path, version: int, index: str,
        written atomically and flushed. Before it exists nothing is published, and a crash
        leaves only hidden folders, removed by the next export or ``serve`` start;
     3. rename each staged folder to its version (back to back, nothing else in between),
-       flush the model folders, then remove the record.
+       flush the model folders;
+    4. switch: rewrite ``<base>/models.config`` (and ``models.stock.config``) in one durable
+       rename (:func:`saved_model.write_models_config`), pinning every model to the versions
+       of its two newest whole releases (``specific`` policy): this release and the one
+       before for its models. This rename is the commit point. Then the record is removed.
 
     The flushes order what a power loss can leave: files before the record, the record
-    before any rename, every rename before the record goes, so after a reboot either no
-    version of the release exists (a record of staged folders, or nothing) or the record
-    that completes it is there.
+    before any rename, every rename before the config, the config before the record goes.
 
-    An error during 3 (a rename refused) renames back or removes what was renamed: none of
-    the release stays. A crash during 3 (kill -9, power loss) leaves the record, and the next
-    export, ``add-items`` or ``serve`` start, or the dev server's next poll, completes the
-    renames (:func:`saved_model.recover_releases`: every model is complete on disk, so the
-    release is rolled forward; it is rolled back only if a model of it was removed).
+    An error before 4 completes (a rename or the config write refused) renames back or
+    removes what was renamed: none of the release stays and the config still names the old
+    one. A crash before 4 (kill -9, power loss) leaves the record, and the next export,
+    ``add-items`` or ``serve`` start, or the dev server's next poll, completes the renames and
+    rewrites the config (:func:`saved_model.recover_releases`: every model is complete on
+    disk, so the release is rolled forward; rolled back only if a model of it was removed).
 
-    What a server sees meanwhile: the dev server loads a version only when every model of its
-    release has that version on disk (:func:`saved_model.release_missing`), so it never
-    serves part of a release. A stock TF Serving polling the base loads each model's new
-    version as its folder appears: it can serve part of a release between the first and the
-    last rename (microseconds in a normal publish) and, after a crash in that interval, until
-    the recovery above runs. Closing that needs one atomic switch for all models, which
-    folder renames cannot give (a models.config with ``specific`` versions rewritten
-    atomically, or a symlinked base swapped in one rename, would).
+    What a server sees meanwhile: a TF Serving started with ``--model_config_file=<base>/
+    models.config`` (the Docker images, ``serving/k8s``) loads only the versions the config
+    names, so it ignores the new folders until the switch: a crash anywhere before it leaves
+    the old release served, and after it every model of the new one is aspired in the same
+    file-system poll. What remains: TF Serving then loads and warms the new versions model by
+    model (seconds), so for that long a request without a version may get the new release
+    from one model and the old from another; the previous release stays pinned and loaded,
+    so a client needing one release across models pins a version (``/versions/N``) that
+    every model reports available. A TF Serving polling version folders without this
+    config (``latest`` policy) still sees the renames one by one. The dev server loads a
+    version only when every model of its release has it on disk
+    (:func:`saved_model.release_missing`), with or without the config.
     """
     created_dirs: list[Path] = []
     for d in [base] + [base / p.name for p in planned]:
@@ -837,10 +846,16 @@ def _publish(planned: list[_Planned], base: Path, version: int, index: str,
                                   "overwritten, nothing was published: export again") from None
             published.append(p)
         for p in planned:
-            with contextlib.suppress(OSError):  # published already; a failed flush is no undo
+            with contextlib.suppress(OSError):  # renamed already; a failed flush is no undo
                 _fsync(base / p.name)
-        record.unlink()
+        try:  # the switch: a TF Serving on the config moves to this release here, at once
+            write_models_config(base, log=log)
+        except (OSError, UserError) as err:
+            raise ExportError(f"cannot write {base / MODELS_CONFIG} ({err}); nothing was "
+                              "published: export again") from None
     except (Exception, KeyboardInterrupt):
+        if published and _switched(base, planned, version):
+            raise  # the config names this release (the commit point passed): nothing to undo
         # Undo (a crash that skips this is finished by recover_releases at the next start).
         undone = True
         for p in reversed(published):
@@ -858,6 +873,8 @@ def _publish(planned: list[_Planned], base: Path, version: int, index: str,
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise
+    with contextlib.suppress(OSError):  # left over, recover_releases removes it later
+        record.unlink()
     out = []
     for p in planned:
         assert p.final is not None
@@ -865,6 +882,13 @@ def _publish(planned: list[_Planned], base: Path, version: int, index: str,
         out.append(ExportedModel(p.name, version, p.final, p.kind, p.model,
                                  index if p.kind == "recommend" else None, p.manifest, p.module))
     return out
+
+
+def _switched(base: Path, planned: list[_Planned], version: int) -> bool:
+    """Whether ``<base>/models.config`` already pins this release's version for every model
+    of it (the switch happened: undoing the renames would unload served versions)."""
+    pinned = configured_versions(base / MODELS_CONFIG)
+    return all(version in pinned.get(p.name, []) for p in planned)
 
 
 # --------------------------------------------------------------------------------------------
@@ -899,6 +923,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "gate passes)")
     p.add_argument("--no-item-encoder", action="store_true",
                    help="skip the student's item encoder")
+    p.add_argument("--serving-base", default=None,
+                   help="where TF Serving sees the base dir: base paths of BASE/models.config "
+                        "become SERVING_BASE/<name> (default: as the existing config has them, "
+                        f"else {DEFAULT_SERVING_BASE}, the Docker images' mount)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -910,6 +938,11 @@ def run(args: argparse.Namespace) -> int:
     part = {k: v for k, v in (("num_clusters", args.partitioned_num_clusters),
                               ("leaves_to_search", args.partitioned_leaves_to_search))
             if v is not None}
+    base = None
+    if args.serving_base is not None:  # pinned versions unchanged, base paths moved first
+        base = Path(args.base_dir if args.base_dir is not None
+                    else _open_run(Path(args.run_dir)).config.export.base_dir)
+        set_serving_base(base, args.serving_base)
     done = export_run(args.run_dir, base_dir=args.base_dir,
                       models=(None if args.models is None else
                               tuple(m.strip() for m in args.models.split(",") if m.strip())),
@@ -922,4 +955,16 @@ def run(args: argparse.Namespace) -> int:
         extra = (f"  recall@{rec['k']}={rec['recall']:.3f}" if m.kind == "recommend" and rec
                  else "")
         print(f"{m.name:<16} v{m.version}  {m.kind:<12} {m.path}{extra}")
+    if base is not None:
+        set_serving_base(base, args.serving_base)
     return 0
+
+
+def set_serving_base(base: str | os.PathLike[str], serving_base: str) -> None:
+    """Make ``<base>/models.config`` name its models under ``serving_base`` (where TF Serving
+    sees ``base``); later publishes keep it. Run before a publish (when a config exists, so
+    the publish's switch already has the new paths) and after it (a first publish wrote the
+    default). A base without a config yet is left alone until its first publish."""
+    check_serving_base(serving_base)
+    if (Path(base) / MODELS_CONFIG).is_file():
+        write_models_config(base, serving_base=serving_base)
