@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "mixed": aggregate_mixed(mixed_seed, k),
         "params": {"teacher": teacher.param_count(), "ridge student": ridge.param_count()},
         "timing": timing_all,
-        "cold_paths": cold_paths,  # recommend's cold path per side, chosen on validation per seed
+        "cold_paths_per_seed": cold_paths,  # recommend's, chosen on validation
         "command": "python benchmarks/coldstart.py " + " ".join(argv or sys.argv[1:]),
         "machine": f"{platform.machine()}, {platform.processor() or ''} "
                    f"{__import__('os').cpu_count()} cores, {platform.platform()}",

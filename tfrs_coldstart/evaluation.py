@@ -425,7 +425,7 @@ def report_markdown(report: dict[str, Any], headline_k: int = 20) -> str:
              "Users per segment: " + ", ".join(f"{SEGMENT_TITLES[s]} {users[s]}" for s in SEGMENTS),
              "", f"## Recall@{headline_k} and NDCG@{headline_k}", "",
              metrics_table(report, headline_k)]
-    if report.get("cold_paths"):  # where `recommend` takes new users' and items' embeddings
+    if isinstance(report.get("cold_paths"), dict):  # where `recommend` embeds new entities
         paths = report["cold_paths"]
         lines.append("`recommend` embeds new users with the "
                      + " and new items with the ".join(
