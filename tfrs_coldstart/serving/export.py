@@ -615,8 +615,10 @@ def export_run(
         if which == "recommend":
             item_emb, item_known = model.embed("item", ds.items, ds.schema)
             queries, user_known = model.embed("user", ds.users.iloc[q_rows], ds.schema)
+            source = ("the teacher's content path" if model.cold_paths["item"] == "teacher"
+                      else "the student")
             log(f"{which}: {int(item_known.sum())} items from the teacher, "
-                f"{int((~item_known).sum())} new ones from the student")
+                f"{int((~item_known).sum())} new ones from {source}")
         else:
             item_emb = model.embed("item", ds.items, ds.schema)
             queries = model.embed("user", ds.users.iloc[q_rows], ds.schema)
