@@ -12,8 +12,8 @@
 #
 # Which versions are served: `tfrs-coldstart export` (and add-items, and the recovery of a
 # killed export) rewrites export/models.config and export/models.stock.config after every
-# publish, in one atomic rename each, pinning every model to the version of its newest whole
-# release (`specific` version policy; base paths /models/<name>, the `--serving-base`). TF
+# publish, in one atomic rename each, pinning every model to the versions of its two newest
+# whole releases (`specific` version policy; base paths /models/<name>, the `--serving-base`). TF
 # Serving reads that file (copied, or mounted by serving/docker-compose.yml, at /models) and
 # re-reads it every 10 s, so it never loads a version folder the file does not name: a release
 # is switched all at once, never model by model as folders appear (export/README.md).

@@ -110,7 +110,6 @@ def test_recommend_takes_a_history_in_a_clean_interpreter(
     from test_export import _clean_load
 
     from tfrs_coldstart.data.pipeline import feature_arrays
-    from tfrs_coldstart.modeling.unified import UnifiedRecommender
     from tfrs_coldstart.runs import RunDir
 
     ds = tiny_run["ds"]
@@ -162,7 +161,7 @@ def test_recommend_takes_a_history_in_a_clean_interpreter(
         assert np.all(np.diff(scores, axis=1) <= 1e-6)
     # the served embedding is the student's on (content, history), as in Python
     run = RunDir(tiny_run["run"])
-    unified = UnifiedRecommender(run.load_model("teacher"), run.load_model("student"))
+    unified = run.load_unified()
     table = ds.users.iloc[:n].assign(user_id=rows["user_id"], **{HISTORY: short})
     emb, known = unified.embed("user", table, ds.schema)
     assert not known.any()

@@ -278,6 +278,10 @@ class StudentConfig:
         _one_of(self, "history_table", ("embedding", "id"))
         _one_of(self, "cold_path_user", COLD_PATH_CHOICES)
         _one_of(self, "cold_path_item", COLD_PATH_CHOICES)
+        if self.cold_path_user == "teacher" and self.history:
+            raise _FieldError("cold_path_user", "teacher cannot read the request-time history "
+                              "(the student's user tower does): set student.history=false to "
+                              "serve new users with the teacher's content path")
         if not 0.0 <= self.item_id_sink_dropout < 1.0:
             raise _FieldError("item_id_sink_dropout",
                               f"must be in [0, 1), got {self.item_id_sink_dropout}")

@@ -197,7 +197,7 @@ def run_pipeline(cfg: RunConfig, student: bool = True, verbose: int | str = "aut
     report: dict[str, Any] = {"dataset": ds.name, "protocol": protocol(cfg, prep)}
     if student:
         val_teacher = None
-        if cfg.student.method == "ridge":
+        if cfg.student.method in ("ridge", "aligned"):  # choices on unseen entities
             with phase("validation teacher (validation training part only)"):
                 val_teacher = _trained(run, VALIDATION_TEACHER, strategy) or fit_teacher(
                     prep, cfg.teacher, run, cfg.seed, verbose, validation_only=True, k=k,
@@ -291,7 +291,7 @@ def distill_command(args: argparse.Namespace) -> int:
     with strategy_scope(strategy):
         teacher = run.load_model("teacher")
     val_teacher = None
-    if cfg.student.method == "ridge":
+    if cfg.student.method in ("ridge", "aligned"):  # choices on unseen entities
         if run.has_model(VALIDATION_TEACHER):
             val_teacher = run.load_model(VALIDATION_TEACHER)
         else:
@@ -335,10 +335,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
                 loaded[which] = run.load_model(which)
                 models[which] = evaluate_model(prep, loaded[which], run.scorer(which),
                                                cfg.eval.cutoffs, sides)
+        cold_paths = None
         if run.has_scorer(RECOMMEND) and len(loaded) == 2:
-            models[RECOMMEND] = evaluate_unified(
-                prep, run.load_unified(loaded["teacher"], loaded["student"]),
-                run.scorer(RECOMMEND), cfg.eval.cutoffs)
+            unified = run.load_unified(loaded["teacher"], loaded["student"])
+            cold_paths = unified.cold_paths
+            models[RECOMMEND] = evaluate_unified(prep, unified, run.scorer(RECOMMEND),
+                                                 cfg.eval.cutoffs)
     report = {"dataset": ds.name, "protocol": protocol(cfg, prep), "models": models}
+    if cold_paths is not None:
+        report["cold_paths"] = cold_paths
     _finish(report, run, cfg, args.output)
     return 0

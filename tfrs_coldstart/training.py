@@ -748,15 +748,17 @@ COLD_SEGMENTS = ("cold_item", "cold_user", "cold_both")
 
 
 def choose_cold_paths(vt: TeacherModel, model: StudentModel, prep: Prepared,
-                      cfg: StudentConfig, sides: tuple[str, ...], k: int = 20
-                      ) -> tuple[Scorer, dict[str, Any]]:
+                      cfg: StudentConfig, sides: tuple[str, ...], k: int = 20,
+                      validated: bool = True) -> tuple[Scorer, dict[str, Any]]:
     """The ``recommend`` model's cold path per side and its score, on validation.
 
     Each side the student serves may take a new entity's embedding from the student or from
     the teacher's own content path (``student.cold_path_*``; ``auto``: both are tried). Each
     combination gets its score tuned (:func:`scoring.tune_unified`) and the one with the best
-    mean validation recall@k over the cold segments wins (ties: the student). Returns the
-    score and how it was chosen (``cold_paths``, ``cold_path_search`` and the tuning's info).
+    mean validation recall@k over the cold segments wins (ties: the student). Without a
+    validation teacher (``validated=False``: ``vt`` saw the pseudo-cold entities, which would
+    flatter its content path) ``auto`` keeps the student. Returns the score and how it was
+    chosen (``cold_paths``, ``cold_path_search`` and the tuning's info).
     """
     options: dict[str, tuple[str, ...]] = {}
     for side in SIDES:
@@ -767,6 +769,11 @@ def choose_cold_paths(vt: TeacherModel, model: StudentModel, prep: Prepared,
             options[side] = (fixed,)
         elif side == "user" and has_history(model.tower("user")):
             options[side] = ("student",)  # the request-time history is read by the student
+        elif not validated:
+            options[side] = ("student",)
+            warn_once("no validation teacher: recommend's cold paths stay the student's (the "
+                      "final teacher saw the validation entities, so its content path would be "
+                      "flattered)")
         else:
             options[side] = ("student", "teacher")
     segments = tuple(s for s in COLD_SEGMENTS if len(prep.val_tasks[s].user_rows))
@@ -841,7 +848,8 @@ def fit_ridge_student(prep: Prepared, teacher: TeacherModel | None, cfg: Student
         info["alpha"], info["alpha_search"] = alphas, search
         _fit_ridge_sides(model, vt, prep, v.train, sides, cfg, alphas)
     with phase(f"{name}: cold path and score search (validation)"):
-        rec_scorer, rec_info = choose_cold_paths(vt, model, prep, cfg, sides, k)
+        rec_scorer, rec_info = choose_cold_paths(vt, model, prep, cfg, sides, k,
+                                                   validated=val_teacher is not None)
         val_segments = tuple(s for s in SEGMENTS if servable(s, sides)
                              and len(prep.val_tasks[s].user_rows))
         own = Scorer(vt.temperature, float(cfg.popularity_prior or 0.0))
@@ -945,7 +953,8 @@ def fit_aligned_student(prep: Prepared, teacher: TeacherModel | None, cfg: Stude
                                data_options=_distributable_options(strategy))
     info["method"] = "aligned"
     with phase(f"{name}: cold path and score search (validation)"):
-        rec_scorer, rec_info = choose_cold_paths(vt, model, prep, cfg, SIDES, k)
+        rec_scorer, rec_info = choose_cold_paths(vt, model, prep, cfg, SIDES, k,
+                                                   validated=val_teacher is not None)
         own, info["prior_search"] = tune_prior(model, Scorer(vt.temperature), prep,
                                                tuple(s for s in SEGMENTS
                                                      if len(prep.val_tasks[s].user_rows)), k=k)

@@ -1,9 +1,11 @@
 """New items in an exported ``recommend`` model without retraining: a publish step.
 
-:func:`add_items` embeds the new items with the run's item tower (the weights of the exported
-``item_encoder``), rebuilds the index over the whole catalogue (old + new) and publishes a new
-version atomically through :func:`tfrs_coldstart.serving.export.export_run`; the version
-being served is never touched. Each version's added items are recorded beside the versions
+:func:`add_items` embeds the new items as the exported model does (the student's item tower, the
+weights of the exported ``item_encoder``; for ``recommend``, the item cold path its run chose on
+validation: the student or the teacher's content path), rebuilds the index over the whole
+catalogue (old + new) and publishes a new version atomically through
+:func:`tfrs_coldstart.serving.export.export_run`; the version being served is never touched.
+Each version's added items are recorded beside the versions
 (``<base>/<name>/.added_items/<version>.parquet``), so the next addition builds on them.
 
 Example::
@@ -138,7 +140,7 @@ def add_items(
     Returns:
       The published :class:`~tfrs_coldstart.serving.export.ExportedModel`. Its catalogue =
       the run's items + every item added to ``model_dir``'s version before + ``items``,
-      embedded by the run's item tower and indexed with the same index kind, ``k`` and
+      embedded as the export embeds new items and indexed with the same index kind, ``k`` and
       recall gate. The publish rewrites ``<base_dir>/models.config``, pinning the model
       to the new version (``export._publish``).
     """

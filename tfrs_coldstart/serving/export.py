@@ -853,6 +853,11 @@ def _publish(planned: list[_Planned], base: Path, version: int, index: str,
         try:  # the switch: a TF Serving on the config moves to this release here, at once
             write_models_config(base, log=log)
         except (OSError, UserError) as err:
+            if _switched(base, planned, version):  # models.config done, the stock one failed
+                raise ExportError(
+                    f"published version {version} (models.config names it), but the stock "
+                    f"config could not be written ({err}); the next export, add-items or "
+                    "serve start rewrites it") from None
             raise ExportError(f"cannot write {base / MODELS_CONFIG} ({err}); nothing was "
                               "published: export again") from None
     except (Exception, KeyboardInterrupt):

@@ -94,7 +94,7 @@ def parse_models_config(path: Path, model_base: Path | None = None) -> list[Mode
     """Parse TF Serving's ModelServerConfig text proto into ModelConfigs.
 
     A ``specific`` policy serves exactly its versions (those on disk), as TF Serving does:
-    the exporter's ``<base>/models.config`` pins each model to its newest whole release.
+    the exporter's ``<base>/models.config`` pins each model to its two newest whole releases.
     """
     try:
         text = Path(path).read_text()
