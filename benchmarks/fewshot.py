@@ -81,13 +81,8 @@ def als_scorer(prep: Prepared, seed: int, factors: int = 32):
     import scipy.sparse as sp
 
     ds, train = prep.dataset, prep.split.train
+    m, i_index = _binary_matrix(ds, train, np.float32)
     u_index = pd.Index(ds.users["user_id"].astype(str))
-    i_index = pd.Index(ds.items["item_id"].astype(str))
-    m = sp.csr_matrix((np.ones(len(train), np.float32),
-                       (u_index.get_indexer(train["user_id"].astype(str)),
-                        i_index.get_indexer(train["item_id"].astype(str)))),
-                      shape=(len(u_index), len(i_index)))
-    m.data[:] = 1.0
     model = AlternatingLeastSquares(factors=factors, random_state=seed, num_threads=1)
     model.fit(m, show_progress=False)
     item_f = np.asarray(model.item_factors)
@@ -117,12 +112,13 @@ def als_scorer(prep: Prepared, seed: int, factors: int = 32):
     return make
 
 
-def _binary_matrix(ds, train: pd.DataFrame):
+def _binary_matrix(ds, train: pd.DataFrame, dtype: Any = np.float64):
+    """``(users x items CSR of 1 per user-item pair of train, the items' id index)``."""
     import scipy.sparse as sp
 
     u_index = pd.Index(ds.users["user_id"].astype(str))
     i_index = pd.Index(ds.items["item_id"].astype(str))
-    m = sp.csr_matrix((np.ones(len(train), np.float64),
+    m = sp.csr_matrix((np.ones(len(train), dtype),
                        (u_index.get_indexer(train["user_id"].astype(str)),
                         i_index.get_indexer(train["item_id"].astype(str)))),
                       shape=(len(u_index), len(i_index)))

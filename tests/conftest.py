@@ -4,12 +4,34 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+import tensorflow as tf  # tf.keras is resolved at first use, after tfrs_coldstart below
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any TF import)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class Crash(BaseException):
+    """A process dying at this instruction: no except/cleanup of the exporter runs (the
+    publishing fault tests raise it from a patched rename)."""
+
+
+class TinyModule(tf.Module):
+    """The smallest servable module for publishing tests: ``y = x * value``."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.v = tf.Variable([value])
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+    def f(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"y": x * self.v}
+
+    def signatures(self) -> dict[str, Any]:
+        return {"serving_default": self.f}
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from conftest import Crash, TinyModule
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from tfrs_coldstart.batch.model import BatchError
@@ -175,25 +176,8 @@ def _overrides(args: list[str]) -> list[str]:
 # publishing: all or nothing per release
 
 
-class _Crash(BaseException):
-    """A process dying at this instruction: no except/cleanup of the exporter runs."""
-
-
-class _Tiny(tf.Module):
-    def __init__(self, value: float) -> None:
-        super().__init__()
-        self.v = tf.Variable([value])
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
-    def f(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"y": x * self.v}
-
-    def signatures(self) -> dict[str, Any]:
-        return {"serving_default": self.f}
-
-
 def _planned(n: int = 3) -> list[_Planned]:
-    return [_Planned(f"m{i}", "item_encoder", "student", _Tiny(float(i)), {"name": f"m{i}"},
+    return [_Planned(f"m{i}", "item_encoder", "student", TinyModule(float(i)), {"name": f"m{i}"},
                      []) for i in range(n)]
 
 
@@ -233,8 +217,8 @@ def test_a_crash_at_any_rename_ends_with_the_whole_release(tmp_path: Path, monke
     """Failed before the fix: a crash after the first rename left m0/2 published and m1/2,
     m2/2 missing for good (nothing recorded what the release was)."""
     base = tmp_path / "export"
-    _failing_rename(monkeypatch, k, _Crash())
-    with pytest.raises(_Crash):
+    _failing_rename(monkeypatch, k, Crash())
+    with pytest.raises(Crash):
         _publish(_planned(), base, 2, "brute-force", lambda m: None)
     monkeypatch.undo()
     assert list(base.glob(".release-*"))  # the release was decided before the renames
@@ -252,11 +236,11 @@ def test_a_crash_before_the_release_is_decided_publishes_nothing(tmp_path: Path,
 
     def crash(path: Any, text: str) -> None:
         if ".release-" in str(path):
-            raise _Crash()
+            raise Crash()
         real(path, text)
 
     monkeypatch.setattr(export_mod, "atomic_write_text", crash)
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         _publish(_planned(), base, 1, "brute-force", lambda m: None)
     monkeypatch.undo()
     assert len(list(base.glob("*/.tmp-*"))) == 3 and _visible(base) == [[], [], []]
@@ -279,8 +263,8 @@ def test_a_server_never_loads_part_of_a_cut_release(tmp_path: Path, monkeypatch)
     try:
         manager.poll()
         assert served() == [1, 1, 1]
-        _failing_rename(monkeypatch, 2, _Crash())
-        with pytest.raises(_Crash):
+        _failing_rename(monkeypatch, 2, Crash())
+        with pytest.raises(Crash):
             _publish(_planned(), base, 2, "brute-force", lambda m: None)
         monkeypatch.undo()
         assert _visible(base) == [[1, 2], [1], [1]]  # part of release 2 on disk

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tensorflow as tf
+from conftest import Crash, TinyModule
 from google.protobuf import text_format
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
@@ -29,26 +29,9 @@ MODELS_CONFIG = "models.config"  # saved_model.MODELS_CONFIG
 STOCK_MODELS_CONFIG = "models.stock.config"  # saved_model.STOCK_MODELS_CONFIG
 
 
-class _Crash(BaseException):
-    """A process dying at this instruction: no except/cleanup of the exporter runs."""
-
-
-class _Tiny(tf.Module):
-    def __init__(self, value: float) -> None:
-        super().__init__()
-        self.v = tf.Variable([value])
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
-    def f(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"y": x * self.v}
-
-    def signatures(self) -> dict[str, Any]:
-        return {"serving_default": self.f}
-
-
 def _planned(names: tuple[str, ...] = ("m0", "m1", "m2"), index: str | None = None
              ) -> list[_Planned]:
-    return [_Planned(n, "item_encoder", "student", _Tiny(1.0), {"name": n, "index": index}, [])
+    return [_Planned(n, "item_encoder", "student", TinyModule(1.0), {"name": n, "index": index}, [])
             for n in names]
 
 
@@ -108,8 +91,8 @@ def test_a_crash_at_any_rename_keeps_the_old_release_configured(tmp_path: Path, 
     base = tmp_path / "export"
     _publish(_planned(), base, 1, "brute-force", _quiet)
     before = (base / MODELS_CONFIG).read_bytes()
-    _fail_rename(monkeypatch, k, _Crash())
-    with pytest.raises(_Crash):
+    _fail_rename(monkeypatch, k, Crash())
+    with pytest.raises(Crash):
         _publish(_planned(), base, 2, "brute-force", _quiet)
     monkeypatch.undo()
     assert [list_versions(base / f"m{i}") for i in range(3)].count([1, 2]) == k - 1
@@ -148,8 +131,8 @@ def test_the_config_rename_is_the_commit_point(tmp_path: Path, monkeypatch) -> N
             real(src, dst)
         return replace
 
-    monkeypatch.setattr(saved_model.os, "replace", replace_crashing(_Crash()))
-    with pytest.raises(_Crash):
+    monkeypatch.setattr(saved_model.os, "replace", replace_crashing(Crash()))
+    with pytest.raises(Crash):
         _publish(_planned(), base, 2, "brute-force", _quiet)
     monkeypatch.undo()
     assert [list_versions(base / f"m{i}") for i in range(3)] == [[1, 2]] * 3
@@ -171,11 +154,11 @@ def test_the_config_rename_is_the_commit_point(tmp_path: Path, monkeypatch) -> N
 
     def unlink(self: Path, missing_ok: bool = False) -> None:
         if self.name.startswith(".release-"):
-            raise _Crash()
+            raise Crash()
         real_unlink(self, missing_ok=missing_ok)
 
     monkeypatch.setattr(Path, "unlink", unlink)
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         _publish(_planned(), base, 4, "brute-force", _quiet)
     monkeypatch.undo()
     assert _versions(base) == {"m0": [2, 4], "m1": [2, 4], "m2": [2, 4]}
@@ -224,8 +207,8 @@ def test_dev_server_on_the_config_serves_exactly_the_pinned_versions(tmp_path: P
     base = tmp_path / "export"
     for version, names in ((1, ("m0", "m1", "m2")), (2, ("m0", "m1")), (3, ("m0",))):
         _publish(_planned(names), base, version, "brute-force", _quiet)
-    _fail_rename(monkeypatch, 2, _Crash())  # release 4: m0/4 on disk, m1/4 and m2/4 not
-    with pytest.raises(_Crash):
+    _fail_rename(monkeypatch, 2, Crash())  # release 4: m0/4 on disk, m1/4 and m2/4 not
+    with pytest.raises(Crash):
         _publish(_planned(), base, 4, "brute-force", _quiet)
     monkeypatch.undo()
     assert list_versions(base / "m0") == [1, 2, 3, 4]

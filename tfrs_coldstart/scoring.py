@@ -270,14 +270,15 @@ def _val_recall(fn: ScoreFn, prep: Prepared, segments: tuple[str, ...], k: int) 
     return float(np.mean(vals)) if vals else 0.0
 
 
-def unified_validation_recall(unified: UnifiedRecommender, scorer: Scorer, prep: Prepared,
-                              segments: tuple[str, ...], k: int = 20) -> float:
-    """Mean validation recall@k of the unified model's served score over ``segments``
-    (pseudo-cold entities take the cold path; pass the validation teacher)."""
+def unified_validation_recalls(unified: UnifiedRecommender, scorer: Scorer, prep: Prepared,
+                               segments: tuple[str, ...], k: int = 20) -> dict[str, float]:
+    """Validation recall@k of the unified model's served score per segment (pseudo-cold
+    entities take the cold path; pass the validation teacher). The embeddings are computed
+    once for all ``segments``."""
     v = prep.val
     fn = unified_score_fn(unified, scorer, prep.dataset, v.train,
                           set(v.train["user_id"].astype(str)), set(v.train["item_id"].astype(str)))
-    return _val_recall(fn, prep, segments, k)
+    return {s: _val_recall(fn, prep, (s,), k) for s in segments}
 
 
 def tune_unified(unified: UnifiedRecommender, prep: Prepared, grid: tuple[float, ...] = PRIOR_GRID,

@@ -65,7 +65,7 @@ from tfrs_coldstart.scoring import (
     tune_prior,
     tune_unified,
     unified_score_fn,
-    unified_validation_recall,
+    unified_validation_recalls,
 )
 
 __all__ = ["fit_student", "fit_teacher", "is_chief", "log", "make_strategy", "strategy_scope",
@@ -786,8 +786,7 @@ def choose_cold_paths(vt: TeacherModel, model: StudentModel, prep: Prepared,
             scorer, info = tune_unified(unified, prep, k=k)
             if len(options["user"]) * len(options["item"]) == 1:
                 return scorer, {"cold_paths": paths, **info}
-            per = {s: unified_validation_recall(unified, scorer, prep, (s,), k)
-                   for s in segments}
+            per = unified_validation_recalls(unified, scorer, prep, segments, k)
             value = float(np.mean(list(per.values()))) if per else 0.0
             search[f"user={user_path},item={item_path}"] = {**per, "mean": value}
             if best is None or value > best[0] + 1e-9:

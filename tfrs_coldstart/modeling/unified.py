@@ -130,6 +130,8 @@ class UnifiedRecommender:
               batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """``(float32 [n_rows, dim], bool [n_rows])``: embeddings and which are the teacher's."""
         known = self.known(side, table[f"{side}_id"])
+        if self.cold_paths[side] == "teacher":  # one tower: an unseen ID is its OOV row
+            return self.teacher.embed(side, table, schema, batch_size), known
         out = self.cold_embed(side, table, schema, batch_size)
         if known.any():
             out[known] = self.teacher.embed(side, table[known], schema, batch_size)
