@@ -38,7 +38,7 @@ from tfrs_coldstart.data.stream import (
     scan_interactions,
     sorted_positions,
 )
-from tfrs_coldstart.evaluation import prepare
+from tfrs_coldstart.evaluation import prepare, user_sequences
 from tfrs_coldstart.runs import RunDir, load_data
 
 SEGMENTS = ("train", "warm_test", "cold_item", "cold_user", "cold_both")
@@ -237,9 +237,11 @@ def test_interaction_dataset_reads_a_frames_rows_from_the_shards(data: Dataset,
     data.schema.to_yaml(root / "schema.yaml")
     ds = load_dataset("stream", root, None, chunk_rows=400, shuffle_buffer=500)
     mem = load_tables(data.interactions, data.users, data.items, data.schema)
-    pd.testing.assert_frame_equal(ds.interactions, mem.interactions)
     assert ds.stream is not None and ds.name == "tables"
-    frame = ds.interactions.iloc[::3]
+    assert len(ds.interactions) == 0 and ds.n_interactions == len(mem.interactions)
+    everything = ds.stream.interactions()
+    pd.testing.assert_frame_equal(everything, mem.interactions)
+    frame = everything.iloc[::3]
     weights = interaction_weights(frame, "raw")
     got, batches = _pairs(interaction_dataset(frame, ds.users, ds.items,
                                               ds.schema.user_features, ds.schema.item_features,
@@ -264,7 +266,7 @@ def test_config_and_a_featureless_side(data: Dataset, tmp_path: Path) -> None:
     ds = load_data(cfg)
     mem = load_tables(data.interactions, data.users, None, schema)
     pd.testing.assert_frame_equal(ds.items, mem.items)
-    pd.testing.assert_frame_equal(ds.interactions, mem.interactions)
+    pd.testing.assert_frame_equal(ds.stream.interactions(), mem.interactions)
     _assert_same_split(cold_start_split(mem.interactions, mem.users["user_id"],
                                         mem.items["item_id"]), ds.stream.split())
 
@@ -313,6 +315,67 @@ def test_bad_shards_name_the_file(data: Dataset, tmp_path: Path) -> None:
         ).SerializeToString())
     with pytest.raises(DataError, match=r"part-001\.tfrecord: column 'item_id' is missing"):
         scan_interactions(str(rec), numeric.users, numeric.items, numeric.schema)
+
+
+def _same_task(a, b, name: str) -> None:
+    assert a.name == b.name, name
+    np.testing.assert_array_equal(a.user_rows, b.user_rows, err_msg=name)
+    np.testing.assert_array_equal(a.candidate_rows, b.candidate_rows, err_msg=name)
+    for field in ("relevant", "excluded"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert len(x) == len(y), (name, field)
+        for u, (p, q) in enumerate(zip(x, y, strict=True)):
+            np.testing.assert_array_equal(np.sort(p), np.sort(q), err_msg=f"{name} {field} {u}")
+
+
+@pytest.mark.parametrize("max_users", [0, 25])
+def test_a_streamed_run_prepares_the_in_memory_tasks_without_the_rows(
+        data: Dataset, tmp_path: Path, max_users: int) -> None:
+    """``evaluation.prepare`` on streamed data: the training parts stay on disk (counts and
+    the rows of the evaluated users only), and every ranking task (test, validation, mixed),
+    the split's summary and the popularity baseline equal the in-memory run's; with
+    ``eval.max_users`` both draw the same users, and fewer rows are read."""
+    from tfrs_coldstart.data.stream import StreamPart
+    from tfrs_coldstart.evaluation import evaluate_popularity
+
+    root = tmp_path / "tables"
+    write_shards(data.interactions, root / "interactions", "parquet")
+    data.users.to_parquet(root / "users.parquet")
+    data.items.to_parquet(root / "items.parquet")
+    data.schema.to_yaml(root / "schema.yaml")
+    whole = tmp_path / "whole"  # the same tables with the interactions in one file
+    whole.mkdir()
+    data.interactions.to_parquet(whole / "interactions.parquet")
+    for name in ("users.parquet", "items.parquet", "schema.yaml"):
+        (whole / name).write_bytes((root / name).read_bytes())
+    cap = f"eval.max_users={max_users}"
+    streamed = load_config(None, ["data.format=stream", "data.stream_chunk_rows=600",
+                                  f"data.data_dir={root}", cap])
+    in_memory = load_config(None, ["data.format=tables", f"data.data_dir={whole}", cap])
+    ps, pm = prepare(load_data(streamed), streamed), prepare(load_data(in_memory), in_memory)
+    for split in (ps.split, ps.val):
+        assert isinstance(split.train, StreamPart) and len(split.train.seen) < len(split.train)
+    assert len(ps.split.train) == len(pm.split.train)
+    assert len(ps.val.train) == len(pm.val.train)
+    for tasks_s, tasks_m in ((ps.tasks, pm.tasks), (ps.val_tasks, pm.val_tasks)):
+        assert set(tasks_s) == set(tasks_m)
+        for name in tasks_s:
+            _same_task(tasks_s[name], tasks_m[name], name)
+    for validation in (False, True):
+        _same_task(ps.mixed(validation), pm.mixed(validation), f"mixed {validation}")
+    assert ps.split.summary() == pm.split.summary()
+    for split_s, split_m in ((ps.split, pm.split), (ps.val, pm.val)):  # the history student's
+        whole = user_sequences(split_m.train)
+        assert split_s.train.sequences(3, buffer_rows=500) == {u: s[:3] for u, s in whole.items()}
+    assert evaluate_popularity(ps, (20,)) == evaluate_popularity(pm, (20,))
+    users = {s: len(t.user_rows) for s, t in ps.tasks.items()}
+    if max_users:  # at most 25 warm users over warm + cold-item, 25 cold over the others
+        assert len(set(ps.tasks["warm"].user_rows) | set(ps.tasks["cold_item"].user_rows)) <= 25
+        assert len(set(ps.tasks["cold_user"].user_rows)
+                   | set(ps.tasks["cold_both"].user_rows)) <= 25
+        assert all(n > 0 for n in users.values()), users
+    else:
+        assert users["warm"] > 100, users
 
 
 def test_held_out_rows_kept_by_the_scan(data: Dataset, tmp_path: Path) -> None:

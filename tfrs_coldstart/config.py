@@ -314,11 +314,16 @@ class EvalConfig:
     ks: tuple[int, ...] = (10, 20, 50)
     headline_k: int = 20  # the reports' headline and the early-stopping metric
     batch_size: int = 4096
+    # Per split (test and validation), evaluate at most this many warm and this many cold users
+    # (a seeded draw; every held-out row of a drawn user counts). 0: all. With data.format=stream
+    # this bounds what evaluation holds in memory (README, "Streamed input").
+    max_users: int = 0
 
     def __post_init__(self) -> None:
         _check(self, "ks", len(self.ks) > 0 and all(k >= 1 for k in self.ks),
                "must be a non-empty list of cut-offs >= 1")
         _at_least(self, 1, "headline_k", "batch_size")
+        _at_least(self, 0, "max_users")
 
     @property
     def cutoffs(self) -> tuple[int, ...]:

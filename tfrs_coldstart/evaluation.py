@@ -25,9 +25,11 @@ from tfrs_coldstart.data import (
     Dataset,
     check_no_leakage,
     cold_start_split,
+    entity_counts,
+    sample_users,
+    seen_rows,
     validation_split,
 )
-from tfrs_coldstart.data.pipeline import item_counts
 from tfrs_coldstart.features.columns import HISTORY_SEPARATOR
 from tfrs_coldstart.fileio import atomic_write_text
 
@@ -57,7 +59,7 @@ def segment_tasks(split: ColdStartSplit, users: pd.DataFrame,
     i_index = pd.Index(items["item_id"].astype(str))
     warm_items = np.sort(i_index.get_indexer(list(split.warm_items)))
     cold_items = np.sort(i_index.get_indexer(list(split.cold_items)))
-    train_by_user = split.train.groupby("user_id")["item_id"].apply(list).to_dict()
+    train_by_user = seen_rows(split.train).groupby("user_id")["item_id"].apply(list).to_dict()
     tasks = {}
     for name, frame in split.segments().items():
         cand = cold_items if name in ("cold_item", "cold_both") else warm_items
@@ -92,7 +94,7 @@ def mixed_task(split: ColdStartSplit, users: pd.DataFrame, items: pd.DataFrame) 
     cand = np.sort(i_index.get_indexer([*split.warm_items, *split.cold_items]))
     pos = pd.Series(np.arange(len(cand)), index=i_index[cand])
     held = pd.concat([split.relevant_warm(), split.cold_item])
-    train_by_user = split.train.groupby("user_id")["item_id"].apply(list).to_dict()
+    train_by_user = seen_rows(split.train).groupby("user_id")["item_id"].apply(list).to_dict()
     user_rows, relevant, excluded = [], [], []
     for uid, its in held.groupby("user_id", sort=True)["item_id"].apply(list).items():
         rel = np.unique(pos.reindex(its).dropna().to_numpy(dtype=np.int64))
@@ -158,14 +160,26 @@ class Prepared:
 
 
 def prepare(dataset: Dataset, cfg: RunConfig) -> Prepared:
-    """Cold-start split (with the leakage guard) and the validation split carved from training."""
-    d = cfg.data
-    split = cold_start_split(dataset.interactions, dataset.users["user_id"],
-                             dataset.items["item_id"], seed=d.split_seed,
-                             cold_item_frac=d.cold_item_frac, cold_user_frac=d.cold_user_frac,
-                             warm_test_frac=d.warm_test_frac)
-    check_no_leakage(split)
-    val = validation_split(split)
+    """Cold-start split (with the leakage guard) and the validation split carved from training.
+
+    ``cfg.eval.max_users``: each split's segments evaluate at most that many warm and that
+    many cold users (:func:`~tfrs_coldstart.data.split.sample_users`). Streamed interactions
+    (``dataset.stream``) give splits whose training parts stay on disk
+    (:meth:`~tfrs_coldstart.data.stream.StreamedInteractions.splits`); the split and the users
+    drawn are the in-memory ones.
+    """
+    d, cap = cfg.data, cfg.eval.max_users
+    if dataset.stream is not None:
+        split, val = dataset.stream.splits(cap)
+        check_no_leakage(split)
+    else:
+        split = cold_start_split(dataset.interactions, dataset.users["user_id"],
+                                 dataset.items["item_id"], seed=d.split_seed,
+                                 cold_item_frac=d.cold_item_frac,
+                                 cold_user_frac=d.cold_user_frac, warm_test_frac=d.warm_test_frac)
+        check_no_leakage(split)
+        val = sample_users(validation_split(split), cap)
+        split = sample_users(split, cap)
     return Prepared(dataset, split, val,
                     segment_tasks(split, dataset.users, dataset.items),
                     segment_tasks(val, dataset.users, dataset.items))
@@ -176,7 +190,8 @@ def protocol(cfg: RunConfig, prep: Prepared) -> dict[str, Any]:
     d = cfg.data
     return {"split_seed": d.split_seed, "cold_item_frac": d.cold_item_frac,
             "cold_user_frac": d.cold_user_frac, "warm_test_frac": d.warm_test_frac,
-            "ks": list(cfg.eval.cutoffs), "segments": prep.split.summary()}
+            "ks": list(cfg.eval.cutoffs), "max_users": cfg.eval.max_users,
+            "segments": prep.split.summary()}
 
 
 def servable(segment: str, sides: tuple[str, ...]) -> bool:
@@ -238,10 +253,11 @@ def embedding_score_fn(user_emb: np.ndarray, item_emb: np.ndarray,
     return lambda u, i: user_emb[u] @ item_emb[i].T + item_bias[i][None, :]
 
 
-def popularity_score_fn(train: pd.DataFrame, items: pd.DataFrame, seed: int = 0) -> ScoreFn:
-    """Training-count scores; ties (all cold items) are broken by a fixed random order."""
+def popularity_score_fn(train: Any, items: pd.DataFrame, seed: int = 0) -> ScoreFn:
+    """Training-count scores; ties (all cold items) are broken by a fixed random order.
+    ``train``: a frame or a streamed part."""
     tie = np.random.default_rng(seed).random(len(items)) * 1e-3
-    pop = item_counts(train["item_id"].value_counts(), items["item_id"]) + tie
+    pop = entity_counts(train, "item", items["item_id"]) + tie
     return lambda u, i: np.broadcast_to(pop[i], (len(u), len(i)))
 
 

@@ -283,6 +283,8 @@ def finetune(
     schema = run.schema
     log(f"loading the data of {run_dir} ...")
     base = run.load_dataset()
+    if base.stream is not None:  # streamed: the merged data is a whole new table, read it all
+        base = dataclasses.replace(base, interactions=base.stream.interactions())
     if base.schema.to_dict() != schema.to_dict():
         raise FinetuneError(f"the data named by {run_dir}/config.yaml no longer has the schema "
                             f"the run was trained on ({run_dir}/schema.yaml); point data.* back "

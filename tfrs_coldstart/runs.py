@@ -36,7 +36,7 @@ import pandas as pd
 import yaml
 
 from tfrs_coldstart.config import RunConfig, config_from_yaml_dict, save_config, to_dict
-from tfrs_coldstart.data import Dataset, Schema, load_dataset
+from tfrs_coldstart.data import Dataset, Schema, entity_counts, load_dataset
 from tfrs_coldstart.data.tables import conform
 from tfrs_coldstart.errors import RunError
 from tfrs_coldstart.evaluation import Prepared, write_report
@@ -128,11 +128,12 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.write_config(cfg)
         prep.dataset.schema.to_yaml(self.path / SCHEMA_FILE)
-        counts = prep.split.train["item_id"].astype(str).value_counts()
+        ids = prep.dataset.items["item_id"].astype(str)
+        counts = entity_counts(prep.split.train, "item", ids)
         atomic_write_text(self.path / SPLIT_FILE, json.dumps(
             {"seed": prep.split.seed, "cold_users": list(prep.split.cold_users),
              "cold_items": list(prep.split.cold_items),
-             "item_counts": {k: int(v) for k, v in counts.items()}}))
+             "item_counts": {k: int(v) for k, v in zip(ids, counts, strict=True) if v > 0}}))
 
     def _split_meta(self) -> dict[str, Any]:
         path = self.path / SPLIT_FILE

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tfrs_coldstart.data import Dataset
+from tfrs_coldstart.data import Dataset, known_ids
 from tfrs_coldstart.data.pipeline import item_counts, item_log_counts
+from tfrs_coldstart.data.split import Rows
 from tfrs_coldstart.evaluation import (
     HistoryScorer,
     Prepared,
@@ -173,7 +174,7 @@ class Scorer:
 
 
 def model_score_fn(model: TwoTowerModel, scorer: Scorer, ds: Dataset,
-                   train: pd.DataFrame) -> ScoreFn:
+                   train: Rows) -> ScoreFn:
     """The served score of ``model`` over every user and item of ``ds``; counts from ``train``."""
     return scorer.score_fn(model.embed("user", ds.users, ds.schema),
                            model.embed("item", ds.items, ds.schema),
@@ -211,7 +212,7 @@ def evaluate_model(prep: Prepared, model: TwoTowerModel, scorer: Scorer, ks: tup
 
 
 def unified_score_fn(unified: UnifiedRecommender, scorer: Scorer, ds: Dataset,
-                     train: pd.DataFrame, known_users: set[str] | None = None,
+                     train: Rows, known_users: set[str] | None = None,
                      known_items: set[str] | None = None) -> ScoreFn:
     """The served score of the unified model over every user and item of ``ds``.
 
@@ -235,7 +236,7 @@ def unified_score_fn(unified: UnifiedRecommender, scorer: Scorer, ds: Dataset,
 
 
 def unified_history_scorer(unified: UnifiedRecommender, scorer: Scorer, ds: Dataset,
-                           train: pd.DataFrame, known_users: set[str] | None = None
+                           train: Rows, known_users: set[str] | None = None
                            ) -> HistoryScorer:
     """The unified model's served score once each user carries a request-time history
     (issue 17): ``history -> ScoreFn`` for :func:`evaluation.evaluate_fewshot`. Known users
@@ -277,7 +278,7 @@ def unified_validation_recalls(unified: UnifiedRecommender, scorer: Scorer, prep
     once for all ``segments``."""
     v = prep.val
     fn = unified_score_fn(unified, scorer, prep.dataset, v.train,
-                          set(v.train["user_id"].astype(str)), set(v.train["item_id"].astype(str)))
+                          known_ids(v.train, "user"), known_ids(v.train, "item"))
     return {s: _val_recall(fn, prep, (s,), k) for s in segments}
 
 
@@ -294,8 +295,8 @@ def tune_unified(unified: UnifiedRecommender, prep: Prepared, grid: tuple[float,
     on that part only (``fit_teacher(..., validation_only=True)``).
     """
     ds, v = prep.dataset, prep.val
-    known_users = set(v.train["user_id"].astype(str))
-    known_items = set(v.train["item_id"].astype(str))
+    known_users = known_ids(v.train, "user")
+    known_items = known_ids(v.train, "item")
     users, u_known = unified.embed("user", ds.users, ds.schema)
     items, i_known = unified.embed("item", ds.items, ds.schema)
     u_known &= ds.users["user_id"].astype(str).isin(known_users).to_numpy()

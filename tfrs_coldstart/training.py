@@ -23,13 +23,14 @@ import tensorflow as tf
 
 from tfrs_coldstart.config import RIDGE_ALPHAS, StudentConfig, TeacherConfig, TrainConfig
 from tfrs_coldstart.console import log, phase, warn_once
-from tfrs_coldstart.data import SEGMENTS
+from tfrs_coldstart.data import SEGMENTS, entity_counts, known_ids
 from tfrs_coldstart.data.pipeline import (
     interaction_dataset,
     interaction_weights,
     item_log_counts,
     item_probabilities,
 )
+from tfrs_coldstart.data.split import Rows
 from tfrs_coldstart.errors import ConfigError, RunError, UserError
 from tfrs_coldstart.evaluation import (
     Prepared,
@@ -72,10 +73,10 @@ __all__ = ["fit_student", "fit_teacher", "is_chief", "log", "make_strategy", "st
            "worker_name"]
 
 
-def _entities(table: pd.DataFrame, side: str, interactions: pd.DataFrame) -> pd.DataFrame:
-    """Rows of an entity table that occur in ``interactions`` (what preprocessing may see)."""
-    key = f"{side}_id"
-    return table[table[key].astype(str).isin(set(interactions[key].astype(str)))]
+def _entities(table: pd.DataFrame, side: str, interactions: Rows) -> pd.DataFrame:
+    """Rows of an entity table that occur in ``interactions`` (what preprocessing may see);
+    ``interactions``: a frame or a streamed part (data/split.py)."""
+    return table[entity_counts(interactions, side, table[f"{side}_id"]) > 0]
 
 
 # ---- tf.distribute (train.strategy) ----------------------------------------------------------
@@ -409,7 +410,7 @@ class FitBackup(tf.keras.callbacks.Callback):
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float,
+def _fit(model: TwoTowerModel, train_df: Rows, prep: Prepared, lr: float,
          batch_size: int, epochs: int, patience: int, val_segments: tuple[str, ...],
          run: RunDir, name: str, seed: int, verbose: int | str = "auto",
          k: int = 20, weight_decay: float = 0.0, interaction_weight: str = "none",
@@ -426,7 +427,9 @@ def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float
     out = run.model_dir(name)
     prob = item_probabilities(train_df, ds.items["item_id"].astype(str))
     weights = interaction_weights(train_df, interaction_weight)
-    if interaction_weight != "none" and weights is None:
+    streamed = not isinstance(train_df, pd.DataFrame)  # a StreamPart weighs its own rows
+    if interaction_weight != "none" and weights is None and not (
+            streamed and train_df.has_weights):
         warn_once(f"interaction_weight={interaction_weight} has no effect: the interactions "
                   "have no weight column")
     with strategy_scope(strategy):  # the variables and the optimizer's slots: mirrored
@@ -465,7 +468,7 @@ def _fit(model: TwoTowerModel, train_df: pd.DataFrame, prep: Prepared, lr: float
         data = interaction_dataset(train_df, ds.users, ds.items, ds.schema.user_features,
                                    ds.schema.item_features, batch_size, shuffle=True, seed=seed,
                                    item_prob=prob, weights=weights, epochs=(first, epochs),
-                                   stream=ds.stream)
+                                   stream=ds.stream, weight_transform=interaction_weight)
         # fit enters the strategy's scope itself (the model was built in it)
         model.fit(_distributable(data, strategy), epochs=epochs, initial_epoch=first,
                   steps_per_epoch=-(-len(train_df) // batch_size), callbacks=callbacks,
@@ -494,8 +497,7 @@ def fit_teacher(prep: Prepared, cfg: TeacherConfig, run: RunDir, seed: int = 0,
     """
     tf.keras.utils.set_random_seed(seed)
     v = prep.val
-    train_df = (v.train if validation_only
-                else pd.concat([v.train, v.cold_item, v.cold_user, v.cold_both]))
+    train_df = v.train if validation_only else v.with_pseudo_cold()
     ds = prep.dataset
     states = teacher_states(ds.schema, _entities(ds.users, "user", train_df),
                             _entities(ds.items, "item", train_df), cfg.tower)
@@ -556,8 +558,7 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
     if cfg.refit:
         # The epoch count is chosen; now use the pseudo-cold entities' data too (as the teacher).
         with phase(f"{name}: refit ({info['best_epoch']} epochs on all training data)"):
-            v = prep.val
-            full = pd.concat([v.train, v.cold_item, v.cold_user, v.cold_both])
+            full = prep.val.with_pseudo_cold()
             tf.keras.utils.set_random_seed(seed + 2000)
             states = student_states(ds.schema, _entities(ds.users, "user", full),
                                     _entities(ds.items, "item", full), cfg.tower, sides,
@@ -580,10 +581,8 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
 # ---- the closed-form student in the teacher's space (student.method=ridge) -------------------
 
 
-def _counts(train_df: pd.DataFrame, side: str, ids: pd.Series) -> np.ndarray:
-    key = f"{side}_id"
-    return ids.astype(str).map(train_df[key].astype(str).value_counts()).fillna(0).to_numpy(
-        np.float64)
+def _counts(train_df: Rows, side: str, ids: pd.Series) -> np.ndarray:
+    return entity_counts(train_df, side, ids)
 
 
 def has_history(tower: Tower) -> bool:
@@ -617,14 +616,16 @@ def fill_history_table(model: StudentModel, teacher: TeacherModel, items: pd.Dat
     layers["emb"].set_weights([table])
 
 
-def history_rows(table: pd.DataFrame, train_df: pd.DataFrame, cfg: StudentConfig,
+def history_rows(table: pd.DataFrame, train_df: Rows, cfg: StudentConfig,
                  seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """The ridge fit's user rows with histories (issue 17): each user of ``table`` once with
     no history, then ``cfg.history_copies`` times with its ``train_df`` interactions (in time
     order) truncated at a length drawn uniformly from ``1..cfg.history_max`` (at most its
     count). Returns ``(rows with a HISTORY column, source row of each, row weight factors)``.
     """
-    seqs = user_sequences(train_df)
+    # streamed: each user's first history_max items, read from the shards
+    seqs = (user_sequences(train_df) if isinstance(train_df, pd.DataFrame)
+            else train_df.sequences(cfg.history_max))
     rng = np.random.default_rng(seed)
     ids = table["user_id"].astype(str).to_numpy()
     source = [np.arange(len(table))]
@@ -643,7 +644,7 @@ def history_rows(table: pd.DataFrame, train_df: pd.DataFrame, cfg: StudentConfig
 
 
 def _fit_ridge_sides(model: StudentModel, teacher: TeacherModel, prep: Prepared,
-                     train_df: pd.DataFrame, sides: tuple[str, ...], cfg: StudentConfig,
+                     train_df: Rows, sides: tuple[str, ...], cfg: StudentConfig,
                      alphas: dict[str, float]) -> dict[str, Any]:
     """Fit each content side's linear tower to ``teacher``'s embeddings of the entities of
     ``train_df``, weighted by the reliability of each (a function of its count there); a
@@ -707,7 +708,7 @@ def _ridge_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
     the design matrices and the teacher's embeddings are computed once."""
     ds, v = prep.dataset, prep.val
     tables = {"user": ds.users, "item": ds.items}
-    known = {s: tables[s][f"{s}_id"].astype(str).isin(set(v.train[f"{s}_id"].astype(str)))
+    known = {s: tables[s][f"{s}_id"].astype(str).isin(known_ids(v.train, s))
              .to_numpy() for s in SIDES}
     emb = {s: vt.embed(s, tables[s], ds.schema) for s in SIDES}
     counts = item_log_counts(v.train, ds.items)
@@ -887,7 +888,7 @@ def aligned_config(cfg: StudentConfig) -> AlignedConfig:
         patience=cfg.patience)
 
 
-def _aligned(prep: Prepared, teacher: TeacherModel, cfg: StudentConfig, train_df: pd.DataFrame,
+def _aligned(prep: Prepared, teacher: TeacherModel, cfg: StudentConfig, train_df: Rows,
              strategy: tf.distribute.Strategy | None = None
              ) -> tuple[AlignedStudent, dict[str, Any]]:
     """An aligned student on ``train_df``'s entities with ``teacher``'s embeddings cached
@@ -932,7 +933,7 @@ def fit_aligned_student(prep: Prepared, teacher: TeacherModel | None, cfg: Stude
         raise ValueError("student.method=aligned needs content features on both sides; use "
                          "student.method=ridge for one-sided data")
     vt = val_teacher or teacher
-    known = {s: set(v.train[f"{s}_id"].astype(str)) for s in SIDES}
+    known = {s: known_ids(v.train, s) for s in SIDES}
     cold = tuple(s for s in ("cold_item", "cold_user", "cold_both")
                  if len(prep.val_tasks[s].user_rows))
     with phase(f"{name}: search fit (validation)"):

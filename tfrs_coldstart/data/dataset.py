@@ -35,7 +35,9 @@ class Dataset:
     items: pd.DataFrame
     schema: Schema
     # data.format=stream: the scan of the sharded interactions (data/stream.py), from which the
-    # fits read their batches; None when the interactions exist only as the frame above.
+    # split, the fits and evaluation read what they need; ``interactions`` is then an empty
+    # frame with the shards' columns (``stream.interactions()`` reads them all, if one must).
+    # None when the interactions exist only as the frame above.
     stream: Any = None
 
     @property
@@ -48,7 +50,7 @@ class Dataset:
 
     @property
     def n_interactions(self) -> int:
-        return len(self.interactions)
+        return len(self.interactions) if self.stream is None else self.stream.n_interactions
 
     def summary(self) -> dict[str, Any]:
         """Sizes and feature names, for logs and manifests."""

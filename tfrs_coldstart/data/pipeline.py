@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from tfrs_coldstart.config import check_weight_transform
 from tfrs_coldstart.data.schema import FeatureSpec, FeatureType
+from tfrs_coldstart.data.split import Rows, entity_counts
 
 #: Text cells are cut to this many characters before they enter tf.data. A text column reads
 #: only its first few tokens (``features.columns.TEXT_LEN``), which sit far inside this; an
@@ -70,19 +71,20 @@ def item_counts(counts: pd.Series | dict[str, int], item_ids: pd.Series) -> np.n
     return item_ids.astype(str).map(counts).fillna(0).to_numpy(dtype=np.float64)
 
 
-def item_probabilities(train: pd.DataFrame, item_ids: pd.Series) -> np.ndarray:
-    """Training frequency of each item in ``item_ids`` (the log-Q sampling probability)."""
-    freq = item_counts(train["item_id"].value_counts(), item_ids)
+def item_probabilities(train: Rows, item_ids: pd.Series) -> np.ndarray:
+    """Training frequency of each item in ``item_ids`` (the log-Q sampling probability);
+    ``train``: a frame or a streamed part (:mod:`~tfrs_coldstart.data.split`)."""
+    freq = entity_counts(train, "item", item_ids)
     return (freq / max(len(train), 1)).astype(np.float32)
 
 
-def item_log_counts(train: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
+def item_log_counts(train: Rows, items: pd.DataFrame) -> np.ndarray:
     """``log(1 + training count)`` per row of ``items``: the popularity prior's feature."""
-    counts = item_counts(train["item_id"].astype(str).value_counts(), items["item_id"])
+    counts = entity_counts(train, "item", items["item_id"])
     return np.log1p(counts).astype(np.float32)
 
 
-def interaction_weights(interactions: pd.DataFrame, transform: str) -> np.ndarray | None:
+def interaction_weights(interactions: Rows, transform: str) -> np.ndarray | None:
     """Loss weight of each interaction from its ``weight`` column (a rating, a play count).
 
     ``none``: every interaction weighs 1 (returns None); ``raw``: the weight itself;
@@ -144,6 +146,7 @@ def interaction_dataset(
     weights: np.ndarray | None = None,
     epochs: tuple[int, int] | None = None,
     stream: Any = None,
+    weight_transform: str = "none",
 ) -> tf.data.Dataset:
     """Batches ``{"user": {...}, "item": {...}, "item_prob": float32 [batch]}`` (plus
     ``"weight": float32 [batch]`` when ``weights`` are given, see :func:`interaction_weights`).
@@ -162,9 +165,17 @@ def interaction_dataset(
     :class:`~tfrs_coldstart.data.stream.StreamedInteractions`): the same batches' rows, those of
     ``interactions`` (by index: file rows), are read shard by shard from the files instead of
     from the frame (per-epoch shard order and a shuffle buffer, not a global shuffle).
+    ``interactions`` may be a streamed part (:class:`~tfrs_coldstart.data.stream.StreamPart`)
+    instead: its role's rows, read the same way, weighted by ``weight_transform`` of their
+    ``weight`` column (a frame's weights come as ``weights``).
     """
     if item_prob is None:
         item_prob = item_probabilities(interactions, items["item_id"].astype(str))
+    if not isinstance(interactions, pd.DataFrame):
+        return interactions.dataset(user_specs=user_specs, item_specs=item_specs,
+                                    batch_size=batch_size, shuffle=shuffle, seed=seed,
+                                    item_prob=item_prob, epochs=epochs,
+                                    weight_transform=weight_transform)
     if stream is not None:
         return stream.dataset(rows=interactions.index.to_numpy(), row_weights=weights,
                               user_specs=user_specs, item_specs=item_specs,

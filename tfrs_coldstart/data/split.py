@@ -17,12 +17,20 @@ gives 727 warm-test users.
 Segment frames keep the index of the input interactions (the file row after
 :func:`~tfrs_coldstart.data.tables.load_tables`), so an interaction can be traced and a
 row that lands in two places is detected by :func:`check_no_leakage`.
+
+A split's training part is a frame, or, for streamed interactions (``data.format=stream``),
+a :class:`~tfrs_coldstart.data.stream.StreamPart`: the rows of one role of the shards, never
+held whole. Code that reads a training part goes through the few functions here
+(:func:`entity_counts`, :func:`known_ids`, :func:`n_entities`, :func:`seen_rows`) instead of
+indexing it as a frame. :func:`sample_users` caps the users a split's segments are evaluated
+on (``eval.max_users``), the same users for both kinds of training part.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +44,12 @@ __all__ = [
     "LeakageError",
     "check_no_leakage",
     "cold_start_split",
+    "entity_counts",
+    "known_ids",
+    "n_entities",
+    "pick_users",
+    "sample_users",
+    "seen_rows",
     "sort_ids",
     "validation_split",
 ]
@@ -56,11 +70,46 @@ def sort_ids(ids: Iterable[Any]) -> list[str]:
     return sorted(uniq)
 
 
+# A training part: a frame of interactions, or a streamed role (data.stream.StreamPart), which
+# has no rows in memory but answers the functions below (duck-typed: stream.py imports this).
+Rows = Any
+
+
+def entity_counts(rows: Rows, side: str, ids: pd.Series) -> np.ndarray:
+    """``float64 [len(ids)]``: interactions of each user (``side="user"``) or item of ``ids``
+    in ``rows`` (0 for an id without any)."""
+    if not isinstance(rows, pd.DataFrame):
+        return rows.counts_for(side, ids)
+    key = f"{side}_id"
+    return ids.astype(str).map(rows[key].astype(str).value_counts()).fillna(0).to_numpy(
+        np.float64)
+
+
+def known_ids(rows: Rows, side: str) -> set[str]:
+    """The users or items with at least one interaction in ``rows``."""
+    if not isinstance(rows, pd.DataFrame):
+        return rows.known(side)
+    return set(rows[f"{side}_id"].astype(str))
+
+
+def n_entities(rows: Rows, side: str) -> int:
+    """How many users or items have at least one interaction in ``rows``."""
+    if not isinstance(rows, pd.DataFrame):
+        return rows.n_entities(side)
+    return int(rows[f"{side}_id"].nunique())
+
+
+def seen_rows(rows: Rows) -> pd.DataFrame:
+    """The training interactions of the users a split evaluates (what warm ranking excludes):
+    all of ``rows`` for a frame; for a streamed part, the ones read for its sampled users."""
+    return rows if isinstance(rows, pd.DataFrame) else rows.seen
+
+
 @dataclass(frozen=True, eq=False)
 class ColdStartSplit:
     """Training interactions, the four test segments and the warm/cold id sets."""
 
-    train: pd.DataFrame
+    train: Rows  # a frame, or a streamed part (see the module docstring)
     warm_test: pd.DataFrame
     cold_item: pd.DataFrame
     cold_user: pd.DataFrame
@@ -89,7 +138,7 @@ class ColdStartSplit:
         Warm ranking excludes each user's training items, so a repeated pair cannot be a hit.
         """
         wt = self.warm_test
-        seen = pd.MultiIndex.from_frame(self.train[["user_id", "item_id"]])
+        seen = pd.MultiIndex.from_frame(seen_rows(self.train)[["user_id", "item_id"]])
         pairs = pd.MultiIndex.from_frame(wt[["user_id", "item_id"]])
         return wt[~pairs.isin(seen)]
 
@@ -105,10 +154,50 @@ class ColdStartSplit:
             "n_cold_items": len(self.cold_items),
             "interactions": {"train": len(self.train), **{k: len(v) for k, v in segs.items()}},
             "users": {
-                "train": int(self.train["user_id"].nunique()),
+                "train": n_entities(self.train, "user"),
                 **{k: int(v["user_id"].nunique()) for k, v in relevant.items()},
             },
         }
+
+
+    def with_pseudo_cold(self) -> Rows:
+        """Training plus the cold segments' rows: on a validation split, every training row of
+        the test split but the held-out warm ones (what the teacher trains on)."""
+        if not isinstance(self.train, pd.DataFrame):
+            return self.train.with_pseudo_cold()
+        return pd.concat([self.train, self.cold_item, self.cold_user, self.cold_both])
+
+
+def pick_users(ordered: Sequence[str], max_users: int, seed: Sequence[int]) -> list[str]:
+    """At most ``max_users`` of ``ordered`` (all when 0 or fewer are there), a uniform draw
+    seeded by ``seed``, in their order."""
+    if max_users <= 0 or len(ordered) <= max_users:
+        return list(ordered)
+    idx = np.sort(np.random.default_rng(list(seed)).choice(len(ordered), max_users,
+                                                           replace=False))
+    return [ordered[i] for i in idx]
+
+
+def sample_users(split: ColdStartSplit, max_users: int) -> ColdStartSplit:
+    """``split`` with its four segments cut to the rows of at most ``max_users`` warm users
+    (of the warm-test and cold-item segments) and ``max_users`` cold users (of the cold-user
+    and cold-both ones), drawn by :func:`pick_users` from the split's seed: every held-out
+    row of a drawn user stays, so each segment and the mixed catalogue are exact for them.
+    ``max_users`` 0: the split as it is. A streamed split draws the same users."""
+    if max_users <= 0:
+        return split
+    keep = set()
+    for order, segs, k in ((split.warm_users, (split.warm_test, split.cold_item), 0),
+                           (split.cold_users, (split.cold_user, split.cold_both), 1)):
+        present = set().union(*(set(s["user_id"].astype(str)) for s in segs))
+        keep.update(pick_users([u for u in order if u in present], max_users, (split.seed, k)))
+
+    def cut(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame[frame["user_id"].astype(str).isin(keep).to_numpy()]
+
+    return dataclasses.replace(split, warm_test=cut(split.warm_test),
+                               cold_item=cut(split.cold_item), cold_user=cut(split.cold_user),
+                               cold_both=cut(split.cold_both))
 
 
 def _check_frac(name: str, v: float) -> None:
@@ -243,10 +332,18 @@ def check_no_leakage(split: ColdStartSplit) -> None:
     if both_i:
         raise LeakageError(f"item {sorted(both_i)[0]!r} is both warm and cold")
 
+    train = seen_rows(split.train)
+    if not isinstance(split.train, pd.DataFrame):  # streamed: no rows, but counts per id
+        for side, cold in (("user", cold_u), ("item", cold_i)):
+            ids = pd.Series(sorted(cold), dtype=object)
+            hit = entity_counts(split.train, side, ids) > 0
+            if hit.any():
+                raise LeakageError(f"train has interactions of {side} {ids[np.argmax(hit)]!r}, "
+                                   f"a cold {side} (its interactions must not be in training)")
     # (frame name, frame, column, forbidden ids, what the forbidden ids are)
     rules: list[tuple[str, pd.DataFrame, str, set[str], str]] = [
-        ("train", split.train, "user_id", cold_u, "cold user"),
-        ("train", split.train, "item_id", cold_i, "cold item"),
+        ("train", train, "user_id", cold_u, "cold user"),
+        ("train", train, "item_id", cold_i, "cold item"),
         ("warm_test", split.warm_test, "user_id", cold_u, "cold user"),
         ("warm_test", split.warm_test, "item_id", cold_i, "cold item"),
         ("cold_item", split.cold_item, "user_id", cold_u, "cold user"),
@@ -266,7 +363,7 @@ def check_no_leakage(split: ColdStartSplit) -> None:
                    else f" (not allowed in the {frame_name} segment)")
             )
     # Users/items outside both sets would escape the rules above.
-    for frame_name, df in (("train", split.train), *split.segments().items()):
+    for frame_name, df in (("train", train), *split.segments().items()):
         for column, known in (("user_id", cold_u | warm_u), ("item_id", cold_i | warm_i)):
             unknown = ~df[column].isin(known).to_numpy()
             if unknown.any():
@@ -275,7 +372,7 @@ def check_no_leakage(split: ColdStartSplit) -> None:
                     f"{frame_name} interaction at row {_label(df.index[pos])!r} has {column} "
                     f"{df[column].iloc[pos]!r}, which is in neither the warm nor the cold set"
                 )
-    train_rows = split.train.index
+    train_rows = train.index
     for seg_name, seg in split.segments().items():
         shared = seg.index.isin(train_rows)
         if shared.any():

@@ -22,9 +22,12 @@ ever read a chunk at a time:
    interaction_dataset` (features gathered from the in-memory tables by row). The pass writes
    each row's user and item table rows to a local row cache (8 bytes a row), so the epochs
    need not parse and look up string ids again (``cache=False``: they read the shards).
-3. :meth:`StreamedInteractions.held_out` (the test and validation segments, in memory, for
-   evaluation), :meth:`~StreamedInteractions.split` and :meth:`~StreamedInteractions.
-   interactions` (everything, compact: for the in-memory evaluation and students).
+3. :meth:`StreamedInteractions.splits`: a run's test and validation splits, whose training
+   parts are :class:`StreamPart` s (no rows in memory: counts, batches, histories) and whose
+   segments hold the held-out rows of the evaluated users only (``eval.max_users``), with
+   those users' training rows for the warm ranking's exclusions.
+   :meth:`~StreamedInteractions.held_out`, :meth:`~StreamedInteractions.split` and
+   :meth:`~StreamedInteractions.interactions` read everything (for tests and ``finetune``).
 
 Paths are anything ``tf.io.gfile`` opens (local, ``gs://``, ``s3://``, ``hdfs://``), one or
 more glob patterns or folders; the shards are read in sorted path order.
@@ -55,7 +58,7 @@ from tfrs_coldstart.config import check_weight_transform
 from tfrs_coldstart.data.dataset import Dataset
 from tfrs_coldstart.data.pipeline import feature_gather
 from tfrs_coldstart.data.schema import DataError, FeatureSpec, Schema
-from tfrs_coldstart.data.split import INT_RE, ColdStartSplit, sort_ids
+from tfrs_coldstart.data.split import INT_RE, ColdStartSplit, pick_users, sort_ids
 from tfrs_coldstart.data.tables import (
     COMPRESSION_SUFFIXES,
     TABLE_SUFFIXES,
@@ -71,6 +74,7 @@ __all__ = [
     "ROLES",
     "SHARD_FORMATS",
     "Shard",
+    "StreamPart",
     "StreamedInteractions",
     "list_shards",
     "load_stream",
@@ -360,6 +364,105 @@ class _Keep:
 
     codes: np.ndarray  # bool [N_CODES]: which codes are kept
     parts: list[tuple[np.ndarray, ...]] = dataclasses.field(default_factory=list)
+
+
+class StreamPart:
+    """The training part of a streamed split: the rows of one :data:`ROLES` role of the shards,
+    never held in memory (the split functions of :mod:`~tfrs_coldstart.data.split` and the
+    pipelines read it through its counts and :meth:`dataset`).
+
+    ``seen``: the role's rows of the users the split evaluates (read by
+    :meth:`StreamedInteractions.splits`), what warm ranking excludes.
+    """
+
+    def __init__(self, stream: StreamedInteractions, role: str, seen: pd.DataFrame) -> None:
+        self.stream, self.role, self.seen = stream, role, seen
+
+    def __len__(self) -> int:
+        return self.stream.n_rows(self.role)
+
+    def __repr__(self) -> str:
+        return f"StreamPart({self.role!r}, {len(self):,} rows, {len(self.shards)} shard(s))"
+
+    @property
+    def shards(self) -> list[Shard]:
+        return self.stream.shards
+
+    @property
+    def has_weights(self) -> bool:
+        return "weight" in self.stream.columns
+
+    def counts_for(self, side: str, ids: pd.Series) -> np.ndarray:
+        """``float64 [len(ids)]``: interactions of each id in the role (0 for unknown ids)."""
+        counts = self.stream.entity_counts(side, self.role)
+        index = self.stream._user_index if side == "user" else self.stream._item_index
+        pos = index.get_indexer(pd.Index(ids.astype(str).to_numpy(dtype=object), dtype=object))
+        return np.where(pos >= 0, counts[np.maximum(pos, 0)], 0).astype(np.float64)
+
+    def known(self, side: str) -> set[str]:
+        ids = self.stream._user_ids if side == "user" else self.stream._item_ids
+        return set(ids[self.stream.entity_counts(side, self.role) > 0].tolist())
+
+    def n_entities(self, side: str) -> int:
+        return int((self.stream.entity_counts(side, self.role) > 0).sum())
+
+    def with_pseudo_cold(self) -> StreamPart:
+        """The validation split's training part plus its cold segments: the teacher's rows."""
+        if self.role != "val_train":
+            raise ValueError(f"with_pseudo_cold is for the validation split's training part, "
+                             f"not {self.role!r}")
+        return StreamPart(self.stream, "teacher", self.seen.iloc[:0])
+
+    def dataset(self, **kwargs: Any) -> tf.data.Dataset:
+        """:meth:`StreamedInteractions.dataset` of this role."""
+        return self.stream.dataset(self.role, **kwargs)
+
+    def frame(self) -> pd.DataFrame:
+        """Every row of the role in memory, in file order (one more pass)."""
+        return self.stream._frame(self.stream._collect(self.stream._codes(self.role)))
+
+    def sequences(self, max_len: int, buffer_rows: int = 1_000_000) -> dict[str, list[str]]:
+        """Each user's first ``max_len`` items of the role in time order (by ``timestamp``,
+        file order for ties and without one), as ``evaluation.user_sequences`` orders them
+        and cut: the request-time histories a user tower trains on, in one pass holding at
+        most ``max_len`` rows a user (plus a buffer of ``buffer_rows`` rows of chunks)."""
+        st = self.stream
+        want = np.zeros(N_CODES, bool)
+        want[st._codes(self.role)] = True
+        timed = "timestamp" in st.columns
+        kept: tuple[np.ndarray, ...] = tuple(np.zeros(0, t) for t in
+                                             (np.int64, np.int64, np.int64, np.int64))
+        pending: list[tuple[np.ndarray, ...]] = []
+
+        def reduce(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+            u, t, r, i = (np.concatenate(c) for c in zip(*parts, strict=True))
+            if not len(u):
+                return u, t, r, i
+            order = np.lexsort((r, t, u))
+            u = u[order]
+            first = np.r_[True, u[1:] != u[:-1]]
+            rank = np.arange(len(u)) - np.maximum.accumulate(np.where(first, np.arange(len(u)),
+                                                                      0))
+            sel = order[rank < max_len]
+            return u[rank < max_len], t[sel], r[sel], i[sel]
+
+        size = 0
+        for s in range(len(st.shards)):
+            for base, extra, u, i, code in st._chunks(s, source=timed or st.cache_dir is None):
+                idx = np.flatnonzero(want[code])
+                t = (np.asarray(extra["timestamp"], np.int64)[idx] if timed
+                     else np.zeros(len(idx), np.int64))
+                pending.append((u[idx].astype(np.int64), t, base + idx,
+                                i[idx].astype(np.int64)))
+                size += len(idx)
+                if size > max(buffer_rows, 2 * len(kept[0])):
+                    kept, pending, size = reduce([kept, *pending]), [], 0
+        u, _, _, i = reduce([kept, *pending])
+        starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, int)
+        items = st._item_ids[i].tolist()
+        bounds = [*starts.tolist(), len(u)]
+        return {str(st._user_ids[u[a]]): items[a:b]
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
 
 
 class StreamedInteractions:
@@ -663,19 +766,24 @@ class StreamedInteractions:
 
     # ---- held-out rows and the split in memory ----------------------------------------------
 
-    def _collect(self, codes: Sequence[int]) -> tuple[np.ndarray, ...]:
+    def _collect(self, codes: Sequence[int],
+                 where: Any = None) -> tuple[np.ndarray, ...]:
         """``(file rows, user rows, item rows, codes, *optional columns)`` of the rows whose
-        code is in ``codes``: from the scan when it kept them, else from one more pass."""
+        code is in ``codes`` (and, with ``where(user rows, codes) -> bool mask``, that it
+        keeps): from the scan when it kept them, else from one more pass."""
         want = np.zeros(N_CODES, bool)
         want[list(codes)] = True
         kept = self._kept.get("rows")
-        if kept is not None and kept.codes[want].all():
+        if kept is not None and kept.codes[want].all() and where is None:
             parts = kept.parts
         else:
             parts = []
+            # The row cache has no timestamps; the few-shot protocol orders by them.
+            source = "timestamp" in self.columns or self.cache_dir is None
             for s in range(len(self.shards)):
-                for base, extra, u, i, code in self._chunks(s, source=True):
-                    idx = np.flatnonzero(want[code])
+                for base, extra, u, i, code in self._chunks(s, source=source):
+                    keep = want[code] if where is None else want[code] & where(u, code)
+                    idx = np.flatnonzero(keep)
                     if len(idx):
                         parts.append((base + idx, u[idx].astype(np.int32),
                                       i[idx].astype(np.int32), code[idx],
@@ -718,6 +826,74 @@ class StreamedInteractions:
         frame.index = pd.RangeIndex(len(frame))
         return frame
 
+    def splits(self, max_users: int = 0) -> tuple[ColdStartSplit, ColdStartSplit]:
+        """The test split and the validation split for a run, in one more pass, holding only
+        what evaluation needs: the held-out rows of at most ``max_users`` warm and
+        ``max_users`` cold users per split (0: every user; the users
+        :func:`~tfrs_coldstart.data.split.sample_users` draws for the in-memory split) and
+        the training rows of the warm ones among them (what their ranking excludes). Their
+        training parts are :class:`StreamPart` s: the fits read the shards."""
+        cu = self.counts["user"]
+        n = len(self._user_ids)
+        picked: dict[str, np.ndarray] = {}
+        u_val = self._val_orders[0]
+        vu = self.val_cold_user
+        orders = {
+            "test": (self._user_index.get_indexer(pd.Index(self.warm_users, dtype=object)),
+                     self._user_index.get_indexer(pd.Index(self.cold_users, dtype=object)),
+                     self.seed, ("warm", "cold_item"), ("cold_user", "cold_both")),
+            "val": (u_val[~vu[u_val]], u_val[vu[u_val]], self.val_seed,
+                    ("val_warm", "val_cold_item"), ("val_cold_user", "val_cold_both")),
+        }
+        for name, (warm, cold, seed, w_codes, c_codes) in orders.items():
+            for k, (order, codes) in enumerate(((warm, w_codes), (cold, c_codes))):
+                have = order[cu[[CODES[c] for c in codes]].sum(axis=0)[order] > 0]
+                ids = pick_users(self._user_ids[have].tolist(), max_users, (seed, k))
+                mask = np.zeros(n, bool)
+                mask[self._user_index.get_indexer(pd.Index(ids, dtype=object))] = True
+                picked[f"{name}_{'warm' if k == 0 else 'cold'}"] = mask
+        test_s = picked["test_warm"] | picked["test_cold"]
+        val_s = picked["val_warm"] | picked["val_cold"]
+        test_w, val_w = picked["test_warm"], picked["val_warm"]
+
+        def where(u: np.ndarray, code: np.ndarray) -> np.ndarray:
+            return (((code >= CODES["warm"]) & test_s[u])
+                    | ((code >= CODES["val_warm"]) & (code < CODES["warm"]) & val_s[u])
+                    | ((code < CODES["warm"]) & test_w[u])
+                    | ((code == CODES["train"]) & val_w[u]))
+
+        cols = self._collect(range(N_CODES), where)
+        frame = self._frame(cols)
+        u, code = cols[1], cols[3]
+
+        def part(name: str, users: np.ndarray) -> pd.DataFrame:
+            return frame[(code == CODES[name]) & users[u]]
+
+        test = ColdStartSplit(
+            train=StreamPart(self, "train", frame[(code < CODES["warm"]) & test_w[u]]),
+            warm_test=part("warm", test_s), cold_item=part("cold_item", test_s),
+            cold_user=part("cold_user", test_s), cold_both=part("cold_both", test_s),
+            warm_users=self.warm_users, warm_items=self.warm_items,
+            cold_users=self.cold_users, cold_items=self.cold_items, seed=self.seed,
+            cold_item_frac=self.cold_item_frac, cold_user_frac=self.cold_user_frac,
+            warm_test_frac=self.warm_test_frac)
+        val_ids = self._val_ids()
+        val = ColdStartSplit(
+            train=StreamPart(self, "val_train", frame[(code == CODES["train"]) & val_w[u]]),
+            warm_test=part("val_warm", val_s), cold_item=part("val_cold_item", val_s),
+            cold_user=part("val_cold_user", val_s), cold_both=part("val_cold_both", val_s),
+            **val_ids, seed=self.val_seed, cold_item_frac=self.cold_item_frac,
+            cold_user_frac=self.cold_user_frac, warm_test_frac=self.warm_test_frac)
+        return test, val
+
+    def _val_ids(self) -> dict[str, tuple[str, ...]]:
+        """The validation split's id tuples, ordered as ``validation_split`` orders them."""
+        (u_order, i_order), vu, vi = self._val_orders, self.val_cold_user, self.val_cold_item
+        return {"warm_users": tuple(self._user_ids[u_order[~vu[u_order]]].tolist()),
+                "warm_items": tuple(self._item_ids[i_order[~vi[i_order]]].tolist()),
+                "cold_users": tuple(self._user_ids[u_order[vu[u_order]]].tolist()),
+                "cold_items": tuple(self._item_ids[i_order[vi[i_order]]].tolist())}
+
     def split(self, validation: bool = False) -> ColdStartSplit:
         """The :class:`ColdStartSplit` (``validation``: the validation split) in memory."""
         cols = self._collect(range(N_CODES) if not validation else ROLES["train"])
@@ -728,17 +904,12 @@ class StreamedInteractions:
             return frame[np.isin(code, [CODES[n] for n in names])]
 
         if validation:
-            (u_order, i_order), vu, vi = self._val_orders, self.val_cold_user, self.val_cold_item
             return ColdStartSplit(
                 train=part("train"), warm_test=part("val_warm"),
                 cold_item=part("val_cold_item"), cold_user=part("val_cold_user"),
-                cold_both=part("val_cold_both"),
-                warm_users=tuple(self._user_ids[u_order[~vu[u_order]]].tolist()),
-                warm_items=tuple(self._item_ids[i_order[~vi[i_order]]].tolist()),
-                cold_users=tuple(self._user_ids[u_order[vu[u_order]]].tolist()),
-                cold_items=tuple(self._item_ids[i_order[vi[i_order]]].tolist()),
-                seed=self.val_seed, cold_item_frac=self.cold_item_frac,
-                cold_user_frac=self.cold_user_frac, warm_test_frac=self.warm_test_frac)
+                cold_both=part("val_cold_both"), **self._val_ids(), seed=self.val_seed,
+                cold_item_frac=self.cold_item_frac, cold_user_frac=self.cold_user_frac,
+                warm_test_frac=self.warm_test_frac)
         return ColdStartSplit(
             train=part(*(n for n, c in CODES.items() if c in ROLES["train"])),
             warm_test=part("warm"), cold_item=part("cold_item"), cold_user=part("cold_user"),
@@ -1029,10 +1200,9 @@ def load_stream(data_dir: str | None = None, schema_path: str | None = None,
     as for ``tables``, the interactions from the shards of ``interactions`` (default
     ``<data_dir>/interactions/``).
 
-    Returns a :class:`Dataset` whose ``stream`` is the scan; its ``interactions`` frame is
-    every row, read shard by shard into a compact frame (the ids are references to the
-    tables' strings), for the in-memory split, evaluation and students; the fits read
-    their batches from the shards (``interaction_dataset(stream=...)``).
+    Returns a :class:`Dataset` whose ``stream`` is the scan and whose ``interactions`` frame
+    is empty (the shards' columns, no rows): ``evaluation.prepare`` takes the splits from
+    :meth:`StreamedInteractions.splits`, the fits read their batches from the shards.
     """
     if interactions is None:
         if data_dir is None:
@@ -1062,9 +1232,11 @@ def load_stream(data_dir: str | None = None, schema_path: str | None = None,
     scan = scan_interactions(interactions, tables["user"], tables["item"], schema,
                              seed=seed, cold_item_frac=cold_item_frac,
                              cold_user_frac=cold_user_frac, warm_test_frac=warm_test_frac,
-                             chunk_rows=chunk_rows, shuffle_buffer=shuffle_buffer,
-                             keep=("all",))
-    frame = scan.interactions()
-    scan.release()  # the frame holds the rows now; the fits read the shards again
+                             chunk_rows=chunk_rows, shuffle_buffer=shuffle_buffer)
     label = name or posixpath.basename(str(data_dir or interactions).rstrip("/")) or "stream"
-    return Dataset(label, frame, scan.users, scan.items, schema, stream=scan)
+    # No rows in memory: the run's split reads what evaluation needs (StreamedInteractions.
+    # splits), the fits read the shards.
+    empty = scan._frame(tuple(np.zeros(0, t) for t in
+                              (np.int64, np.int32, np.int32, np.int8,
+                               *(np.float64 for _ in scan.columns[len(REQUIRED):]))))
+    return Dataset(label, empty, scan.users, scan.items, schema, stream=scan)

@@ -238,7 +238,7 @@ class EpochScore(tf.keras.callbacks.Callback):
             logs.update(vals)
 
 
-def fit_aligned(model: AlignedStudent, train_df: pd.DataFrame, users: pd.DataFrame,
+def fit_aligned(model: AlignedStudent, train_df: Any, users: pd.DataFrame,
                 items: pd.DataFrame, schema: Schema, seed: int,
                 score: Callable[[AlignedStudent], dict[str, float]] | None = None,
                 monitor: str = "val_cold_mean", verbose: int = 0,
