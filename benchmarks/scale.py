@@ -14,25 +14,47 @@ flatter the next), at ``nice 19``:
   interaction loaded and validated (``load_tables``), the split and the validation split in
   memory (``cold_start_split``, ``validation_split``), then ``--steps`` batches of
   ``interaction_dataset`` over the teacher's rows.
+- ``run-stream``: the WHOLE ``tfrs-coldstart run --format stream --data-dir <view> --output
+  <run folder> --quiet`` (data, split, teacher, validation teacher, student, evaluation,
+  report), with small settings (:data:`RUN_OVERRIDES`: one teacher epoch, 16-wide towers,
+  the ridge student, teacher batch ``--batch-size``; ``--run-set`` adds more) and
+  ``--set eval.max_users=N`` (``--run-eval-max-users``: each segment evaluated on a seeded
+  sample of at most N users; 0 passes nothing). The child calls ``cli.main`` in-process, so
+  its ``VmHWM`` is the command's peak (the command starts no processes of its own; the
+  parent's 0.5 s polls of the process tree are kept beside it as ``polled_peak_rss_mb``).
+  Recorded: peak RSS, wall seconds, each phase's seconds (from the run's log), recall@20
+  per model and segment from ``report.json``, and the run folder's size (then removed
+  unless ``--keep-runs``).
+- ``run-memory``: the same command with ``--format tables``. ``tables`` reads ONE
+  interactions file (``load_dataset`` looks for ``interactions.{csv,tsv,parquet,pq}`` in the
+  data folder, not a folder of shards), so the first N shards are also written as one
+  ``interactions.parquet`` (streamed shard by shard) into the size's view folder
+  (``<data>/views/first_<N>/``: links to the users and items tables, the schema and the first
+  N shards under ``interactions/``, which is what ``--format stream`` reads).
 
 Peak RSS is the child's ``VmHWM`` (``/proc/self/status``); examples/s counts the interactions
 in the batches after ``--warmup`` batches (the shuffle buffer's first fill). The parent caps a
 child's resident memory (``--max-rss-gb``: the cores and memory are shared) and records a
-child killed at the cap as "did not fit". The interactions are written once into
-``--workdir`` as 1M-row Parquet shards by a vectorised generator (``data/synthetic.py``
-builds realistic features but takes minutes at these sizes); the first N shards are the N-M
-dataset.
+child killed at the cap as "did not fit"; each child's log goes to ``<workdir>/logs/``.
+The interactions are written once into ``--workdir`` as ``--shard-rows``-row Parquet shards
+(default 1M) by a vectorised generator (``data/synthetic.py`` builds realistic features but
+takes minutes at these sizes); the first N shards are the N-row dataset.
 
     python benchmarks/scale.py                         # make bench-scale
     python benchmarks/scale.py --sizes 1000000 --paths stream --steps 50
+    python benchmarks/scale.py --paths run-stream,run-memory --append --workers-epochs 0
     python benchmarks/scale.py --render                # report from results.json again
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -59,27 +81,38 @@ from common import (  # noqa: E402
 )
 
 import tfrs_coldstart  # noqa: E402, F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
+from tfrs_coldstart import cli  # noqa: E402
+from tfrs_coldstart.config import EvalConfig  # noqa: E402
 from tfrs_coldstart.data import Schema, cold_start_split, validation_split  # noqa: E402
 from tfrs_coldstart.data.pipeline import interaction_dataset, item_probabilities  # noqa: E402
 from tfrs_coldstart.data.stream import scan_interactions  # noqa: E402
 from tfrs_coldstart.data.tables import feature_table, load_tables, read_table  # noqa: E402
 
-SHARD_ROWS = 1_000_000
+SHARD_ROWS = 1_000_000  # the default --shard-rows
 EPOCHS = 50  # the measured batches may run past an epoch (1M interactions: 541,792 rows each)
 SCHEMA = {"user_features": [{"name": "segment", "type": "categorical"},
                             {"name": "activity", "type": "numeric"}],
           "item_features": [{"name": "category", "type": "categorical"},
                             {"name": "price", "type": "numeric"}]}
+# The whole-run paths' settings: small enough for 1M interactions of 1M users and 1M items on
+# 2 shared cores in minutes (the teacher's batch is --batch-size, added in main).
+RUN_OVERRIDES = ["teacher.epochs=1", "teacher.patience=100", "student.method=ridge",
+                 "teacher.tower.id_dim=16", "teacher.tower.output_dim=16",
+                 "teacher.tower.hidden=[32]"]
+RUN_K = 20  # the recall@K a whole run records per segment
+RUN_FORMATS = {"run-stream": "stream", "run-memory": "tables"}
+SEGMENTS = ("warm", "cold_item", "cold_user", "cold_both")
 
 
 # ---- data ---------------------------------------------------------------------------------
 
 
 def write_data(workdir: Path, n_users: int, n_items: int, n_interactions: int,
-               seed: int = 0) -> Path:
-    """Users, items, schema and ``ceil(n / SHARD_ROWS)`` interaction shards under ``workdir``
+               seed: int = 0, shard_rows: int = SHARD_ROWS) -> Path:
+    """Users, items, schema and ``ceil(n / shard_rows)`` interaction shards under ``workdir``
     (kept: a later run with the same sizes reuses them). Returns the data folder."""
-    root = workdir / f"data_{n_users}u_{n_items}i"
+    root = workdir / (f"data_{n_users}u_{n_items}i" if shard_rows == SHARD_ROWS
+                      else f"data_{n_users}u_{n_items}i_{shard_rows}r")
     shards = root / "interactions"
     shards.mkdir(parents=True, exist_ok=True)
     user_ids = pa.array([f"u{k:07d}" for k in range(n_users)])
@@ -101,14 +134,14 @@ def write_data(workdir: Path, n_users: int, n_items: int, n_interactions: int,
         (root / "schema.yaml").write_text(yaml.safe_dump(SCHEMA, sort_keys=False))
     # Item popularity: a power law over a fixed random order of the items.
     popular = np.random.default_rng(seed + 1).permutation(n_items)
-    for k in range(-(-n_interactions // SHARD_ROWS)):
+    for k in range(-(-n_interactions // shard_rows)):
         path = shards / f"part-{k:05d}.parquet"
         if path.is_file():
             continue
         r = np.random.default_rng([seed, k])
-        u = r.integers(0, n_users, SHARD_ROWS)
-        i = popular[(n_items * r.random(SHARD_ROWS) ** 3).astype(np.int64)]
-        ts = 1_600_000_000 + np.sort(r.integers(0, 86_400, SHARD_ROWS)) + 86_400 * k
+        u = r.integers(0, n_users, shard_rows)
+        i = popular[(n_items * r.random(shard_rows) ** 3).astype(np.int64)]
+        ts = 1_600_000_000 + np.sort(r.integers(0, 86_400, shard_rows)) + 86_400 * k
         table = pa.table({"user_id": pc.take(user_ids, u), "item_id": pc.take(item_ids, i),
                           "timestamp": ts.astype(np.int64)})
         tmp = path.with_suffix(".tmp")
@@ -116,6 +149,38 @@ def write_data(workdir: Path, n_users: int, n_items: int, n_interactions: int,
         tmp.rename(path)
         log(f"  wrote {path}")
     return root
+
+
+def data_view(root: Path, size: int, shard_rows: int, one_table: bool) -> Path:
+    """``<root>/views/first_<size>/``: what ``tfrs-coldstart run --data-dir`` reads at one
+    size: links to the users and items tables and the schema, ``interactions/`` of links to
+    the first ``size / shard_rows`` shards (``--format stream``) and, with ``one_table``,
+    those shards as one ``interactions.parquet`` (``--format tables`` reads one file),
+    written a shard at a time. Kept for later runs."""
+    view = root / "views" / f"first_{size}"
+    links = view / "interactions"
+    links.mkdir(parents=True, exist_ok=True)
+    for name in ("users.parquet", "items.parquet", "schema.yaml"):
+        if not (view / name).is_symlink():
+            (view / name).symlink_to((root / name).resolve())
+    shards = [(root / "interactions" / f"part-{k:05d}.parquet").resolve()
+              for k in range(size // shard_rows)]
+    for shard in shards:
+        if not (links / shard.name).is_symlink():
+            (links / shard.name).symlink_to(shard)
+    one = view / "interactions.parquet"
+    if one_table and not one.is_file():
+        tmp = view / "interactions.parquet.tmp"
+        writer = None
+        for shard in shards:
+            table = pq.read_table(shard)
+            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table, row_group_size=128 * 1024)
+        assert writer is not None
+        writer.close()
+        tmp.rename(one)
+        log(f"  wrote {one} ({len(shards)} shards as one table, for --format tables)")
+    return view
 
 
 # ---- one measurement (child process) ------------------------------------------------------
@@ -131,8 +196,10 @@ def _status(key: str) -> int:
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One path at one size; returns the measurements (printed as JSON by ``--child``)."""
+    if spec["path"] in RUN_FORMATS:
+        return run_cli(spec)
     root = Path(spec["data"])
-    n_shards = spec["interactions"] // SHARD_ROWS
+    n_shards = spec["interactions"] // spec.get("shard_rows", SHARD_ROWS)
     shards = [str(root / "interactions" / f"part-{k:05d}.parquet") for k in range(n_shards)]
     schema = Schema.from_yaml(root / "schema.yaml")
     out: dict[str, Any] = {"path": spec["path"], "interactions": spec["interactions"],
@@ -190,12 +257,82 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_child(spec: dict[str, Any], max_rss_gb: float) -> dict[str, Any]:
-    """``child(spec)`` at nice 19 in a fresh interpreter, killed if it passes the RSS cap."""
+def run_cli(spec: dict[str, Any]) -> dict[str, Any]:
+    """The whole ``tfrs-coldstart run`` in this process (``cli.main``), then its ``VmHWM``,
+    wall time, recall@K per model and segment (``report.json``) and run folder size."""
+    run_dir = Path(spec["run_dir"])
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resumed one
+    argv = ["run", "--format", RUN_FORMATS[spec["path"]], "--data-dir", spec["view"],
+            "--output", str(run_dir), "--quiet"]
+    for o in spec["overrides"]:
+        argv += ["--set", o]
+    out: dict[str, Any] = {"path": spec["path"], "interactions": spec["interactions"],
+                           "argv": argv, "rss_start_mb": _status("VmRSS") / 2**20}
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # stdout: only this function's JSON
+        code = cli.main(argv)
+    out["wall_s"] = time.perf_counter() - t
+    out["peak_rss_mb"] = _status("VmHWM") / 2**20
+    out["load_average"] = load_average()
+    if code:
+        raise SystemExit(code)
+    # Imported after the run, which has loaded it: a module top import would add the model
+    # modules to the input-pipeline children's baseline RSS.
+    from tfrs_coldstart.runs import RunDir
+
+    report = json.loads((run_dir / "report.json").read_text())
+    key = f"recall@{RUN_K}"
+    out["run_seconds"] = report.get("seconds")
+    out["recall"] = {m: {s: v.get(key) for s, v in segs.items() if isinstance(v, dict)}
+                     for m, segs in report.get("models", {}).items()}
+    out["eval_users"] = {m: {s: v.get("users") for s, v in segs.items() if isinstance(v, dict)}
+                         for m, segs in report.get("models", {}).items()}
+    out["mixed_recall"] = {m: v.get(key) for m, v in report.get("mixed", {}).items()}
+    out["split"] = report.get("protocol", {}).get("segments", {}).get("interactions")
+    use = RunDir(run_dir).disk_usage()
+    out["run_dir_mb"] = use.pop("total") / 2**20
+    out["run_dir_parts_mb"] = {k: round(v / 2**20, 2) for k, v in use.items()}
+    if not spec.get("keep_runs"):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return out
+
+
+_PHASE = re.compile(r"^\[(.+?)\] done in ([0-9.]+) s$")
+
+
+def run_child(spec: dict[str, Any], max_rss_gb: float, log_dir: Path) -> dict[str, Any]:
+    """``child(spec)`` at nice 19 in a fresh interpreter, killed if it passes the RSS cap;
+    its stderr goes to ``log_dir/<path>-<size>.log`` (a file, not a pipe the poll loop would
+    not drain)."""
     cmd = ["nice", "-n", "19", sys.executable, __file__, "--child", json.dumps(spec)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO, env=env)
+    if spec["path"] in RUN_FORMATS:
+        env["TFRS_COLDSTART_DEBUG"] = "1"  # a failure in the run shows its traceback
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{spec['path']}-{spec['interactions']}.log"
+    with open(log_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
+                                env=env)
+        row = _watch(proc, spec, max_rss_gb)
+    stderr = log_path.read_text(errors="replace")
+    row["log"] = str(log_path)
+    if spec["path"] in RUN_FORMATS:
+        phases: dict[str, float] = {}
+        for line in stderr.splitlines():
+            m = _PHASE.match(line.strip())
+            if m:
+                phases[m[1]] = phases.get(m[1], 0.0) + float(m[2])
+        row["phases_s"] = phases
+    if "error" in row and "did not fit" not in row["error"]:
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else row["error"]
+        row["error"] = f"{last} (log: {log_path})"
+    return row
+
+
+def _watch(proc: subprocess.Popen[str], spec: dict[str, Any], max_rss_gb: float
+           ) -> dict[str, Any]:
+    """Poll ``proc``'s process tree until it ends or passes the RSS cap; its JSON row (with
+    the polled peak) or an error row."""
     cap = max_rss_gb * 2**30
     peak = 0
     killed = False
@@ -212,15 +349,15 @@ def run_child(spec: dict[str, Any], max_rss_gb: float) -> dict[str, Any]:
             proc.kill()
             break
         time.sleep(0.5)
-    stdout, stderr = proc.communicate()
+    stdout, _ = proc.communicate()
     if killed:
         return {**_spec_row(spec), "error": f"over the {max_rss_gb:g} GB cap (killed at "
                 f"{peak / 2**30:.1f} GB after {time.time() - start:.0f} s): did not fit",
                 "peak_rss_mb": peak / 2**20}
     if proc.returncode != 0:
-        return {**_spec_row(spec), "error": stderr.strip().splitlines()[-1] if stderr.strip()
-                else f"exit {proc.returncode}"}
-    return json.loads(stdout.strip().splitlines()[-1])
+        return {**_spec_row(spec), "error": f"exit {proc.returncode}",
+                "seconds_to_failure": time.time() - start}
+    return {**json.loads(stdout.strip().splitlines()[-1]), "polled_peak_rss_mb": peak / 2**20}
 
 
 def _spec_row(spec: dict[str, Any]) -> dict[str, Any]:
@@ -294,7 +431,9 @@ def workers_ratio(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(res: dict[str, Any], out: Path) -> str:
     """``report.md`` and ``scale.png`` from the results; returns the Markdown."""
-    rows = sorted(res["rows"], key=lambda r: (r["path"], r["interactions"]))
+    every = sorted(res["rows"], key=lambda r: (r["path"], r["interactions"]))
+    rows = [r for r in every if r["path"] not in RUN_FORMATS]
+    runs = [r for r in every if r["path"] in RUN_FORMATS]
     table = md_table(
         ["path", "interactions", "peak RSS (MB)", "RSS after tables (MB)", "prepare (s)",
          "teacher rows", "examples/s", "total (s)", "note"],
@@ -316,12 +455,14 @@ def render(res: dict[str, Any], out: Path) -> str:
     for extra in res.get("appended", []):
         lines.append(f"Rows added by `{extra['command']}`, {extra['date']}, load average "
                      f"{extra['load_average_start']} at the start.")
-    lines += ["", table, ""]
+    lines += ["", table, ""] if rows or not runs else [""]
     flat = res.get("stream_flatness")
     if flat:
         lines += [f"Streamed peak RSS at {flat['largest']:,} interactions / at "
                   f"{flat['smallest']:,}: **{flat['ratio']:.3f}x** (target at most 1.2x: "
                   f"{'met' if flat['ratio'] <= 1.2 else 'NOT met'}).", ""]
+    if runs:
+        lines += _render_runs(runs, res)
     w = res.get("workers", {})
     if "ratio" in w:
         lines += [f"2 local workers against 1 (teacher fit, {w['epochs']} epochs, "
@@ -333,18 +474,76 @@ def render(res: dict[str, Any], out: Path) -> str:
         lines += [f"2 local workers against 1: {w.get('status', '-')}", ""]
     md = "\n".join(lines)
     write_text(out / "report.md", md)
-    _plot(rows, out / "scale.png")
+    _plot(rows, runs, out / "scale.png")
     return md
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+def _phase_sum(phases: dict[str, float], names: tuple[str, ...] = (),
+               prefixes: tuple[str, ...] = ()) -> float | None:
+    """Seconds of the run's phases named one of ``names`` or starting with one of
+    ``prefixes`` (``names`` for a phase with sub-phases: ``student`` holds ``student: ...``)."""
+    hit = [v for k, v in phases.items() if k in names or k.startswith(prefixes or ("\0",))]
+    return round(sum(hit)) if hit else None
+
+
+def _render_runs(runs: list[dict[str, Any]], res: dict[str, Any]) -> list[str]:
+    """The whole ``tfrs-coldstart run`` rows: a table, the settings, the streamed flatness."""
+    body = []
+    for r in runs:
+        ph = r.get("phases_s", {})
+        model = next((m for m in ("recommend", "student", "teacher")
+                      if m in r.get("recall", {})), None)
+        rec = r["recall"][model] if model else {}
+        users = r.get("eval_users", {}).get(model or "", {})
+        body.append([
+            r["path"], f"{r['interactions']:,}",
+            round(r["peak_rss_mb"]) if r.get("peak_rss_mb") else None,
+            round(r["wall_s"]) if r.get("wall_s") else None,
+            _phase_sum(ph, ("split",), ("data",)),
+            _phase_sum(ph, ("teacher",), ("validation teacher",)),
+            _phase_sum(ph, ("student",)), _phase_sum(ph, prefixes=("evaluation",)),
+            round(r["run_dir_mb"]) if r.get("run_dir_mb") is not None else None,
+            f"{model}: " + " / ".join("-" if rec.get(s) is None else f"{rec[s]:.3f}"
+                                      for s in SEGMENTS) if model else None,
+            max(users.values(), default=None) if users else None, r.get("error", "")])
+    table = md_table(
+        ["path", "interactions", "peak RSS (MB)", "wall (s)", "data + split (s)",
+         "teachers (s)", "student (s)", "evaluation (s)", "run folder (MB)",
+         f"recall@{RUN_K} warm / cold item / cold user / cold both",
+         "most users in a segment", "note"], body)
+    sets = res.get("run_overrides", [])
+    lines = [f"Whole `tfrs-coldstart run` (`run-stream`: `--format stream`; `run-memory`: "
+             "`--format tables` over the same shards as one table), each in its own process "
+             f"at nice 19, peak RSS its `VmHWM`, with `{' '.join('--set ' + o for o in sets)}`"
+             ".", "", table, ""]
+    stream = {r["interactions"]: r["peak_rss_mb"] for r in runs
+              if r["path"] == "run-stream" and not r.get("error") and r.get("peak_rss_mb")}
+    if len(stream) > 1:
+        lo, hi = min(stream), max(stream)
+        lines += [f"Whole streamed run's peak RSS at {hi:,} interactions / at {lo:,}: "
+                  f"**{stream[hi] / stream[lo]:.3f}x**.", ""]
+    return lines
+
+
+def _plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path) -> None:
     # matplotlib: an optional heavy extra, imported only to draw the chart.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    done = [r for r in runs if r.get("peak_rss_mb") and not r.get("error")]
+    fig, axes = plt.subplots(1, 3 if done else 2, figsize=(15 if done else 10, 4))
+    a, b = axes[0], axes[1]
+    for name, style in (("run-stream", "D-"), ("run-memory", "v--")):
+        pts = [r for r in done if r["path"] == name]
+        if pts:
+            x = [r["interactions"] / 1e6 for r in pts]
+            a.plot(x, [r["peak_rss_mb"] / 1024 for r in pts], style, label=f"{name} (whole)")
+            axes[2].plot(x, [r["wall_s"] / 60 for r in pts], style, label=name)
+    if done:
+        axes[2].set(xlabel="interactions (M)", ylabel="wall time (min)",
+                    title="whole tfrs-coldstart run")
     for name, style in (("stream", "o-"), ("memory", "s--"), ("stream-nocache", "^:")):
         pts = [r for r in rows if r["path"] == name and r.get("peak_rss_mb")
                and not r.get("error")]
@@ -355,9 +554,10 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     a.set(xlabel="interactions (M)", ylabel="peak RSS (GB)", title="peak memory")
     b.set(xlabel="interactions (M)", ylabel="examples/s (thousands)",
           title="teacher input pipeline")
-    for ax in (a, b):
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -366,12 +566,24 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1000000,5000000,20000000",
-                   help="interaction counts, multiples of 1,000,000 (comma-separated)")
+                   help="interaction counts, multiples of --shard-rows (comma-separated)")
+    p.add_argument("--shard-rows", type=int, default=SHARD_ROWS,
+                   help="rows of each interactions shard (a smaller one for a quick check; "
+                        "its data folder is a separate one)")
     p.add_argument("--users", type=int, default=1_000_000)
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--paths", default="stream,memory",
                    help="stream, memory, stream-nocache (epochs re-read the Parquet shards "
-                        "instead of the scan's row cache)")
+                        "instead of the scan's row cache), run-stream, run-memory (the whole "
+                        "`tfrs-coldstart run --format stream|tables`)")
+    p.add_argument("--run-eval-max-users", type=int, default=2000,
+                   help="run-*: --set eval.max_users=N (each segment evaluated on a seeded "
+                        "sample of at most N users); 0: not passed")
+    p.add_argument("--run-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="run-*: another --set for the run, after the benchmark's own "
+                        "(repeatable)")
+    p.add_argument("--keep-runs", action="store_true",
+                   help="run-*: keep each run folder (<workdir>/runs/<path>-<size>)")
     p.add_argument("--append", action="store_true",
                    help="keep results.json's other rows (a path and size measured again "
                         "replaces its row)")
@@ -406,26 +618,52 @@ def main(argv: list[str] | None = None) -> int:
         print(render(res, out))
         return 0
     sizes = [int(s) for s in args.sizes.split(",")]
-    if any(s % SHARD_ROWS for s in sizes):
-        p.error(f"--sizes must be multiples of {SHARD_ROWS:,}")
+    if args.shard_rows < 1 or any(s <= 0 or s % args.shard_rows for s in sizes):
+        p.error(f"--sizes must be positive multiples of --shard-rows ({args.shard_rows:,})")
+    paths = args.paths.split(",")
+    unknown = set(paths) - {"stream", "memory", "stream-nocache", *RUN_FORMATS}
+    if unknown:
+        p.error(f"unknown --paths {sorted(unknown)}")
+    overrides = [*RUN_OVERRIDES, f"teacher.batch_size={args.batch_size}"]
+    if args.run_eval_max_users > 0 and any(path in RUN_FORMATS for path in paths):
+        if "max_users" not in {f.name for f in dataclasses.fields(EvalConfig)}:
+            p.error("eval.max_users is not a config key in this tree yet: pass "
+                    "--run-eval-max-users 0 (evaluates every user of every segment: slow at "
+                    "1M users)")
+        overrides.append(f"eval.max_users={args.run_eval_max_users}")
+    overrides += args.run_set
     res: dict[str, Any] = {"machine": machine_info(["python", *sys.argv]), "users": args.users,
                            "items": args.items, "batch_size": args.batch_size,
                            "steps": args.steps, "warmup": args.warmup, "rows": []}
+    if args.shard_rows != SHARD_ROWS:
+        res["shard_rows"] = args.shard_rows
     if args.append and (out / "results.json").is_file():  # the first run's machine stays
         old = json.loads((out / "results.json").read_text())
         res["appended"] = [*old.get("appended", []), res["machine"]]
         res["machine"], res["rows"] = old["machine"], old["rows"]
+        for key in ("workers", "run_overrides"):  # kept unless measured again
+            if key in old:
+                res[key] = old[key]
+    if any(path in RUN_FORMATS for path in paths):
+        res["run_overrides"] = overrides
     t = time.time()
     log(f"writing up to {max(sizes):,} interactions to {args.workdir}")
-    data = write_data(Path(args.workdir), args.users, args.items, max(sizes))
+    data = write_data(Path(args.workdir), args.users, args.items, max(sizes),
+                      shard_rows=args.shard_rows)
     res["data_s"] = time.time() - t
-    for path in args.paths.split(","):
+    for path in paths:
         for size in sizes:
             spec = {"path": path, "interactions": size, "data": str(data),
+                    "shard_rows": args.shard_rows,
                     "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
                     "chunk_rows": args.chunk_rows, "shuffle_buffer": args.shuffle_buffer}
+            if path in RUN_FORMATS:
+                spec.update(view=str(data_view(data, size, args.shard_rows,
+                                               path == "run-memory")),
+                            run_dir=str(Path(args.workdir) / "runs" / f"{path}-{size}"),
+                            overrides=overrides, keep_runs=args.keep_runs)
             log(f"{path} at {size:,} interactions ...")
-            row = run_child(spec, args.max_rss_gb)
+            row = run_child(spec, args.max_rss_gb, Path(args.workdir) / "logs")
             log(f"  {json.dumps(row)}")
             res["rows"] = [r for r in res["rows"]
                            if (r["path"], r["interactions"]) != (path, size)] + [row]
@@ -436,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
         lo, hi = min(stream), max(stream)
         res["stream_flatness"] = {"smallest": lo, "largest": hi,
                                   "ratio": stream[hi] / stream[lo]}
-    res["workers"] = workers_ratio(args)
+    if args.workers_epochs > 0 or "workers" not in res:  # --append keeps an earlier ratio
+        res["workers"] = workers_ratio(args)
     res["machine"]["load_average_end"] = load_average()
     write_json(out / "results.json", res)
     print(render(res, out))

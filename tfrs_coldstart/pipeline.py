@@ -116,6 +116,14 @@ def check_output(cfg: RunConfig) -> None:
     resumes it) had the same config; :class:`RunError` otherwise, the folder untouched."""
     out = Path(cfg.output_dir)
     changed = RunDir(out).config_changes(cfg)
+    # How training is laid out (train.strategy, train.communication) may change on a rerun:
+    # a fit's backup is plain arrays and counts global steps of the global batch, so a run
+    # started on 2 workers resumes in one process after a machine is lost (tested).
+    layout = [k for k in changed if k.startswith("train.")]
+    if layout:
+        log(f"{out}: resuming with another training layout ({', '.join(layout)}); the "
+            "remaining epochs split the global batch over this layout's replicas")
+        changed = [k for k in changed if k not in layout]
     if changed:
         shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more"
                                           if len(changed) > 8 else "")
