@@ -6,6 +6,8 @@ Small synthetic tables written by each test as shards (Parquet, CSV, TFRecord) i
 
 from __future__ import annotations
 
+import importlib.util
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -376,6 +378,48 @@ def test_a_streamed_run_prepares_the_in_memory_tasks_without_the_rows(
         assert all(n > 0 for n in users.values()), users
     else:
         assert users["warm"] > 100, users
+
+
+@pytest.mark.skipif(importlib.util.find_spec("apache_beam") is None,
+                    reason="apache_beam not installed (extra [beam])")
+def test_the_pass_on_beam_gives_the_ordered_pass_split(data: Dataset, tmp_path: Path) -> None:
+    """``scan_interactions(beam=...)``: the three per-shard Beam stages (counts, then the
+    generators advanced to each shard's offset) give the ordered pass's generator states at
+    every shard, its counts, statistics and so the same split, through ``data.stream_beam``."""
+    folder = write_shards(data.interactions, tmp_path / "inter", "parquet", n=4)
+    kw = {"chunk_rows": 700, "weight_transforms": ("threshold:4",)}
+    ordered = scan_interactions(str(folder), data.users, data.items, data.schema, **kw)
+    beam = scan_interactions(str(folder), data.users, data.items, data.schema, **kw,
+                             beam=["--runner=DirectRunner", "--direct_num_workers=2",
+                                   "--direct_running_mode=multi_threading"],
+                             beam_dir=str(tmp_path / "beam"))
+    assert beam.shard_rows == ordered.shard_rows and beam.stats == ordered.stats
+    assert len({s for s in ordered._shard_start}) == 4 and beam.cache_dir is None
+    for (t1, v1), (t2, v2) in zip(ordered._states, beam._states, strict=True):
+        assert t1["state"] == t2["state"] and v1["state"] == v2["state"]
+    for side in ("user", "item"):
+        np.testing.assert_array_equal(beam.counts[side], ordered.counts[side])
+    for name, sums in ordered._weight_sums.items():  # summed in another order
+        np.testing.assert_allclose(beam._weight_sums[name], sums, rtol=1e-12)
+    _assert_same_split(beam.split(), ordered.split())
+    _assert_same_split(beam.split(validation=True), ordered.split(validation=True))
+    # a real runner pickles the scan to its workers
+    again = pickle.loads(pickle.dumps(beam))
+    assert again._shard_job("rows", 2)["ww"] == beam._shard_job("rows", 2)["ww"] > 0
+    root = tmp_path / "tables"  # the config's way in: data.stream_beam
+    root.mkdir()
+    data.users.to_parquet(root / "users.parquet")
+    data.items.to_parquet(root / "items.parquet")
+    data.schema.to_yaml(root / "schema.yaml")
+    cfg = load_config(None, ["data.format=stream", f"data.data_dir={root}",
+                             f"data.interactions={folder}", "data.stream_chunk_rows=700",
+                             "data.stream_beam=--runner=DirectRunner"])
+    ds = load_data(cfg)
+    assert ds.stream.cache_dir is None
+    np.testing.assert_array_equal(ds.stream.counts["item"], ordered.counts["item"])
+    with pytest.raises(DataError, match="keeps no rows"):
+        scan_interactions(str(folder), data.users, data.items, data.schema, beam=[],
+                          keep=("held_out",))
 
 
 def test_held_out_rows_kept_by_the_scan(data: Dataset, tmp_path: Path) -> None:

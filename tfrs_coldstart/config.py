@@ -100,6 +100,12 @@ class DataConfig:
     interactions: str | None = None
     stream_chunk_rows: int = 65_536  # rows read at a time from a shard
     stream_shuffle_buffer: int = 100_000  # rows in the streamed input's shuffle buffer
+    # The streaming pass on Apache Beam, per shard in parallel (same split): its pipeline options
+    # as one string, e.g. "--runner=DirectRunner --direct_num_workers=4" or a Dataflow runner's;
+    # None: one ordered pass in this process. stream_beam_dir: where the workers leave per-shard
+    # results (shared storage such as gs://...; default a local temporary folder).
+    stream_beam: str | None = None
+    stream_beam_dir: str | None = None
     tfds_name: str = "movielens/100k-ratings"
     synthetic_users: int = 2000
     synthetic_items: int = 1000

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,9 @@ def load_data(cfg: RunConfig) -> Dataset:
                             seed=d.split_seed, cold_item_frac=d.cold_item_frac,
                             cold_user_frac=d.cold_user_frac, warm_test_frac=d.warm_test_frac,
                             chunk_rows=d.stream_chunk_rows,
-                            shuffle_buffer=d.stream_shuffle_buffer)
+                            shuffle_buffer=d.stream_shuffle_buffer,
+                            beam=None if d.stream_beam is None else shlex.split(d.stream_beam),
+                            beam_dir=d.stream_beam_dir)
     return load_dataset(d.format, data_dir=d.data_dir, schema_path=d.schema)
 
 

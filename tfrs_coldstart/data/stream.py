@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import posixpath
 import shutil
@@ -366,6 +367,17 @@ class _Keep:
     parts: list[tuple[np.ndarray, ...]] = dataclasses.field(default_factory=list)
 
 
+@dataclass
+class _Tally:
+    """What a pass adds up over rows: per-entity counts per code, weight sums per transform
+    and code, and the timestamp and weight ranges."""
+
+    counts: dict[str, np.ndarray]  # {"user"|"item": int64 [N_CODES, n]}
+    sums: np.ndarray  # float64 [3 + thresholds, N_CODES]: n, raw, log1p, threshold:X...
+    t: list[float] = dataclasses.field(default_factory=lambda: [np.inf, -np.inf])
+    w: list[float] = dataclasses.field(default_factory=lambda: [np.inf, -np.inf])
+
+
 class StreamPart:
     """The training part of a streamed split: the rows of one :data:`ROLES` role of the shards,
     never held in memory (the split functions of :mod:`~tfrs_coldstart.data.split` and the
@@ -536,6 +548,15 @@ class StreamedInteractions:
                   vrng: np.random.Generator) -> np.ndarray:
         """The :data:`CODES` of rows ``(u, i)`` (rows of the tables), in file order, drawing
         the warm-test marks from ``rng`` and the validation ones from ``vrng``."""
+        code, vww = self._test_codes(u, i, rng)
+        vmarks = vrng.random(len(vww)) < self.warm_test_frac
+        code[vww[vmarks]] = CODES["val_warm"]
+        return code
+
+    def _test_codes(self, u: np.ndarray, i: np.ndarray, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_classify` but for the validation warm test: the codes, and the positions
+        of the validation split's warm x warm rows (whose marks ``vrng`` draws next)."""
         cu, ci = self.cold_user[u], self.cold_item[i]
         code = np.full(len(u), CODES["train"], np.int8)
         code[cu & ci] = CODES["cold_both"]
@@ -549,10 +570,7 @@ class StreamedInteractions:
         code[tr[vu & vi]] = CODES["val_cold_both"]
         code[tr[vu & ~vi]] = CODES["val_cold_user"]
         code[tr[~vu & vi]] = CODES["val_cold_item"]
-        vww = tr[~vu & ~vi]
-        vmarks = vrng.random(len(vww)) < self.warm_test_frac
-        code[vww[vmarks]] = CODES["val_warm"]
-        return code
+        return code, tr[~vu & ~vi]
 
     def _rows(self, shard: Shard, frame: pd.DataFrame, start: int
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -615,9 +633,8 @@ class StreamedInteractions:
             raise DataError(f"{shard.path}: {seen} rows now, {n} when the interactions were "
                             "scanned; the shards changed: scan them again")
 
-    def _scan(self, keep: tuple[str, ...], weight_transforms: Sequence[str]) -> None:
-        """The one ordered pass (see the module docstring)."""
-        rng, vrng = _rng_from(self._test_state), _rng_from(self._val_state)
+    def _setup(self, weight_transforms: Sequence[str]) -> list[float]:
+        """The shards' columns (from the first) and the weight thresholds to count."""
         cols = shard_columns(self.shards[0])
         missing = [c for c in REQUIRED if c not in cols]
         if missing:
@@ -626,76 +643,169 @@ class StreamedInteractions:
         self.columns = [*REQUIRED, *(c for c in OPTIONAL if c in cols)]
         for t in weight_transforms:
             check_weight_transform(t)
-        thresholds = sorted({float(t.split(":", 1)[1]) for t in weight_transforms
-                             if t.startswith("threshold:")})
-        w_names = ["n", "raw", "log1p", *(f"threshold:{x:g}" for x in thresholds)]
-        sums = np.zeros((len(w_names), N_CODES), np.float64)
+        return sorted({float(t.split(":", 1)[1]) for t in weight_transforms
+                       if t.startswith("threshold:")})
+
+    def _tally(self, thresholds: list[float]) -> _Tally:
+        return _Tally({"user": np.zeros((N_CODES, len(self._user_ids)), np.int64),
+                       "item": np.zeros((N_CODES, len(self._item_ids)), np.int64)},
+                      np.zeros((3 + len(thresholds), N_CODES), np.float64))
+
+    def _pass_shard(self, s: int, rng: np.random.Generator, vrng: np.random.Generator,
+                    tally: _Tally, thresholds: list[float], kept: _Keep | None = None,
+                    row0: int = 0) -> int:
+        """Classify shard ``s`` (drawing from ``rng``/``vrng``), add its counts and
+        statistics to ``tally``, write its row cache (when there is one) and keep the rows
+        ``kept`` asks for (file rows from ``row0``); returns its row count."""
+        shard = self.shards[s]
+        n = 0
+        files = None
+        if self.cache_dir is not None:
+            paths = self._cache_paths(s)
+            files = [open(paths[0], "wb"),  # noqa: SIM115  (closed below)
+                     open(paths[1], "wb") if "weight" in self.columns else None]  # noqa: SIM115
+        try:
+            for start, frame in read_shard(shard, self.columns, self.chunk_rows):
+                u, i = self._rows(shard, frame, start)
+                code = self._classify(u, i, rng, vrng)
+                np.add.at(tally.counts["user"], (code, u), 1)
+                np.add.at(tally.counts["item"], (code, i), 1)
+                if files is not None:
+                    files[0].write(np.stack([u, i], axis=1).astype(np.int32).tobytes())
+                if "timestamp" in frame:
+                    ts = frame["timestamp"].to_numpy()
+                    tally.t = [min(tally.t[0], ts.min()), max(tally.t[1], ts.max())]
+                if "weight" in frame:
+                    w32 = frame["weight"].to_numpy(np.float32)
+                    if files is not None and files[1] is not None:
+                        files[1].write(w32.tobytes())
+                    w = w32.astype(np.float64)
+                    tally.w = [min(tally.w[0], w.min()), max(tally.w[1], w.max())]
+                    pos = np.maximum(w, 0.0)
+                    for k, v in enumerate([np.ones_like(w), pos, np.log1p(pos),
+                                           *((w >= x).astype(np.float64)
+                                             for x in thresholds)]):
+                        tally.sums[k] += np.bincount(code, weights=v, minlength=N_CODES)
+                if kept is not None and kept.codes.any():
+                    idx = np.flatnonzero(kept.codes[code])
+                    if len(idx):
+                        kept.parts.append((row0 + start + idx, u[idx].astype(np.int32),
+                                           i[idx].astype(np.int32), code[idx],
+                                           *(frame[c].to_numpy()[idx] for c in OPTIONAL
+                                             if c in frame)))
+                n = start + len(frame)
+        finally:
+            for f in files or ():
+                if f is not None:
+                    f.close()
+        return n
+
+    def _scan(self, keep: tuple[str, ...], weight_transforms: Sequence[str]) -> None:
+        """The one ordered pass (see the module docstring)."""
+        rng, vrng = _rng_from(self._test_state), _rng_from(self._val_state)
+        thresholds = self._setup(weight_transforms)
         keep_codes = np.zeros(N_CODES, bool)
         keep_codes[[CODES[name] for name in keep]] = True
         kept = _Keep(keep_codes)
-        t_min, t_max, w_min, w_max = np.inf, -np.inf, np.inf, -np.inf
+        tally = self._tally(thresholds)
+        self.counts = tally.counts
         row = 0
         for s, shard in enumerate(self.shards):
             if s:
                 self._check_columns(shard)
             self._states.append((_rng_state(rng), _rng_state(vrng)))
             self._shard_start.append(row)
-            n = 0
-            files = None
-            if self.cache_dir is not None:
-                paths = self._cache_paths(s)
-                files = [open(paths[0], "wb"),  # noqa: SIM115  (closed below)
-                         open(paths[1], "wb") if "weight" in self.columns else None]  # noqa: SIM115
-            try:
-                for start, frame in read_shard(shard, self.columns, self.chunk_rows):
-                    u, i = self._rows(shard, frame, start)
-                    code = self._classify(u, i, rng, vrng)
-                    np.add.at(self.counts["user"], (code, u), 1)
-                    np.add.at(self.counts["item"], (code, i), 1)
-                    if files is not None:
-                        files[0].write(np.stack([u, i], axis=1).astype(np.int32).tobytes())
-                    if "timestamp" in frame:
-                        ts = frame["timestamp"].to_numpy()
-                        t_min, t_max = min(t_min, ts.min()), max(t_max, ts.max())
-                    if "weight" in frame:
-                        w32 = frame["weight"].to_numpy(np.float32)
-                        if files is not None and files[1] is not None:
-                            files[1].write(w32.tobytes())
-                        w = w32.astype(np.float64)
-                        w_min, w_max = min(w_min, w.min()), max(w_max, w.max())
-                        pos = np.maximum(w, 0.0)
-                        for k, v in enumerate([np.ones_like(w), pos, np.log1p(pos),
-                                               *((w >= x).astype(np.float64)
-                                                 for x in thresholds)]):
-                            sums[k] += np.bincount(code, weights=v, minlength=N_CODES)
-                    if keep_codes.any():
-                        idx = np.flatnonzero(keep_codes[code])
-                        if len(idx):
-                            kept.parts.append((row + start + idx, u[idx].astype(np.int32),
-                                               i[idx].astype(np.int32), code[idx],
-                                               *(frame[c].to_numpy()[idx] for c in OPTIONAL
-                                                 if c in frame)))
-                    n = start + len(frame)
-            finally:
-                for f in files or ():
-                    if f is not None:
-                        f.close()
+            n = self._pass_shard(s, rng, vrng, tally, thresholds, kept, row)
             self.shard_rows.append(n)
             row += n
+        self._kept = {"rows": kept} if keep_codes.any() else {}
+        self._finish(tally, thresholds)
+
+    def _finish(self, tally: _Tally, thresholds: list[float]) -> None:
+        """Totals and statistics once every shard is counted (``shard_rows`` set)."""
+        row = int(sum(self.shard_rows))
         if row == 0:
             raise DataError(f"{self.shards[0].path}: the interactions shards hold no rows "
                             f"({len(self.shards)} shard(s)); they need at least one "
                             "user_id,item_id row")
+        self.counts = tally.counts
         self.n_interactions = row
-        self._kept = {"rows": kept} if keep_codes.any() else {}
-        self._weight_sums = {name: sums[k] for k, name in enumerate(w_names)}
+        w_names = ["n", "raw", "log1p", *(f"threshold:{x:g}" for x in thresholds)]
+        self._weight_sums = {name: tally.sums[k] for k, name in enumerate(w_names)}
         self.stats = {"n_interactions": row, "n_shards": len(self.shards),
                       "segments": {name: int(self.counts["item"][c].sum())
                                    for name, c in CODES.items()}}
-        if np.isfinite(t_min):
-            self.stats["timestamp"] = {"min": int(t_min), "max": int(t_max)}
-        if np.isfinite(w_min):
-            self.stats["weight"] = {"min": float(w_min), "max": float(w_max)}
+        if np.isfinite(tally.t[0]):
+            self.stats["timestamp"] = {"min": int(tally.t[0]), "max": int(tally.t[1])}
+        if np.isfinite(tally.w[0]):
+            self.stats["weight"] = {"min": float(tally.w[0]), "max": float(tally.w[1])}
+
+    def _scan_beam(self, weight_transforms: Sequence[str], options: Sequence[str],
+                   work_dir: str) -> None:
+        """The pass as three Apache Beam jobs over the shards, in parallel: the same split
+        as :meth:`_scan`. A warm-test mark is the next draw of one generator over the warm x
+        warm rows in file order, so (1) count each shard's warm x warm rows; a prefix sum is
+        each shard's offset in the draws, and ``PCG64.advance(offset)`` its generator state;
+        (2) with it, mark the shard's warm test and count its validation warm x warm rows,
+        which give the validation generator's offsets the same way; (3) classify and count
+        each shard from both states. Per-shard results go through ``work_dir`` (any
+        ``tf.io.gfile`` path the workers and this process share)."""
+        thresholds = self._setup(weight_transforms)
+        for shard in self.shards[1:]:
+            self._check_columns(shard)
+        first = _beam_map(self, "rows", [(s,) for s in range(len(self.shards))], options,
+                          work_dir)
+        self.shard_rows = [int(r["rows"]) for r in first]
+        self._shard_start = np.concatenate([[0], np.cumsum(self.shard_rows)[:-1]]).tolist()
+        test = [_advanced(self._test_state, k) for k in _offsets([r["ww"] for r in first])]
+        second = _beam_map(self, "val_rows", [(s, test[s]) for s in range(len(self.shards))],
+                           options, work_dir)
+        val = [_advanced(self._val_state, k) for k in _offsets([r["vww"] for r in second])]
+        self._states = list(zip(test, val, strict=True))
+        tally = self._tally(thresholds)
+        for r in _beam_map(self, "tally", [(s, test[s], val[s], thresholds)
+                                          for s in range(len(self.shards))], options, work_dir):
+            if int(r["rows"]) != self.shard_rows[int(r["shard"])]:
+                raise DataError(f"{self.shards[int(r['shard'])].path}: the shard changed while "
+                                "it was scanned; scan it again")
+            for side in ("user", "item"):
+                np.add.at(tally.counts[side], (r[f"{side}_code"], r[f"{side}_row"]),
+                          r[f"{side}_n"])
+            tally.sums += r["sums"]
+            tally.t = [min(tally.t[0], r["t"][0]), max(tally.t[1], r["t"][1])]
+            tally.w = [min(tally.w[0], r["w"][0]), max(tally.w[1], r["w"][1])]
+        self._finish(tally, thresholds)
+
+    def _shard_job(self, stage: str, s: int, *args: Any) -> dict[str, np.ndarray]:
+        """One shard's part of a :meth:`_scan_beam` stage (runs on a Beam worker)."""
+        shard = self.shards[s]
+        if stage == "rows":  # rows and warm x warm rows
+            n = ww = 0
+            for start, frame in read_shard(shard, self.columns, self.chunk_rows):
+                u, i = self._rows(shard, frame, start)
+                ww += int((~self.cold_user[u] & ~self.cold_item[i]).sum())
+                n = start + len(frame)
+            return {"shard": np.int64(s), "rows": np.int64(n), "ww": np.int64(ww)}
+        if stage == "val_rows":  # the validation split's warm x warm rows, given the marks
+            rng = _rng_from(args[0])
+            vww = 0
+            for start, frame in read_shard(shard, self.columns, self.chunk_rows):
+                u, i = self._rows(shard, frame, start)
+                vww += len(self._test_codes(u, i, rng)[1])
+            return {"shard": np.int64(s), "vww": np.int64(vww)}
+        test, val, thresholds = args
+        cache_dir, self.cache_dir = self.cache_dir, None  # a worker writes no row cache
+        try:
+            tally = self._tally(thresholds)
+            n = self._pass_shard(s, _rng_from(test), _rng_from(val), tally, thresholds)
+        finally:
+            self.cache_dir = cache_dir
+        out = {"shard": np.int64(s), "rows": np.int64(n), "sums": tally.sums,
+               "t": np.asarray(tally.t, np.float64), "w": np.asarray(tally.w, np.float64)}
+        for side, counts in tally.counts.items():  # sparse: a shard touches few entities
+            code, row = np.nonzero(counts)
+            out |= {f"{side}_code": code, f"{side}_row": row, f"{side}_n": counts[code, row]}
+        return out
 
     def _check_columns(self, shard: Shard) -> None:
         """Every shard has the first shard's interaction columns (no more, no fewer)."""
@@ -1047,6 +1157,56 @@ class StreamedInteractions:
         return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
+# ---- the pass in parallel (Apache Beam) ----------------------------------------------------
+
+
+def _offsets(counts: Sequence[Any]) -> list[int]:
+    """Each shard's first draw: the prefix sum of the draws of the shards before it."""
+    return np.concatenate([[0], np.cumsum(np.asarray(counts, np.int64))[:-1]]).astype(
+        np.int64).tolist()
+
+
+def _advanced(state: dict[str, Any], draws: int) -> dict[str, Any]:
+    """``state`` after ``draws`` draws (one 64-bit output each, as ``Generator.random``
+    takes per float64)."""
+    rng = _rng_from(state)
+    rng.bit_generator.advance(int(draws))
+    return _rng_state(rng)
+
+
+def _beam_map(scan: StreamedInteractions, stage: str, jobs: list[tuple[Any, ...]],
+              options: Sequence[str], work_dir: str) -> list[dict[str, np.ndarray]]:
+    """Run ``scan._shard_job(stage, *job)`` for every job on Apache Beam (``options``: its
+    pipeline options, e.g. ``--runner=DirectRunner --direct_num_workers=2``); each worker
+    writes its result to ``work_dir`` (temporary name, then rename), read back in order."""
+    try:
+        import apache_beam as beam  # optional extra [beam]: imported on first use
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:
+        raise DataError("data.stream_beam runs the pass on Apache Beam, which is not "
+                        "installed: pip install 'tfrs-coldstart[beam]' (or unset "
+                        "data.stream_beam for the one ordered pass)") from None
+
+    out = posixpath.join(work_dir, stage)
+    tf.io.gfile.makedirs(out)
+
+    def run(job: tuple[Any, ...]) -> None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **scan._shard_job(stage, *job))
+        path = posixpath.join(out, f"{job[0]:06d}.npz")
+        with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
+            f.write(buf.getvalue())
+        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+    with beam.Pipeline(options=PipelineOptions(list(options))) as p:
+        _ = p | f"{stage} shards" >> beam.Create(jobs) | f"{stage}" >> beam.Map(run)
+    results = []
+    for job in jobs:
+        with tf.io.gfile.GFile(posixpath.join(out, f"{job[0]:06d}.npz"), "rb") as f:
+            results.append(dict(np.load(io.BytesIO(f.read()))))
+    return results
+
+
 # ---- entry points -------------------------------------------------------------------------
 
 
@@ -1077,6 +1237,8 @@ def scan_interactions(
     keep: Sequence[str] = (),
     weight_transforms: Sequence[str] = (),
     cache: bool | str = True,
+    beam: Sequence[str] | None = None,
+    beam_dir: str | None = None,
 ) -> StreamedInteractions:
     """List the shards of ``pattern`` and make the one ordered pass over them.
 
@@ -1091,7 +1253,11 @@ def scan_interactions(
     and log1p always are). ``cache``: where the pass writes each row's user and item table
     rows (int32, 8 bytes a row, plus 4 for a weight), so the fits' epochs read those instead of
     parsing and looking up string ids again: True (default) a temporary local folder removed
-    with the object, a path, or False (epochs read the shards).
+    with the object, a path, or False (epochs read the shards). ``beam``: Apache Beam pipeline
+    options (a list, possibly empty: the DirectRunner); then the pass runs per shard in
+    parallel on Beam and gives the same split and counts (see ``_scan_beam``), with the
+    per-shard results in ``beam_dir`` (a path the workers share; default a local temporary
+    folder), no row cache and nothing kept (``cache`` and ``keep`` must be left unset).
     """
     for name, v in (("cold_item_frac", cold_item_frac), ("cold_user_frac", cold_user_frac),
                     ("warm_test_frac", warm_test_frac)):
@@ -1123,6 +1289,11 @@ def scan_interactions(
         else:
             raise DataError(f"scan_interactions: keep={name!r}; use held_out, all or segment "
                             f"names {list(CODES)}")
+    if beam is not None and (kept or cache not in (True, False)):
+        raise DataError("scan_interactions: a scan on Beam keeps no rows and writes no row "
+                        "cache; leave keep and cache unset")
+    if beam is not None:
+        cache = False
     cache_dir = None
     if cache is True:
         cache_dir = tempfile.mkdtemp(prefix="tfrs_stream_")
@@ -1137,7 +1308,13 @@ def scan_interactions(
             chunk_rows=chunk_rows, shuffle_buffer=shuffle_buffer, cache_dir=cache_dir)
         if cache is True:
             weakref.finalize(scan, shutil.rmtree, cache_dir, True)
-        scan._scan(tuple(dict.fromkeys(kept)), weight_transforms)
+        if beam is None:
+            scan._scan(tuple(dict.fromkeys(kept)), weight_transforms)
+        elif beam_dir is not None:
+            scan._scan_beam(weight_transforms, beam, beam_dir)
+        else:
+            with tempfile.TemporaryDirectory(prefix="tfrs_scan_beam_") as tmp:
+                scan._scan_beam(weight_transforms, beam, tmp)
     except BaseException:
         if cache is True and cache_dir is not None:
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -1195,11 +1372,13 @@ def load_stream(data_dir: str | None = None, schema_path: str | None = None,
                 interactions: str | Sequence[str] | None = None, *, name: str | None = None,
                 seed: int = 42, cold_item_frac: float = 0.2, cold_user_frac: float = 0.2,
                 warm_test_frac: float = 0.1, chunk_rows: int = 65_536,
-                shuffle_buffer: int = 100_000) -> Dataset:
+                shuffle_buffer: int = 100_000, beam: Sequence[str] | None = None,
+                beam_dir: str | None = None) -> Dataset:
     """``data.format=stream``: the users/items tables (and ``schema.yaml``) of ``data_dir``
     as for ``tables``, the interactions from the shards of ``interactions`` (default
     ``<data_dir>/interactions/``).
 
+    ``beam``/``beam_dir``: the pass on Apache Beam (:func:`scan_interactions`).
     Returns a :class:`Dataset` whose ``stream`` is the scan and whose ``interactions`` frame
     is empty (the shards' columns, no rows): ``evaluation.prepare`` takes the splits from
     :meth:`StreamedInteractions.splits`, the fits read their batches from the shards.
@@ -1232,7 +1411,8 @@ def load_stream(data_dir: str | None = None, schema_path: str | None = None,
     scan = scan_interactions(interactions, tables["user"], tables["item"], schema,
                              seed=seed, cold_item_frac=cold_item_frac,
                              cold_user_frac=cold_user_frac, warm_test_frac=warm_test_frac,
-                             chunk_rows=chunk_rows, shuffle_buffer=shuffle_buffer)
+                             chunk_rows=chunk_rows, shuffle_buffer=shuffle_buffer,
+                             beam=beam, beam_dir=beam_dir)
     label = name or posixpath.basename(str(data_dir or interactions).rstrip("/")) or "stream"
     # No rows in memory: the run's split reads what evaluation needs (StreamedInteractions.
     # splits), the fits read the shards.
