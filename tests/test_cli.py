@@ -42,6 +42,9 @@ def test_run_writes_report_and_config(tmp_path, capsys):
                  "--set", "student.epochs=1", "--quiet"]) == 0
     assert "distill_lambda: 0.0" in (out / "config.yaml").read_text()
     assert json.loads((out / "report.json").read_text())["models"]["student"]["warm"]["users"]
+    # the student joins the run's report: its evaluated users cannot change
+    assert main(["distill", "--teacher", str(out), "--set", "eval.max_users=5"]) == 2
+    assert "eval.max_users=5" in capsys.readouterr().err
     # evaluate re-reads the run and reproduces the numbers
     assert main(["evaluate", str(out), "--output", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "report.json").read_text())

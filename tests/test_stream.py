@@ -359,6 +359,9 @@ def test_a_streamed_run_prepares_the_in_memory_tasks_without_the_rows(
         assert isinstance(split.train, StreamPart) and len(split.train.seen) < len(split.train)
     assert len(ps.split.train) == len(pm.split.train)
     assert len(ps.val.train) == len(pm.val.train)
+    # what the teacher trains on does not shrink with the evaluated users
+    assert len(ps.val.with_pseudo_cold()) == len(pm.val.with_pseudo_cold()) \
+        == ps.dataset.stream.n_rows("teacher")
     for tasks_s, tasks_m in ((ps.tasks, pm.tasks), (ps.val_tasks, pm.val_tasks)):
         assert set(tasks_s) == set(tasks_m)
         for name in tasks_s:
@@ -420,6 +423,31 @@ def test_the_pass_on_beam_gives_the_ordered_pass_split(data: Dataset, tmp_path: 
     with pytest.raises(DataError, match="keeps no rows"):
         scan_interactions(str(folder), data.users, data.items, data.schema, beam=[],
                           keep=("held_out",))
+
+
+def test_a_streamed_fit_weighs_its_rows(data: Dataset, tmp_path: Path) -> None:
+    """``teacher.interaction_weight=threshold:4`` on streamed data: the scan counts the
+    transform's mean (``runs.load_data`` passes the configured transforms), the teacher's
+    batches carry the weights (0 below the threshold, one value above, mean 1) and the fit
+    runs."""
+    root = tmp_path / "tables"
+    write_shards(data.interactions, root / "interactions", "parquet", n=2)
+    data.users.to_parquet(root / "users.parquet")
+    data.items.to_parquet(root / "items.parquet")
+    data.schema.to_yaml(root / "schema.yaml")
+    cfg = load_config(None, ["data.format=stream", f"data.data_dir={root}",
+                             "teacher.interaction_weight=threshold:4", *TINY_MODEL_OVERRIDES,
+                             "teacher.epochs=1"])
+    ds = load_data(cfg)
+    prep = prepare(ds, cfg)
+    part = prep.val.with_pseudo_cold()
+    w = np.concatenate([b["weight"].numpy() for b in interaction_dataset(
+        part, ds.users, ds.items, ds.schema.user_features, ds.schema.item_features, 500,
+        epochs=(0, 1), weight_transform="threshold:4")])
+    assert len(w) == len(part) and len(np.unique(w)) == 2 and np.unique(w)[0] == 0
+    assert w.mean() == pytest.approx(1.0, rel=1e-5)
+    model = training.fit_teacher(prep, cfg.teacher, RunDir(tmp_path / "run"), verbose=0)
+    assert model is not None
 
 
 def test_held_out_rows_kept_by_the_scan(data: Dataset, tmp_path: Path) -> None:

@@ -291,6 +291,10 @@ def distill_command(args: argparse.Namespace) -> int:
         raise ConfigError("train.strategy=multi_worker runs with `tfrs-coldstart run` or "
                           "`train` (every worker runs the whole pipeline); distil on one "
                           "machine: --set train.strategy=mirrored (or none)")
+    if cfg.eval.max_users != run.config.eval.max_users:  # the report's rows must compare
+        raise ConfigError(f"eval.max_users={cfg.eval.max_users}: {args.teacher} evaluates "
+                          f"with eval.max_users={run.config.eval.max_users}, and the student "
+                          "joins that report; keep it (or train a new run with another cap)")
     strategy = make_strategy(cfg.train)
     with phase(f"data ({cfg.data.format})"):
         ds = run.load_dataset(cfg)  # the feature names the saved teacher was trained on

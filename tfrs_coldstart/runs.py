@@ -70,7 +70,10 @@ def load_data(cfg: RunConfig) -> Dataset:
                             chunk_rows=d.stream_chunk_rows,
                             shuffle_buffer=d.stream_shuffle_buffer,
                             beam=None if d.stream_beam is None else shlex.split(d.stream_beam),
-                            beam_dir=d.stream_beam_dir)
+                            beam_dir=d.stream_beam_dir,
+                            # the scan counts the weight means the fits divide by
+                            weight_transforms=(cfg.teacher.interaction_weight,
+                                               cfg.student.interaction_weight))
     return load_dataset(d.format, data_dir=d.data_dir, schema_path=d.schema)
 
 

@@ -91,9 +91,12 @@ def interaction_weights(interactions: Rows, transform: str) -> np.ndarray | None
     ``log1p``: ``log(1 + weight)``; ``threshold:X``: 1 where the weight is at least X, else
     0 (the interaction stays an in-batch negative for others but teaches nothing as a
     positive). Weights are scaled to mean 1, so the learning rate means the same; an
-    interactions table without a ``weight`` column gives None.
+    interactions table without a ``weight`` column gives None. A streamed part gives None:
+    its batches weigh their rows themselves (``interaction_dataset(weight_transform=)``).
     """
     check_weight_transform(transform)
+    if not isinstance(interactions, pd.DataFrame):
+        return None
     if transform == "none" or "weight" not in interactions.columns:
         return None
     w = interactions["weight"].to_numpy(dtype=np.float64)

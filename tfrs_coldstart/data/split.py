@@ -122,6 +122,9 @@ class ColdStartSplit:
     cold_item_frac: float = 0.2
     cold_user_frac: float = 0.2
     warm_test_frac: float = 0.1
+    # sample_users: the split before its segments were cut to the drawn users (what the
+    # teacher trains on must not shrink with the evaluation's sample)
+    unsampled: ColdStartSplit | None = dataclasses.field(default=None, repr=False)
 
     def segments(self) -> dict[str, pd.DataFrame]:
         """Test segments by name: warm, cold_item, cold_user, cold_both."""
@@ -165,7 +168,8 @@ class ColdStartSplit:
         the test split but the held-out warm ones (what the teacher trains on)."""
         if not isinstance(self.train, pd.DataFrame):
             return self.train.with_pseudo_cold()
-        return pd.concat([self.train, self.cold_item, self.cold_user, self.cold_both])
+        whole = self.unsampled or self
+        return pd.concat([whole.train, whole.cold_item, whole.cold_user, whole.cold_both])
 
 
 def pick_users(ordered: Sequence[str], max_users: int, seed: Sequence[int]) -> list[str]:
@@ -182,7 +186,8 @@ def sample_users(split: ColdStartSplit, max_users: int) -> ColdStartSplit:
     """``split`` with its four segments cut to the rows of at most ``max_users`` warm users
     (of the warm-test and cold-item segments) and ``max_users`` cold users (of the cold-user
     and cold-both ones), drawn by :func:`pick_users` from the split's seed: every held-out
-    row of a drawn user stays, so each segment and the mixed catalogue are exact for them.
+    row of a drawn user stays, so each segment and the mixed catalogue are exact for them;
+    training rows stay whole (:meth:`ColdStartSplit.with_pseudo_cold` reads ``unsampled``).
     ``max_users`` 0: the split as it is. A streamed split draws the same users."""
     if max_users <= 0:
         return split
@@ -197,7 +202,8 @@ def sample_users(split: ColdStartSplit, max_users: int) -> ColdStartSplit:
 
     return dataclasses.replace(split, warm_test=cut(split.warm_test),
                                cold_item=cut(split.cold_item), cold_user=cut(split.cold_user),
-                               cold_both=cut(split.cold_both))
+                               cold_both=cut(split.cold_both),
+                               unsampled=split.unsampled or split)
 
 
 def _check_frac(name: str, v: float) -> None:

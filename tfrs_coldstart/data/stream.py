@@ -1373,12 +1373,13 @@ def load_stream(data_dir: str | None = None, schema_path: str | None = None,
                 seed: int = 42, cold_item_frac: float = 0.2, cold_user_frac: float = 0.2,
                 warm_test_frac: float = 0.1, chunk_rows: int = 65_536,
                 shuffle_buffer: int = 100_000, beam: Sequence[str] | None = None,
-                beam_dir: str | None = None) -> Dataset:
+                beam_dir: str | None = None, weight_transforms: Sequence[str] = ()
+                ) -> Dataset:
     """``data.format=stream``: the users/items tables (and ``schema.yaml``) of ``data_dir``
     as for ``tables``, the interactions from the shards of ``interactions`` (default
     ``<data_dir>/interactions/``).
 
-    ``beam``/``beam_dir``: the pass on Apache Beam (:func:`scan_interactions`).
+    ``beam``/``beam_dir``/``weight_transforms``: as for :func:`scan_interactions`.
     Returns a :class:`Dataset` whose ``stream`` is the scan and whose ``interactions`` frame
     is empty (the shards' columns, no rows): ``evaluation.prepare`` takes the splits from
     :meth:`StreamedInteractions.splits`, the fits read their batches from the shards.
@@ -1412,7 +1413,8 @@ def load_stream(data_dir: str | None = None, schema_path: str | None = None,
                              seed=seed, cold_item_frac=cold_item_frac,
                              cold_user_frac=cold_user_frac, warm_test_frac=warm_test_frac,
                              chunk_rows=chunk_rows, shuffle_buffer=shuffle_buffer,
-                             beam=beam, beam_dir=beam_dir)
+                             beam=beam, beam_dir=beam_dir,
+                             weight_transforms=weight_transforms)
     label = name or posixpath.basename(str(data_dir or interactions).rstrip("/")) or "stream"
     # No rows in memory: the run's split reads what evaluation needs (StreamedInteractions.
     # splits), the fits read the shards.

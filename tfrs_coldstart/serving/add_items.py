@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import os
 from collections.abc import Callable
@@ -28,7 +29,6 @@ import numpy as np
 import pandas as pd
 
 from tfrs_coldstart.console import log as _stderr_log
-from tfrs_coldstart.data.dataset import Dataset
 from tfrs_coldstart.data.schema import Schema
 from tfrs_coldstart.data.tables import feature_table, read_table
 from tfrs_coldstart.errors import RunError, UserError
@@ -174,8 +174,7 @@ def add_items(
                             f"{new['item_id'].iloc[pos]!r} is already in the catalogue of "
                             f"{path} ({int(dup.sum())} such item(s)); give new items new ids")
     added = pd.concat(before[1:] + [new], ignore_index=True)
-    dataset = Dataset(data.name, data.interactions, data.users,
-                      pd.concat([catalogue, new], ignore_index=True), data.schema)
+    dataset = dataclasses.replace(data, items=pd.concat([catalogue, new], ignore_index=True))
     base = Path(base_dir) if base_dir is not None else src_root.parent
     target = base / name
     recover_releases(base, log)  # complete or roll back what a killed export left
