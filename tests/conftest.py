@@ -19,6 +19,22 @@ class Crash(BaseException):
     publishing fault tests raise it from a patched rename)."""
 
 
+def fail_rename(monkeypatch: pytest.MonkeyPatch, k: int, exc: BaseException) -> None:
+    """The exporter's k-th ``os.rename`` raises ``exc`` (a full disk, or :class:`Crash`);
+    the others rename. Configs are swapped by ``os.replace``, so they are not counted."""
+    from tfrs_coldstart.serving import export as export_mod
+
+    real, calls = os.rename, {"n": 0}
+
+    def rename(src: Any, dst: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == k:
+            raise exc
+        real(src, dst)
+
+    monkeypatch.setattr(export_mod.os, "rename", rename)
+
+
 class TinyModule(tf.Module):
     """The smallest servable module for publishing tests: ``y = x * value``."""
 

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-from conftest import Crash, TinyModule
+from conftest import Crash, TinyModule, fail_rename
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from tfrs_coldstart.batch.model import BatchError
@@ -185,26 +185,13 @@ def _visible(base: Path, n: int = 3) -> list[list[int]]:
     return [list_versions(base / f"m{i}") for i in range(n)]
 
 
-def _failing_rename(monkeypatch: pytest.MonkeyPatch, k: int, exc: BaseException) -> None:
-    real = os.rename
-    calls = {"n": 0}
-
-    def rename(src: Any, dst: Any) -> None:
-        calls["n"] += 1
-        if calls["n"] == k:
-            raise exc
-        real(src, dst)
-
-    monkeypatch.setattr(export_mod.os, "rename", rename)
-
-
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_a_failed_rename_publishes_none_of_the_release(tmp_path: Path, monkeypatch, k) -> None:
     base = tmp_path / "export"
     for i in range(3):  # version 1 of every model is served already
         (base / f"m{i}" / "1").mkdir(parents=True)
         (base / f"m{i}" / "1" / "saved_model.pb").write_bytes(b"")
-    _failing_rename(monkeypatch, k, OSError(28, "No space left on device"))
+    fail_rename(monkeypatch, k, OSError(28, "No space left on device"))
     with pytest.raises(ExportError, match="nothing was published"):
         _publish(_planned(), base, 2, "brute-force", lambda m: None)
     assert _visible(base) == [[1], [1], [1]]
@@ -217,7 +204,7 @@ def test_a_crash_at_any_rename_ends_with_the_whole_release(tmp_path: Path, monke
     """Failed before the fix: a crash after the first rename left m0/2 published and m1/2,
     m2/2 missing for good (nothing recorded what the release was)."""
     base = tmp_path / "export"
-    _failing_rename(monkeypatch, k, Crash())
+    fail_rename(monkeypatch, k, Crash())
     with pytest.raises(Crash):
         _publish(_planned(), base, 2, "brute-force", lambda m: None)
     monkeypatch.undo()
@@ -263,7 +250,7 @@ def test_a_server_never_loads_part_of_a_cut_release(tmp_path: Path, monkeypatch)
     try:
         manager.poll()
         assert served() == [1, 1, 1]
-        _failing_rename(monkeypatch, 2, Crash())
+        fail_rename(monkeypatch, 2, Crash())
         with pytest.raises(Crash):
             _publish(_planned(), base, 2, "brute-force", lambda m: None)
         monkeypatch.undo()

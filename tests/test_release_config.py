@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Crash, TinyModule
+from conftest import Crash, TinyModule, fail_rename
 from google.protobuf import text_format
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 import tfrs_coldstart  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from tfrs_coldstart.cli import main as cli_main
-from tfrs_coldstart.serving import export as export_mod
 from tfrs_coldstart.serving import saved_model
 from tfrs_coldstart.serving.export import ExportError, _Planned, _publish
 from tfrs_coldstart.serving.saved_model import list_versions, recover_releases
@@ -55,19 +54,6 @@ def _quiet(msg: str) -> None:
     pass
 
 
-def _fail_rename(monkeypatch: pytest.MonkeyPatch, k: int, exc: BaseException) -> None:
-    """The k-th model rename raises ``exc`` (the config is swapped by os.replace)."""
-    real, calls = os.rename, {"n": 0}
-
-    def rename(src: Any, dst: Any) -> None:
-        calls["n"] += 1
-        if calls["n"] == k:
-            raise exc
-        real(src, dst)
-
-    monkeypatch.setattr(export_mod.os, "rename", rename)
-
-
 def test_publish_pins_each_model_to_its_newest_whole_release(tmp_path: Path) -> None:
     base = tmp_path / "export"
     _publish(_planned(), base, 1, "brute-force", _quiet)
@@ -91,7 +77,7 @@ def test_a_crash_at_any_rename_keeps_the_old_release_configured(tmp_path: Path, 
     base = tmp_path / "export"
     _publish(_planned(), base, 1, "brute-force", _quiet)
     before = (base / MODELS_CONFIG).read_bytes()
-    _fail_rename(monkeypatch, k, Crash())
+    fail_rename(monkeypatch, k, Crash())
     with pytest.raises(Crash):
         _publish(_planned(), base, 2, "brute-force", _quiet)
     monkeypatch.undo()
@@ -108,7 +94,7 @@ def test_a_failed_rename_leaves_the_config_as_it_was(tmp_path: Path, monkeypatch
     base = tmp_path / "export"
     _publish(_planned(), base, 1, "brute-force", _quiet)
     before = (base / MODELS_CONFIG).read_bytes()
-    _fail_rename(monkeypatch, k, OSError(28, "No space left on device"))
+    fail_rename(monkeypatch, k, OSError(28, "No space left on device"))
     with pytest.raises(ExportError, match="nothing was published"):
         _publish(_planned(), base, 2, "brute-force", _quiet)
     assert (base / MODELS_CONFIG).read_bytes() == before
@@ -207,7 +193,7 @@ def test_dev_server_on_the_config_serves_exactly_the_pinned_versions(tmp_path: P
     base = tmp_path / "export"
     for version, names in ((1, ("m0", "m1", "m2")), (2, ("m0", "m1")), (3, ("m0",))):
         _publish(_planned(names), base, version, "brute-force", _quiet)
-    _fail_rename(monkeypatch, 2, Crash())  # release 4: m0/4 on disk, m1/4 and m2/4 not
+    fail_rename(monkeypatch, 2, Crash())  # release 4: m0/4 on disk, m1/4 and m2/4 not
     with pytest.raises(Crash):
         _publish(_planned(), base, 4, "brute-force", _quiet)
     monkeypatch.undo()
