@@ -30,6 +30,7 @@ from tfrs_coldstart.data import (
     seen_rows,
     validation_split,
 )
+from tfrs_coldstart.data.split import Rows
 from tfrs_coldstart.features.columns import HISTORY_SEPARATOR
 from tfrs_coldstart.fileio import atomic_write_text
 
@@ -253,7 +254,7 @@ def embedding_score_fn(user_emb: np.ndarray, item_emb: np.ndarray,
     return lambda u, i: user_emb[u] @ item_emb[i].T + item_bias[i][None, :]
 
 
-def popularity_score_fn(train: Any, items: pd.DataFrame, seed: int = 0) -> ScoreFn:
+def popularity_score_fn(train: Rows, items: pd.DataFrame, seed: int = 0) -> ScoreFn:
     """Training-count scores; ties (all cold items) are broken by a fixed random order.
     ``train``: a frame or a streamed part."""
     tie = np.random.default_rng(seed).random(len(items)) * 1e-3

@@ -581,10 +581,6 @@ def fit_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig
 # ---- the closed-form student in the teacher's space (student.method=ridge) -------------------
 
 
-def _counts(train_df: Rows, side: str, ids: pd.Series) -> np.ndarray:
-    return entity_counts(train_df, side, ids)
-
-
 def has_history(tower: Tower) -> bool:
     """Whether a (user) tower reads the request-time history (issue 17)."""
     return HISTORY in tower.encoder.columns
@@ -653,7 +649,7 @@ def _fit_ridge_sides(model: StudentModel, teacher: TeacherModel, prep: Prepared,
     out = {}
     for side in sides:
         table = _entities(ds.users if side == "user" else ds.items, side, train_df)
-        weights = reliability(_counts(train_df, side, table[f"{side}_id"]), cfg.reliability,
+        weights = reliability(entity_counts(train_df, side, table[f"{side}_id"]), cfg.reliability,
                               cfg.reliability_scale)
         targets = teacher.embed(side, table, ds.schema)
         if side == "user" and has_history(model.tower(side)):
@@ -673,7 +669,7 @@ def _history_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
     ds, v = prep.dataset, prep.val
     tower = model.tower("user")
     table = _entities(ds.users, "user", v.train)
-    weights = reliability(_counts(v.train, "user", table["user_id"]), cfg.reliability,
+    weights = reliability(entity_counts(v.train, "user", table["user_id"]), cfg.reliability,
                           cfg.reliability_scale)
     rows, src, factor = history_rows(table, v.train, cfg)
     x, _ = design_matrix(tower, rows, ds.schema.user_features, "user_id")
@@ -724,7 +720,7 @@ def _ridge_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
         x, _ = design_matrix(model.tower(side), tables[side], ds.schema.side(side),
                              f"{side}_id")
         rows = known[side]
-        weights = reliability(_counts(v.train, side, tables[side][f"{side}_id"][rows]),
+        weights = reliability(entity_counts(v.train, side, tables[side][f"{side}_id"][rows]),
                               cfg.reliability, cfg.reliability_scale)
         task = prep.val_tasks[segment[side]]
         for alpha in grid:
@@ -908,8 +904,9 @@ def _aligned(prep: Prepared, teacher: TeacherModel, cfg: StudentConfig, train_df
                                teacher.temperature, acfg)
         for side, table in (("user", users), ("item", items)):
             model.tower(side)(dummy_inputs(model.tower(side).encoder.state))
-            model.cache_teacher(side, table[f"{side}_id"].astype(str).to_numpy(),
-                                embeddings[side], _counts(train_df, side, table[f"{side}_id"]))
+            ids = table[f"{side}_id"]
+            model.cache_teacher(side, ids.astype(str).to_numpy(), embeddings[side],
+                                entity_counts(train_df, side, ids))
     return model, states
 
 

@@ -508,8 +508,8 @@ class StreamedInteractions:
         self.shard_rows: list[int] = []
         self._shard_start: list[int] = []
         self._states: list[tuple[dict[str, Any], dict[str, Any]]] = []
-        self.counts = {"user": np.zeros((N_CODES, len(users)), np.int64),
-                       "item": np.zeros((N_CODES, len(items)), np.int64)}
+        # {"user"|"item": int64 [N_CODES, n]}, set by the pass (_finish)
+        self.counts: dict[str, np.ndarray] = {}
         self.stats: dict[str, Any] = {}
         self._weight_sums: dict[str, np.ndarray] = {}
         self._kept: dict[str, _Keep] = {}
@@ -708,7 +708,6 @@ class StreamedInteractions:
         keep_codes[[CODES[name] for name in keep]] = True
         kept = _Keep(keep_codes)
         tally = self._tally(thresholds)
-        self.counts = tally.counts
         row = 0
         for s, shard in enumerate(self.shards):
             if s:
@@ -756,7 +755,7 @@ class StreamedInteractions:
         first = _beam_map(self, "rows", [(s,) for s in range(len(self.shards))], options,
                           work_dir)
         self.shard_rows = [int(r["rows"]) for r in first]
-        self._shard_start = np.concatenate([[0], np.cumsum(self.shard_rows)[:-1]]).tolist()
+        self._shard_start = _offsets(self.shard_rows)
         test = [_advanced(self._test_state, k) for k in _offsets([r["ww"] for r in first])]
         second = _beam_map(self, "val_rows", [(s, test[s]) for s in range(len(self.shards))],
                            options, work_dir)
@@ -793,13 +792,9 @@ class StreamedInteractions:
                 u, i = self._rows(shard, frame, start)
                 vww += len(self._test_codes(u, i, rng)[1])
             return {"shard": np.int64(s), "vww": np.int64(vww)}
-        test, val, thresholds = args
-        cache_dir, self.cache_dir = self.cache_dir, None  # a worker writes no row cache
-        try:
-            tally = self._tally(thresholds)
-            n = self._pass_shard(s, _rng_from(test), _rng_from(val), tally, thresholds)
-        finally:
-            self.cache_dir = cache_dir
+        test, val, thresholds = args  # a scan on Beam has no row cache to write
+        tally = self._tally(thresholds)
+        n = self._pass_shard(s, _rng_from(test), _rng_from(val), tally, thresholds)
         out = {"shard": np.int64(s), "rows": np.int64(n), "sums": tally.sums,
                "t": np.asarray(tally.t, np.float64), "w": np.asarray(tally.w, np.float64)}
         for side, counts in tally.counts.items():  # sparse: a shard touches few entities
