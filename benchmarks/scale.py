@@ -297,7 +297,7 @@ def run_cli(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_PHASE = re.compile(r"^\[(.+?)\] done in ([0-9.]+) s$")
+_PHASE = re.compile(r"^\[(.+?)\] done in ([0-9.]+) s(?:, peak RSS ([0-9,]+) MB)?$")
 
 
 def run_child(spec: dict[str, Any], max_rss_gb: float, log_dir: Path) -> dict[str, Any]:
@@ -318,11 +318,15 @@ def run_child(spec: dict[str, Any], max_rss_gb: float, log_dir: Path) -> dict[st
     row["log"] = str(log_path)
     if spec["path"] in RUN_FORMATS:
         phases: dict[str, float] = {}
+        peaks: dict[str, float] = {}
         for line in stderr.splitlines():
             m = _PHASE.match(line.strip())
             if m:
                 phases[m[1]] = phases.get(m[1], 0.0) + float(m[2])
+                if m[3]:  # the run's peak RSS so far when the phase ended
+                    peaks[m[1]] = float(m[3].replace(",", ""))
         row["phases_s"] = phases
+        row["phase_peak_rss_mb"] = peaks
     if "error" in row and "did not fit" not in row["error"]:
         last = stderr.strip().splitlines()[-1] if stderr.strip() else row["error"]
         row["error"] = f"{last} (log: {log_path})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -15,11 +16,17 @@ def log(msg: str) -> None:
 
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
-    """``[name] ...`` when a phase starts and ``[name] done in N s`` when it ends."""
+    """``[name] ...`` when a phase starts and ``[name] done in N s, peak RSS M MB`` when it
+    ends (the process's peak so far: the first phase whose peak jumps is where memory went)."""
     log(f"[{name}] ...")
     start = time.time()
     yield
-    log(f"[{name}] done in {time.time() - start:.1f} s")
+    log(f"[{name}] done in {time.time() - start:.1f} s, peak RSS {peak_rss_mb():,.0f} MB")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 _WARNED: set[str] = set()

@@ -220,30 +220,49 @@ def rank_metrics(task: SegmentTask, score_fn: ScoreFn, ks: Sequence[int]) -> dic
     chunk = max(1, min(1024, (1 << 25) // max(n_cand, 1)))
     for start in range(0, n_users, chunk):
         rows = task.user_rows[start:start + chunk]
-        scores = np.asarray(score_fn(rows, task.candidate_rows), dtype=np.float32).copy()
+        scores = _writable(score_fn(rows, task.candidate_rows))
         for j in range(len(rows)):
             ex = task.excluded[start + j]
             if len(ex):
                 scores[j, ex] = -np.inf
-        if kmax < n_cand:
-            top = np.argpartition(-scores, kmax - 1, axis=1)[:, :kmax]
-        else:
-            top = np.tile(np.arange(n_cand), (len(rows), 1))
-        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-        top = np.take_along_axis(top, order, axis=1)
-        for j in range(len(rows)):
-            rel = task.relevant[start + j]
-            hit = np.isin(top[j], rel)
+            rel = np.asarray(task.relevant[start + j], np.int64)
+            rank = _ranks(scores[j], rel, kmax)
+            hits = rank[rank < kmax]
             for k in ks:
                 kk = min(k, kmax)
-                recall[k] += hit[:kk].sum() / len(rel)
-                ideal = discounts[: min(len(rel), kk)].sum()
-                ndcg[k] += (hit[:kk] * discounts[:kk]).sum() / ideal
+                h = hits[hits < kk]
+                recall[k] += len(h) / len(rel)
+                ndcg[k] += discounts[h].sum() / discounts[: min(len(rel), kk)].sum()
     for k in ks:
         out[f"recall@{k}"] = float(recall[k] / n_users)
         out[f"ndcg@{k}"] = float(ndcg[k] / n_users)
     out["users"] = n_users
     return out
+
+
+def _writable(scores: np.ndarray) -> np.ndarray:
+    """``float32`` scores the caller may overwrite (a score function may return a view)."""
+    out = np.asarray(scores, dtype=np.float32)
+    return out if out.flags.owndata and out.flags.writeable else out.copy()
+
+
+def _ranks(row: np.ndarray, positions: np.ndarray, kmax: int) -> np.ndarray:
+    """0-based ranks of ``positions`` in one user's scores ``row`` (``[n_candidates]``), as a
+    stable sort by descending score ranks them (ties go to the lower position); ranks at or
+    beyond ``kmax`` are reported as ``kmax``.
+
+    Why not a top-k: recall and NDCG need only where the few relevant items rank, and
+    counting the candidates that score higher is one pass over the row, several times
+    cheaper than ``argpartition`` at a million candidates (the validation searches call this
+    for every user of every setting tried).
+    """
+    s = row[positions]
+    rank = np.concatenate([np.count_nonzero(row[None, :] > s[b:b + 64, None], axis=1)
+                           for b in range(0, len(s), 64)])  # [64, n] booleans at a time
+    for t in np.flatnonzero(rank < kmax):
+        rank[t] += np.count_nonzero(row[: positions[t]] == s[t])  # ties before it
+    rank[np.isnan(s)] = kmax
+    return np.minimum(rank, kmax)
 
 
 def embedding_score_fn(user_emb: np.ndarray, item_emb: np.ndarray,
