@@ -23,8 +23,11 @@ def _reference(task: SegmentTask, scores: np.ndarray, ks: tuple[int, ...]) -> di
     return {key: v / len(task.user_rows) for key, v in out.items()}
 
 
-@pytest.mark.parametrize("n_items,ties", [(30, False), (500, False), (500, True), (15, True)])
-def test_rank_metrics_match_a_full_sort(n_items: int, ties: bool) -> None:
+@pytest.mark.parametrize("n_items,ties,most", [(30, False, 8), (500, False, 8), (500, True, 8),
+                                               (15, True, 8), (600, False, 150),
+                                               (600, True, 150)])
+def test_rank_metrics_match_a_full_sort(n_items: int, ties: bool, most: int) -> None:
+    """Few relevant items per user (counted one by one) and many (one sorted search)."""
     rng = np.random.default_rng(n_items + ties)
     n_users = 70
     users = rng.normal(size=(n_users, 4)).astype(np.float32)
@@ -33,14 +36,14 @@ def test_rank_metrics_match_a_full_sort(n_items: int, ties: bool) -> None:
         users, items = np.round(users), np.round(items)
     relevant, excluded = [], []
     for _ in range(n_users):
-        picked = rng.choice(n_items, size=int(rng.integers(1, 8)), replace=False)
+        picked = rng.choice(n_items, size=int(rng.integers(1, most)), replace=False)
         cut = int(rng.integers(1, len(picked) + 1))
         relevant.append(np.sort(picked[:cut]))
         excluded.append(picked[cut:])
     cand = rng.permutation(n_items)  # candidates are a subset order of the items table
     task = SegmentTask("x", np.arange(n_users), cand, relevant, excluded)
     fn = embedding_score_fn(users, items)
-    ks = (1, 5, 20)
+    ks = (1, 5, 20, 100)
     got = rank_metrics(task, fn, ks)
     want = _reference(task, fn(task.user_rows, cand), ks)
     for key, value in want.items():

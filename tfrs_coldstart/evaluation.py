@@ -38,7 +38,8 @@ SEGMENT_TITLES = {"warm": "warm", "cold_item": "cold-item", "cold_user": "cold-u
                   "cold_both": "cold-both"}
 
 # score_fn(user_rows [n_u], item_rows [n_c]) -> scores float [n_u, n_c]; rows index the
-# dataset's users / items tables.
+# dataset's users / items tables. A returned float32 array the function owns (not a view) may be
+# overwritten by the caller: return a fresh one (every score function here does).
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -225,7 +226,7 @@ def rank_metrics(task: SegmentTask, score_fn: ScoreFn, ks: Sequence[int]) -> dic
             ex = task.excluded[start + j]
             if len(ex):
                 scores[j, ex] = -np.inf
-            rel = np.asarray(task.relevant[start + j], np.int64)
+            rel = np.unique(np.asarray(task.relevant[start + j], np.int64))
             rank = _ranks(scores[j], rel, kmax)
             hits = rank[rank < kmax]
             for k in ks:
@@ -251,19 +252,26 @@ def _ranks(row: np.ndarray, positions: np.ndarray, kmax: int) -> np.ndarray:
     stable sort by descending score ranks them (ties go to the lower position); ranks at or
     beyond ``kmax`` are reported as ``kmax``.
 
-    Why not a top-k: recall and NDCG need only where the few relevant items rank, and
-    counting the candidates that score higher is one pass over the row, several times
-    cheaper than ``argpartition`` at a million candidates (the validation searches call this
-    for every user of every setting tried).
+    Why not a top-k: recall and NDCG need only where the relevant items rank. For a few of
+    them, counting the candidates that score higher is one pass over the row each, several
+    times cheaper than ``argpartition`` at a million candidates (the validation searches call
+    this for every user of every setting tried). For many (a heavy user's held-out items) one
+    partition finds the items that can rank inside ``kmax``, and ranks are counted among them.
     """
     s = row[positions]
-    rank = np.concatenate([np.count_nonzero(row[None, :] > s[b:b + 64, None], axis=1)
-                           for b in range(0, len(s), 64)])  # [64, n] booleans at a time
-    for t in np.flatnonzero(rank < kmax):
-        rank[t] += np.count_nonzero(row[: positions[t]] == s[t])  # ties before it
+    if len(s) <= 8:
+        rank = np.count_nonzero(row[None, :] > s[:, None], axis=1).astype(np.int64)
+        for t in np.flatnonzero(rank < kmax):
+            rank[t] += np.count_nonzero(row[: positions[t]] == s[t])  # equal scores before
+    else:  # only items scoring at least the kmax-th best can rank inside kmax: rank among them
+        clean = np.where(np.isnan(row), -np.inf, row)
+        top = np.flatnonzero(clean >= np.partition(clean, len(row) - kmax)[len(row) - kmax])
+        rank = np.full(len(s), kmax, np.int64)
+        for t in np.flatnonzero(np.isin(positions, top)):
+            rank[t] = (np.count_nonzero(clean[top] > s[t])
+                       + np.count_nonzero(clean[top[top < positions[t]]] == s[t]))
     rank[np.isnan(s)] = kmax
     return np.minimum(rank, kmax)
-
 
 def embedding_score_fn(user_emb: np.ndarray, item_emb: np.ndarray,
                        item_bias: np.ndarray | None = None) -> ScoreFn:

@@ -150,6 +150,8 @@ def ridge(x: sp.csr_matrix, y: np.ndarray, weights: np.ndarray | None,
     x = sp.csr_matrix(x, dtype=np.float64)
     y = np.asarray(y, np.float64)
     n, d = x.shape
+    if y.ndim != 2 or len(y) != n:
+        raise ValueError(f"ridge: targets must be [n_rows={n}, dim], got {y.shape}")
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
     w = w / max(w.mean(), 1e-12)  # mean 1: alpha means the same with or without weights
     total = w.sum()
