@@ -83,6 +83,7 @@ from common import (  # noqa: E402
 import tfrs_coldstart  # noqa: E402, F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 from tfrs_coldstart import cli  # noqa: E402
 from tfrs_coldstart.config import EvalConfig  # noqa: E402
+from tfrs_coldstart.console import memory_mb  # noqa: E402
 from tfrs_coldstart.data import Schema, cold_start_split, validation_split  # noqa: E402
 from tfrs_coldstart.data.pipeline import interaction_dataset, item_probabilities  # noqa: E402
 from tfrs_coldstart.data.stream import scan_interactions  # noqa: E402
@@ -186,14 +187,6 @@ def data_view(root: Path, size: int, shard_rows: int, one_table: bool) -> Path:
 # ---- one measurement (child process) ------------------------------------------------------
 
 
-def _status(key: str) -> int:
-    """``VmHWM``/``VmRSS`` of this process in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One path at one size; returns the measurements (printed as JSON by ``--child``)."""
     if spec["path"] in RUN_FORMATS:
@@ -203,7 +196,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     shards = [str(root / "interactions" / f"part-{k:05d}.parquet") for k in range(n_shards)]
     schema = Schema.from_yaml(root / "schema.yaml")
     out: dict[str, Any] = {"path": spec["path"], "interactions": spec["interactions"],
-                           "rss_start_mb": _status("VmRSS") / 2**20}
+                           "rss_start_mb": memory_mb("VmRSS")}
     t0 = time.perf_counter()
     if spec["path"] in ("stream", "stream-nocache"):
         users = feature_table(*read_table(root / "users.parquet", "users"), "user",
@@ -211,7 +204,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         items = feature_table(*read_table(root / "items.parquet", "items"), "item",
                               schema.item_features)
         out["tables_s"] = time.perf_counter() - t0
-        out["rss_tables_mb"] = _status("VmRSS") / 2**20
+        out["rss_tables_mb"] = memory_mb("VmRSS")
         t = time.perf_counter()
         scan = scan_interactions(shards, users, items, schema, chunk_rows=spec["chunk_rows"],
                                  shuffle_buffer=spec["shuffle_buffer"],
@@ -227,7 +220,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         ds = load_tables(inter, root / "users.parquet", root / "items.parquet", schema)
         del inter
         out["tables_s"] = time.perf_counter() - t0
-        out["rss_tables_mb"] = _status("VmRSS") / 2**20
+        out["rss_tables_mb"] = memory_mb("VmRSS")
         t = time.perf_counter()
         split = cold_start_split(ds.interactions, ds.users["user_id"], ds.items["item_id"])
         v = validation_split(split)
@@ -238,7 +231,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         data = interaction_dataset(train_df, ds.users, ds.items, schema.user_features,
                                    schema.item_features, spec["batch_size"], shuffle=True,
                                    seed=0, item_prob=prob, epochs=(0, EPOCHS))
-    out["rss_prepared_mb"] = _status("VmRSS") / 2**20
+    out["rss_prepared_mb"] = memory_mb("VmRSS")
     it = iter(data)
     t = time.perf_counter()
     for _ in range(spec["warmup"]):
@@ -252,7 +245,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     out["examples"] = n
     out["examples_per_s"] = n / out["steps_s"]
     out["total_s"] = time.perf_counter() - t0
-    out["peak_rss_mb"] = _status("VmHWM") / 2**20
+    out["peak_rss_mb"] = memory_mb()
     out["load_average"] = load_average()
     return out
 
@@ -267,12 +260,12 @@ def run_cli(spec: dict[str, Any]) -> dict[str, Any]:
     for o in spec["overrides"]:
         argv += ["--set", o]
     out: dict[str, Any] = {"path": spec["path"], "interactions": spec["interactions"],
-                           "argv": argv, "rss_start_mb": _status("VmRSS") / 2**20}
+                           "argv": argv, "rss_start_mb": memory_mb("VmRSS")}
     t = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # stdout: only this function's JSON
         code = cli.main(argv)
     out["wall_s"] = time.perf_counter() - t
-    out["peak_rss_mb"] = _status("VmHWM") / 2**20
+    out["peak_rss_mb"] = memory_mb()
     out["load_average"] = load_average()
     if code:
         raise SystemExit(code)

@@ -21,20 +21,23 @@ def phase(name: str) -> Iterator[None]:
     log(f"[{name}] ...")
     start = time.time()
     yield
-    log(f"[{name}] done in {time.time() - start:.1f} s, peak RSS {peak_rss_mb():,.0f} MB")
+    log(f"[{name}] done in {time.time() - start:.1f} s, peak RSS {memory_mb():,.0f} MB")
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB: Linux's ``VmHWM``, not
-    ``ru_maxrss``, which a child inherits from its parent's peak across fork and exec."""
+def memory_mb(key: str = "VmHWM") -> float:
+    """This process's memory in MB from ``/proc/self/status``: ``VmHWM`` the peak so far,
+    ``VmRSS`` now. Not ``ru_maxrss``, which a child inherits from its parent's peak across
+    fork and exec; that is the fallback for the peak where there is no ``/proc``."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if key == "VmHWM":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return 0.0
 
 
 _WARNED: set[str] = set()

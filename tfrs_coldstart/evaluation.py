@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,14 +121,7 @@ def cold_share(task: SegmentTask, score_fn: ScoreFn, cold_rows: np.ndarray,
         return {"top_k": None, "held_out": None, "ratio": None}
     is_cold = np.isin(task.candidate_rows, cold_rows)
     shares = []
-    chunk = max(1, min(1024, (1 << 25) // max(len(task.candidate_rows), 1)))
-    for start in range(0, len(task.user_rows), chunk):
-        rows = task.user_rows[start:start + chunk]
-        scores = np.asarray(score_fn(rows, task.candidate_rows), np.float32).copy()
-        for j in range(len(rows)):
-            ex = task.excluded[start + j]
-            if len(ex):
-                scores[j, ex] = -np.inf
+    for _, scores in _score_chunks(task, score_fn):
         kk = min(k, scores.shape[1])
         top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
         shares.extend(is_cold[top].mean(axis=1).tolist())
@@ -218,14 +211,8 @@ def rank_metrics(task: SegmentTask, score_fn: ScoreFn, ks: Sequence[int]) -> dic
     recall = {k: 0.0 for k in ks}
     ndcg = {k: 0.0 for k in ks}
     discounts = 1.0 / np.log2(np.arange(2, kmax + 2))
-    chunk = max(1, min(1024, (1 << 25) // max(n_cand, 1)))
-    for start in range(0, n_users, chunk):
-        rows = task.user_rows[start:start + chunk]
-        scores = _writable(score_fn(rows, task.candidate_rows))
-        for j in range(len(rows)):
-            ex = task.excluded[start + j]
-            if len(ex):
-                scores[j, ex] = -np.inf
+    for start, scores in _score_chunks(task, score_fn):
+        for j in range(len(scores)):
             rel = np.unique(np.asarray(task.relevant[start + j], np.int64))
             rank = _ranks(scores[j], rel, kmax)
             hits = rank[rank < kmax]
@@ -241,10 +228,21 @@ def rank_metrics(task: SegmentTask, score_fn: ScoreFn, ks: Sequence[int]) -> dic
     return out
 
 
-def _writable(scores: np.ndarray) -> np.ndarray:
-    """``float32`` scores the caller may overwrite (a score function may return a view)."""
-    out = np.asarray(scores, dtype=np.float32)
-    return out if out.flags.owndata and out.flags.writeable else out.copy()
+def _score_chunks(task: SegmentTask, score_fn: ScoreFn) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first user, float32 scores [users, n_candidates])`` for the task's users, a chunk of
+    about 2**25 scores at a time, each user's excluded items at -inf."""
+    n_cand = len(task.candidate_rows)
+    chunk = max(1, min(1024, (1 << 25) // max(n_cand, 1)))
+    for start in range(0, len(task.user_rows), chunk):
+        rows = task.user_rows[start:start + chunk]
+        scores = np.asarray(score_fn(rows, task.candidate_rows), dtype=np.float32)
+        if not (scores.flags.owndata and scores.flags.writeable):  # a view: not ours to mask
+            scores = scores.copy()
+        for j in range(len(rows)):
+            ex = task.excluded[start + j]
+            if len(ex):
+                scores[j, ex] = -np.inf
+        yield start, scores
 
 
 def _ranks(row: np.ndarray, positions: np.ndarray, kmax: int) -> np.ndarray:
@@ -272,6 +270,7 @@ def _ranks(row: np.ndarray, positions: np.ndarray, kmax: int) -> np.ndarray:
                        + np.count_nonzero(clean[top[top < positions[t]]] == s[t]))
     rank[np.isnan(s)] = kmax
     return np.minimum(rank, kmax)
+
 
 def embedding_score_fn(user_emb: np.ndarray, item_emb: np.ndarray,
                        item_bias: np.ndarray | None = None) -> ScoreFn:
