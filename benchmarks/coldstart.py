@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         mixed = {"teacher": evaluate_mixed(prep, model_score_fn(
                      teacher, run.scorer("teacher"), ds, prep.split.train), ks, k),
                  "recommend (unified)": evaluate_mixed(prep, unified_score_fn(
-                     unified, rec, ds, prep.split.train), ks, k)}
+                     unified, rec, ds, prep.split), ks, k)}
         if sides == ("user", "item") and not args.no_aligned:
             for label, name, lam in (("aligned student (trained)", "student_aligned", None),
                                      ("aligned student, lambda=0", "student_aligned_l0", 0.0)):

@@ -314,12 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     item_item_choice: dict[str, dict] = {}
     t_start = time.time()
 
-    def ours(prep_tasks: dict[int, FewShotTask], teacher, student, scorer, train, known=None,
+    def ours(prep_tasks: dict[int, FewShotTask], teacher, student, scorer, split, known=None,
              cold_paths=None):
         # the served model: the run's cold paths (a warm item with no training interaction
         # is new to the teacher and takes the item cold path)
         fn = unified_history_scorer(UnifiedRecommender(teacher, student, cold_paths), scorer,
-                                    ds, train, known)
+                                    ds, split, known)
         return evaluate_fewshot(prep_tasks, fn, KS)
 
     for seed in range(args.seeds):
@@ -367,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             # validation teacher (as the settings were chosen), the same served score
             vstudent = validation_student(prep, vt, sc, info["alpha"])
             paths = srun.cold_paths()
-            val[label] = ours(val_tasks, vt, vstudent, rec, prep.val.train, known_val, paths)
+            val[label] = ours(val_tasks, vt, vstudent, rec, prep.val, known_val, paths)
             val[label]["_alpha"] = info["alpha"]
             if not label.startswith("sweep"):
-                res[label] = ours(test_tasks, teacher, st, rec, prep.split.train,
+                res[label] = ours(test_tasks, teacher, st, rec, prep.split,
                                   cold_paths=paths)
             print(f"seed {seed} {label}: alpha {info['alpha']} scorer {rec.to_dict()} val "
                   f"{recall_row({k: v for k, v in val[label].items() if k != '_alpha'})}"

@@ -9,6 +9,7 @@ segments of synthetic data with a known answer.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,7 @@ from tfrs_coldstart.evaluation import (
     evaluate_popularity,
     popularity_score_fn,
     prepare,
+    rank_metrics,
 )
 from tfrs_coldstart.features.encoder import build_state, dummy_inputs
 from tfrs_coldstart.modeling.mapper import (
@@ -36,7 +38,13 @@ from tfrs_coldstart.modeling.mapper import (
 from tfrs_coldstart.modeling.towers import Tower
 from tfrs_coldstart.modeling.unified import UnifiedRecommender
 from tfrs_coldstart.runs import RECOMMEND, VALIDATION_TEACHER, RunDir
-from tfrs_coldstart.scoring import Scorer, evaluate_model, evaluate_unified, unified_score_fn
+from tfrs_coldstart.scoring import (
+    Scorer,
+    evaluate_model,
+    evaluate_unified,
+    new_item_mask,
+    unified_score_fn,
+)
 from tfrs_coldstart.training import fit_student, fit_teacher
 
 
@@ -101,6 +109,33 @@ def test_index_form_reproduces_the_score_for_known_and_new_users_and_items():
     plain = Scorer(0.05)
     assert plain.extra_columns == 0 and plain.query_scale is None
     np.testing.assert_array_equal(plain.index_vectors(items, logc), items.astype(np.float32))
+
+
+def test_new_items_are_those_outside_the_training_catalogue_not_those_with_count_0(tmp_path):
+    """The new-item bias lifts the split's cold items and items added later, never a catalogue
+    item that merely has no training interaction (its interactions were all held out)."""
+    ds = generate(n_users=80, n_items=60, n_interactions=900, seed=4)
+    extra = ds.items.iloc[:12].assign(item_id=[f"quiet{j}" for j in range(12)])
+    ds = dataclasses.replace(ds, items=pd.concat([ds.items, extra], ignore_index=True))
+    cfg = load_config(None, [])
+    prep = prepare(ds, cfg)
+    run = RunDir(tmp_path / "run")
+    run.write_metadata(cfg, prep)
+    ids = ds.items["item_id"].astype(str)
+    cold = ids.isin(set(prep.split.cold_items)).to_numpy()
+    counted = ids.isin(set(prep.split.train["item_id"].astype(str))).to_numpy()
+    quiet_warm = ~cold & ~counted  # in the catalogue, no training interaction
+    assert quiet_warm.sum() >= 3  # most of the 12 interaction-less items are drawn warm
+    new = run.item_new(ds.items)
+    np.testing.assert_array_equal(new, cold)
+    np.testing.assert_array_equal(new, new_item_mask(ds.items, prep.split.warm_items))
+    added = pd.concat([ds.items, extra.iloc[:1].assign(item_id=["added0"])], ignore_index=True)
+    assert run.item_new(added)[-1]  # an item added after training (add-items) is new
+    # a run saved before the catalogue was recorded: every uncounted item is new, as it was
+    meta = json.loads((run.path / "split.json").read_text())
+    del meta["catalogue_uncounted"]
+    (run.path / "split.json").write_text(json.dumps(meta))
+    np.testing.assert_array_equal(run.item_new(ds.items), ~counted)
 
 
 def test_interaction_weights_transforms():
@@ -213,13 +248,18 @@ def test_mixed_catalogue_neither_buries_nor_floods_new_items(unified_run):
     prep, teacher, student, run = (unified_run[k] for k in ("prep", "teacher", "student", "run"))
     ds = prep.dataset
     fn = unified_score_fn(UnifiedRecommender(teacher, student), run.scorer(RECOMMEND), ds,
-                          prep.split.train)
+                          prep.split)
     mixed = evaluate_mixed(prep, fn, (20,), 20)
     pop = evaluate_mixed(prep, popularity_score_fn(prep.split.train, ds.items), (20,), 20)
     print(mixed, pop)
     assert pop["cold_share"]["top_k"] < 0.05  # popularity buries new items (count 0)
     assert 0.5 <= mixed["cold_share"]["ratio"] <= 2.0
     assert mixed["recall@20"] > pop["recall@20"]
+    # the bias lifts only items new to the catalogue, so warm users' warm ranking is its own
+    no_bias = unified_score_fn(UnifiedRecommender(teacher, student),
+                               run.scorer(RECOMMEND).replace(new_item_bias=0.0), ds, prep.split)
+    warm = prep.tasks["warm"]
+    assert rank_metrics(warm, fn, (20,)) == rank_metrics(warm, no_bias, (20,))
 
 
 def test_weights_reach_the_teacher_loss():
@@ -332,7 +372,7 @@ def test_forced_teacher_cold_path_is_what_the_export_serves(unified_run, tmp_pat
     rec = by_kind["recommend"]
     assert rec.manifest["cold_paths"] == {"user": "student", "item": "teacher"}
     unified = run.load_unified(teacher, student)
-    fn = unified_score_fn(unified, run.scorer(RECOMMEND), ds, prep.split.train)
+    fn = unified_score_fn(unified, run.scorer(RECOMMEND), ds, prep.split)
     rows = np.arange(20)
     want = np.argsort(-fn(rows, np.arange(len(ds.items))), axis=1)[:, :10]
     feats = {k: (ds.users[k].iloc[rows].to_numpy() if k in ds.users

@@ -232,7 +232,7 @@ def run_pipeline(cfg: RunConfig, student: bool = True, verbose: int | str = "aut
                 scorer = run.scorer(RECOMMEND)
                 models[RECOMMEND] = evaluate_unified(prep, unified, scorer, cfg.eval.cutoffs)
                 report["mixed"][RECOMMEND] = evaluate_mixed(
-                    prep, unified_score_fn(unified, scorer, ds, prep.split.train),
+                    prep, unified_score_fn(unified, scorer, ds, prep.split),
                     cfg.eval.cutoffs, k)
     return {**report, "models": models, "seconds": round(time.time() - t0, 1)}
 

@@ -2,7 +2,7 @@
 
 Layout of ``RUN_DIR``::
 
-    config.yaml  schema.yaml  split.json (seed, cold ids, training item counts)
+    config.yaml  schema.yaml  split.json (seed, cold ids, training item counts, catalogue)
     <model>/     teacher | teacher_val | student | recommend (a scorer only)
         preprocessing.json  weights/ (the one copy: model + optimizer)  history.json
         scorer.json  backup/ (only while a fit runs; refit/backup/ for the student's refit)
@@ -45,7 +45,7 @@ from tfrs_coldstart.features.encoder import dummy_inputs
 from tfrs_coldstart.fileio import atomic_write_text
 from tfrs_coldstart.modeling.models import SIDES, TwoTowerModel, build_student, build_teacher
 from tfrs_coldstart.modeling.unified import UnifiedRecommender, check_cold_paths
-from tfrs_coldstart.scoring import Scorer, log_counts
+from tfrs_coldstart.scoring import Scorer, log_counts, new_item_mask
 
 MODELS = ("teacher", "student")
 RECOMMEND = "recommend"  # the unified model: the teacher and the student, one scorer
@@ -136,10 +136,13 @@ class RunDir:
         prep.dataset.schema.to_yaml(self.path / SCHEMA_FILE)
         ids = prep.dataset.items["item_id"].astype(str)
         counts = entity_counts(prep.split.train, "item", ids)
+        catalogue = ~new_item_mask(prep.dataset.items, prep.split.warm_items)
         atomic_write_text(self.path / SPLIT_FILE, json.dumps(
             {"seed": prep.split.seed, "cold_users": list(prep.split.cold_users),
              "cold_items": list(prep.split.cold_items),
-             "item_counts": {k: int(v) for k, v in zip(ids, counts, strict=True) if v > 0}}))
+             "item_counts": {k: int(v) for k, v in zip(ids, counts, strict=True) if v > 0},
+             # the training catalogue = the counted items and these (held out, not new)
+             "catalogue_uncounted": ids[catalogue & (counts == 0)].tolist()}))
 
     def _split_meta(self) -> dict[str, Any]:
         path = self.path / SPLIT_FILE
@@ -153,6 +156,17 @@ class RunDir:
         """``log(1 + training count)`` per row of ``items``; items never trained on count 0."""
         counts = self.item_counts()
         return None if counts is None else log_counts(counts, items["item_id"])
+
+    def item_new(self, items: pd.DataFrame) -> np.ndarray | None:
+        """``new(i)`` of the served score per row of ``items`` (``bool [n]``): not in the
+        training catalogue (:func:`scoring.new_item_mask`). Items added later (``add-items``)
+        and the split's cold items are new. None for runs saved without counts; a run saved
+        before the catalogue was recorded counts its uncounted items as new."""
+        meta = self._split_meta()
+        counts = meta.get("item_counts")
+        if counts is None:
+            return None
+        return new_item_mask(items, set(counts) | set(meta.get("catalogue_uncounted", ())))
 
     def add_item_counts(self, interactions: pd.DataFrame) -> None:
         """Add new interactions to the training item counts (the popularity prior's input)."""

@@ -938,7 +938,7 @@ def fit_aligned_student(prep: Prepared, teacher: TeacherModel | None, cfg: Stude
 
         def score(m: AlignedStudent) -> dict[str, float]:
             fn = unified_score_fn(UnifiedRecommender(vt, m), Scorer(vt.temperature), ds,
-                                  v.train, known["user"], known["item"])
+                                  v, known["user"], known["item"])
             vals = {s: float(rank_metrics(prep.val_tasks[s], fn, (k,))[f"recall@{k}"])
                     for s in cold}
             return {f"val_{s}_recall@{k}": x for s, x in vals.items()} | {

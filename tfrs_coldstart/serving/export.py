@@ -627,9 +627,11 @@ def export_run(
             if log_counts is None:  # a run saved before counts were recorded
                 log_counts = item_log_counts(prepare(ds, cfg).split.train, ds.items)
         # The served score (scoring.Scorer) through one inner product, as evaluated.
-        # new(i): no training interaction (count 0), as evaluated (scoring.Scorer)
-        index_emb = scorer.index_vectors(item_emb, log_counts,
-                                         None if log_counts is None else log_counts == 0)
+        # new(i): not in the training catalogue (scoring.new_item_mask), as evaluated
+        item_new = run.item_new(ds.items) if scorer.new_item_bias else None
+        if item_new is None and log_counts is not None:  # a run saved before counts
+            item_new = log_counts == 0
+        index_emb = scorer.index_vectors(item_emb, log_counts, item_new)
         index_queries = scorer.query_vectors(queries, user_known)
         params = None
         if index == "scann":
@@ -661,6 +663,8 @@ def export_run(
                     "popularity_prior": scorer.prior, "temperature": scorer.temperature,
                     "scorer": scorer.to_dict(),
                     "new_items": (None if item_known is None else int((~item_known).sum())),
+                    # items the new-item bias lifts (outside the training catalogue)
+                    "new_to_catalogue": (None if item_new is None else int(item_new.sum())),
                     "index": index, "k": gated.k, "k_requested": k,
                     "index_fetch": fetch,
                     "catalogue_size": int(len(item_ids)),
