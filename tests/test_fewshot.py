@@ -168,3 +168,51 @@ def test_recommend_takes_a_history_in_a_clean_interpreter(
     np.testing.assert_allclose(np.asarray(res["embed_short"]["embedding"]), emb, atol=1e-5)
     no_hist, _ = unified.embed("user", table.drop(columns=HISTORY), ds.schema)
     assert not np.allclose(no_hist, emb)  # the history moves the query
+
+
+@pytest.mark.slow
+def test_served_prior_shrinks_with_the_known_history_items(tiny_run: dict,
+                                                           tmp_path: Path) -> None:
+    """``history_half``: a new user's prior is ``cold_user_prior * h / (h + n)`` for the n
+    history items the teacher knows, in the served graph as in Python (Scorer.score_fn)."""
+    from conftest import copy_run
+
+    from tfrs_coldstart.data.pipeline import feature_arrays
+    from tfrs_coldstart.runs import RECOMMEND, RunDir
+    from tfrs_coldstart.scoring import history_lengths
+    from tfrs_coldstart.serving.export import export_run
+
+    ds = tiny_run["ds"]
+    run = RunDir(copy_run(tiny_run["run"], tmp_path / "run"))
+    scorer = run.scorer(RECOMMEND).replace(prior=0.5, cold_user_prior=4.0, history_half=2.0)
+    run.save_scorer(RECOMMEND, scorer)
+    rec = next(m for m in export_run(run.path, tmp_path / "export", models=("recommend",),
+                                     index="brute-force", k=10, dataset=ds,
+                                     log=lambda m: None) if m.kind == "recommend")
+    warm = list(tiny_run["prep"].split.warm_items)
+    n = 4
+    rows = feature_arrays(ds.users.iloc[:n], ds.schema.user_features, "user_id")
+    rows["user_id"] = np.array([f"new-user-{i}" for i in range(n)], dtype=object)
+    history = np.array(["", HISTORY_SEPARATOR.join(warm[:2] + ["never-seen-item"]),
+                        HISTORY_SEPARATOR.join(warm[:6]), HISTORY_SEPARATOR.join(warm[:30])],
+                       dtype=object)
+    feats = {k: (history if k == HISTORY else rows[k]) for k in rec.module.specs}
+    out = rec.module(feats)
+    unified = run.load_unified()
+    lengths = history_lengths(unified, history)
+    np.testing.assert_array_equal(lengths[:2], [0, 2])  # "" and the unknown ID count nothing
+    table = ds.users.iloc[:n].assign(user_id=rows["user_id"], **{HISTORY: history})
+    users, known = unified.embed("user", table, ds.schema)
+    items, _ = unified.embed("item", ds.items, ds.schema)
+    fn = scorer.score_fn(users, items, run.item_log_counts(ds.items), known,
+                         run.item_new(ds.items), lengths)
+    want = fn(np.arange(n), np.arange(len(ds.items)))
+    pos = {str(i): j for j, i in enumerate(ds.items["item_id"].astype(str))}
+    for r in range(n):
+        ids = [t.decode() for t in out["item_ids"].numpy()[r] if t]
+        served = out["scores"].numpy()[r][:len(ids)]
+        np.testing.assert_allclose(served, want[r, [pos[i] for i in ids]], rtol=1e-4, atol=1e-3)
+    # and the prior did shrink: without it the long history's scores differ
+    flat = scorer.replace(history_half=None).score_fn(
+        users, items, run.item_log_counts(ds.items), known, run.item_new(ds.items), lengths)
+    assert not np.allclose(flat(np.arange(n), np.arange(len(ds.items)))[3], want[3])

@@ -38,7 +38,7 @@ from tfrs_coldstart.evaluation import (
     fewshot_tasks,
     rank_metrics,
 )
-from tfrs_coldstart.features.columns import HISTORY
+from tfrs_coldstart.features.columns import HISTORY, HISTORY_SEPARATOR
 from tfrs_coldstart.modeling.models import TwoTowerModel
 from tfrs_coldstart.modeling.unified import UnifiedRecommender
 
@@ -48,6 +48,8 @@ PRIOR_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 COLD_PRIOR_GRID = (*PRIOR_GRID, 8.0, 16.0)
 # New items: in the units of u.i / T, from nothing to more than the warm items' lead
 BIAS_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+# History lengths at which a new user's prior halves (None: it does not shrink)
+HISTORY_HALF_GRID = (None, 1.0, 2.0, 4.0, 8.0)
 
 
 def log_counts(counts: Mapping[str, int] | pd.Series, item_ids: pd.Series) -> np.ndarray:
@@ -76,19 +78,25 @@ class Scorer:
 
     ``w(u)`` is ``prior`` for users the model knows and ``cold_user_prior`` (default: the same)
     for users it does not: where content says little about a new user, their ranking leans
-    on popularity. ``new(i)`` is 1 for items new to the catalogue, added after the training
-    data was cut (:func:`new_item_mask`; their count is 0, so the prior alone would bury them
-    in a catalogue shared with popular items).
+    on popularity. With ``history_half`` = h, a new user's prior shrinks as their request-time
+    history grows, ``cold_user_prior * h / (h + n)`` for ``n`` history items the teacher knows
+    (halved at n = h): a few clicks say more about a user than popularity does (issue 17).
+    ``new(i)`` is 1 for items new to the catalogue, added after the training data was cut
+    (:func:`new_item_mask`; their count is 0, so the prior alone would bury them in a
+    catalogue shared with popular items).
     """
 
     temperature: float
     prior: float = 0.0
     cold_user_prior: float | None = None
     new_item_bias: float = 0.0
+    history_half: float | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.history_half is not None and not self.history_half > 0:
+            raise ValueError(f"history_half must be > 0 or None, got {self.history_half}")
 
     def with_prior(self, prior: float) -> Scorer:
         return dataclasses.replace(self, prior=float(prior))
@@ -104,12 +112,17 @@ class Scorer:
     def uses_counts(self) -> bool:
         return bool(self.prior or self.cold_prior)
 
-    def user_prior(self, n: int, user_known: np.ndarray | None = None) -> np.ndarray:
-        """``w(u)`` per user: ``float32 [n]`` (every user known when ``user_known`` is None)."""
+    def user_prior(self, n: int, user_known: np.ndarray | None = None,
+                   history_len: np.ndarray | None = None) -> np.ndarray:
+        """``w(u)`` per user: ``float32 [n]`` (every user known when ``user_known`` is None;
+        ``history_len``: the known items in each user's request-time history, default 0)."""
         if user_known is None:
             return np.full(n, self.prior, np.float32)
-        return np.where(np.asarray(user_known, bool), self.prior, self.cold_prior
-                        ).astype(np.float32)
+        cold = np.full(n, self.cold_prior, np.float64)
+        if self.history_half and history_len is not None:
+            h = self.history_half
+            cold *= h / (h + np.asarray(history_len, np.float64))
+        return np.where(np.asarray(user_known, bool), self.prior, cold).astype(np.float32)
 
     def item_bias(self, item_log_counts: np.ndarray) -> np.ndarray:
         """``prior * log(1 + count)``: ``float32 [n_items]`` (known users' item bias)."""
@@ -117,11 +130,12 @@ class Scorer:
 
     def score_fn(self, user_emb: np.ndarray, item_emb: np.ndarray, item_log_counts: np.ndarray,
                  user_known: np.ndarray | None = None,
-                 item_new: np.ndarray | None = None) -> ScoreFn:
+                 item_new: np.ndarray | None = None,
+                 history_len: np.ndarray | None = None) -> ScoreFn:
         """Scores for :func:`evaluation.rank_metrics`; rows index the embedding tables."""
         queries = user_emb / self.temperature
         logc = np.asarray(item_log_counts, np.float32)
-        w = self.user_prior(len(user_emb), user_known)
+        w = self.user_prior(len(user_emb), user_known, history_len)
         extra = (self.new_item_bias * np.asarray(item_new, np.float32)
                  if item_new is not None and self.new_item_bias else None)
         if user_known is None and extra is None:
@@ -165,14 +179,14 @@ class Scorer:
             parts.append(new.astype(np.float32)[:, None])
         return np.concatenate(parts, axis=1).astype(np.float32)
 
-    def query_vectors(self, user_emb: np.ndarray,
-                      user_known: np.ndarray | None = None) -> np.ndarray:
+    def query_vectors(self, user_emb: np.ndarray, user_known: np.ndarray | None = None,
+                      history_len: np.ndarray | None = None) -> np.ndarray:
         """Queries for :meth:`index_vectors`: ``float32 [n_users, dim + extra_columns]``."""
         if not self.extra_columns:
             return np.asarray(user_emb, np.float32)
         parts = [np.asarray(user_emb, np.float32) / self.temperature]
         if self.uses_counts:
-            parts.append(self.user_prior(len(user_emb), user_known)[:, None])
+            parts.append(self.user_prior(len(user_emb), user_known, history_len)[:, None])
         if self.new_item_bias:
             parts.append(np.full((len(user_emb), 1), self.new_item_bias, np.float32))
         return np.concatenate(parts, axis=1).astype(np.float32)
@@ -183,9 +197,11 @@ class Scorer:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Scorer:
         cold = values.get("cold_user_prior")
+        half = values.get("history_half")
         return cls(float(values["temperature"]), float(values.get("prior", 0.0)),
                    None if cold is None else float(cold),
-                   float(values.get("new_item_bias", 0.0)))
+                   float(values.get("new_item_bias", 0.0)),
+                   None if half is None else float(half))
 
 
 def model_score_fn(model: TwoTowerModel, scorer: Scorer, ds: Dataset,
@@ -264,14 +280,57 @@ def unified_history_scorer(unified: UnifiedRecommender, scorer: Scorer, ds: Data
     new = new_item_mask(ds.items, split.warm_items)
 
     def make(history: np.ndarray) -> ScoreFn:
-        table = ds.users.assign(**{HISTORY: history})
-        users, u_known = unified.embed("user", table, ds.schema)
-        if known_users is not None:
-            u_known &= ds.users["user_id"].astype(str).isin(known_users).to_numpy()
-            users = np.where(u_known[:, None], users,
-                             unified.cold_embed("user", table, ds.schema))
-        return scorer.score_fn(users, items, counts, u_known, new)
+        users, u_known, lengths = _history_queries(unified, ds, known_users, history)
+        return scorer.score_fn(users, items, counts, u_known, new, lengths)
     return make
+
+
+def history_lengths(unified: UnifiedRecommender, history: np.ndarray) -> np.ndarray:
+    """``float64 [n]``: the items of each history (``string [n]``, IDs joined by
+    HISTORY_SEPARATOR) the teacher knows: what the served graph counts (the history column,
+    which ignores unknown IDs)."""
+    tokens = pd.Series(np.asarray(history, object)).str.split(HISTORY_SEPARATOR).explode()
+    hit = unified.known("item", tokens.fillna("").to_numpy())
+    return np.bincount(tokens.index.to_numpy(), weights=hit.astype(np.float64),
+                       minlength=len(history))
+
+
+def _history_queries(unified: UnifiedRecommender, ds: Dataset, known_users: set[str] | None,
+                     history: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each user's served embedding, whether it is known, and its history length."""
+    table = ds.users.assign(**{HISTORY: history})
+    users, u_known = unified.embed("user", table, ds.schema)
+    if known_users is not None:
+        u_known &= ds.users["user_id"].astype(str).isin(known_users).to_numpy()
+        users = np.where(u_known[:, None], users, unified.cold_embed("user", table, ds.schema))
+    return users, u_known, history_lengths(unified, history)
+
+
+def tune_history_prior(unified: UnifiedRecommender, scorer: Scorer, prep: Prepared,
+                       grid: tuple[float | None, ...] = HISTORY_HALF_GRID, k: int = 20
+                       ) -> tuple[Scorer, dict[str, float]]:
+    """``history_half`` (how fast a new user's popularity prior shrinks with their history) on
+    the validation split's few-shot tasks: mean recall@k over n >= 1 (n = 0 does not move).
+    The embeddings are computed once per n; pass the validation teacher's unified model."""
+    ds, v = prep.dataset, prep.val
+    items, _ = unified.embed("item", ds.items, ds.schema)
+    counts = item_log_counts(v.train, ds.items)
+    new = new_item_mask(ds.items, v.warm_items)
+    known_users = known_ids(v.train, "user")
+    tasks = {n: t for n, t in fewshot_tasks(v, ds.users, ds.items).items()
+             if n > 0 and len(t.task.user_rows)}
+    if not tasks or not scorer.cold_prior:
+        return scorer, {}
+    recalls: dict[str, list[float]] = {str(h): [] for h in grid}
+    for ft in tasks.values():
+        users, u_known, lengths = _history_queries(unified, ds, known_users, ft.history)
+        for h in grid:
+            fn = scorer.replace(history_half=h).score_fn(users, items, counts, u_known, new,
+                                                         lengths)
+            recalls[str(h)].append(float(rank_metrics(ft.task, fn, (k,))[f"recall@{k}"]))
+    search = {h: float(np.mean(r)) for h, r in recalls.items()}
+    best = max(grid, key=lambda h: search[str(h)] + (1e-9 if h is None else 0.0))
+    return scorer.replace(history_half=best), search
 
 
 def evaluate_unified_fewshot(prep: Prepared, unified: UnifiedRecommender, scorer: Scorer,

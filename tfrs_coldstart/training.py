@@ -63,6 +63,7 @@ from tfrs_coldstart.runs import RECOMMEND, RunDir
 from tfrs_coldstart.scoring import (
     Scorer,
     model_score_fn,
+    tune_history_prior,
     tune_prior,
     tune_unified,
     unified_score_fn,
@@ -782,7 +783,8 @@ def choose_cold_paths(vt: TeacherModel, model: StudentModel, prep: Prepared,
             unified = UnifiedRecommender(vt, model, paths)
             scorer, info = tune_unified(unified, prep, k=k)
             if len(options["user"]) * len(options["item"]) == 1:
-                return scorer, {"cold_paths": paths, **info}
+                best = (0.0, paths, scorer, info)
+                break
             per = unified_validation_recalls(unified, scorer, prep, segments, k)
             value = float(np.mean(list(per.values()))) if per else 0.0
             search[f"user={user_path},item={item_path}"] = {**per, "mean": value}
@@ -790,10 +792,22 @@ def choose_cold_paths(vt: TeacherModel, model: StudentModel, prep: Prepared,
                 best = (value, paths, scorer, info)
     assert best is not None
     _, paths, scorer, info = best
-    log(f"cold path: users {paths['user']}, items {paths['item']} (validation recall@{k} over "
-        f"the cold segments: " + ", ".join(f"{key} {v['mean']:.4f}" for key, v in search.items())
-        + ")")
-    return scorer, {"cold_paths": paths, "cold_path_search": search, **info}
+    if search:
+        log(f"cold path: users {paths['user']}, items {paths['item']} (validation recall@{k} "
+            "over the cold segments: "
+            + ", ".join(f"{key} {v['mean']:.4f}" for key, v in search.items()) + ")")
+        info = {"cold_path_search": search, **info}
+    if paths["user"] == "student" and "user" in sides and has_history(model.tower("user")):
+        # how fast a new user's prior gives way to their history: the few-shot tasks (the
+        # cold segments above have no history, so the choice of paths does not depend on it)
+        scorer, half = tune_history_prior(UnifiedRecommender(vt, model, paths), scorer, prep,
+                                          k=k)
+        if half:
+            info = {**info, "history_half_search": half}
+            log(f"new users' prior with a history: halves at n = {scorer.history_half} "
+                f"(validation few-shot recall@{k}, n >= 1: "
+                + ", ".join(f"{h} {r:.4f}" for h, r in half.items()) + ")")
+    return scorer, {"cold_paths": paths, **info}
 
 
 def fit_ridge_student(prep: Prepared, teacher: TeacherModel | None, cfg: StudentConfig,

@@ -705,6 +705,19 @@ class IdsOfColumn(FeatureColumn):
     def input_spec(self) -> tf.TensorSpec:
         return _string_spec(self.input_key)
 
+    def count(self, layers: Layers, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """``float32 [batch]``: how many IDs of each row :meth:`encode` averages (empty
+        entries, and with ``ignore_unknown`` IDs the teacher does not know, left out)."""
+        if self.name not in inputs:
+            return tf.zeros(tf.shape(next(iter(inputs.values())))[:1])
+        tokens = _split(inputs[self.name], self.separator)
+        keep = tf.not_equal(tokens.flat_values, "")
+        if self.ignore_unknown:
+            keep = tf.logical_and(keep, layers["lookup"](tokens.flat_values) > 0)
+        return tf.cast(tf.math.unsorted_segment_sum(tf.cast(keep, tf.int32),
+                                                    tokens.value_rowids(), tokens.nrows()),
+                       tf.float32)
+
 
 #: The request-time history (issue 17): a user's item IDs, joined by HISTORY_SEPARATOR, ""
 #: for none; a student's user tower reads it as an ``ids_of=item`` column.

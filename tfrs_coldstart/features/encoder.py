@@ -19,9 +19,11 @@ import tensorflow as tf
 from tfrs_coldstart.config import TowerConfig
 from tfrs_coldstart.data.schema import FeatureSpec
 from tfrs_coldstart.features.columns import (
+    HISTORY,
     ID_FEATURE,
     FeatureColumn,
     IdColumn,
+    IdsOfColumn,
     SharedIds,
     build_columns,
     columns_from_state,
@@ -127,6 +129,14 @@ class FeatureEncoder(tf.keras.layers.Layer):
             if isinstance(col, IdColumn) and col.served:
                 return self._parts[name]["lookup"](inputs[col.column]) > 0  # 0: the OOV bucket
         raise ValueError("this encoder reads no ID: it cannot tell known entities apart")
+
+    def history_count(self, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor | None:
+        """``float32 [batch]``: the known items of each row's request-time history (None
+        when this encoder reads no history): what the served score's prior shrinks with."""
+        col = self.columns.get(HISTORY)
+        if not isinstance(col, IdsOfColumn):
+            return None
+        return col.count(self._parts[HISTORY], inputs)
 
     @property
     def feature_names(self) -> list[str]:

@@ -91,6 +91,13 @@ class UnifiedTower(tf.Module):
         """``bool [batch]``: whether the teacher knows each row's ID."""
         return self.teacher_tower.encoder.known(features)
 
+    def history_count(self, features: dict[str, tf.Tensor]) -> tf.Tensor | None:
+        """``float32 [batch]``: the known items of each row's request-time history, as the
+        student's user tower reads it (None without one)."""
+        if self.student_tower is None:
+            return None
+        return self.student_tower.encoder.history_count(features)
+
     def __call__(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         teacher = self.teacher_tower(features, training=training)
         if self.student_tower is None:

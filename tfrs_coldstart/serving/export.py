@@ -201,9 +201,14 @@ class RecommendModule(tf.Module):
             cols = [q / sc.temperature]
             ones = tf.ones_like(q[:, :1])
             if sc.uses_counts:
-                if hasattr(self.user_tower, "known") and sc.cold_prior != sc.prior:
+                if hasattr(self.user_tower, "known") and (sc.cold_prior != sc.prior
+                                                          or sc.history_half):
                     known = self.user_tower.known(features)[:, None]
-                    cols.append(tf.where(known, sc.prior * ones, sc.cold_prior * ones))
+                    cold = sc.cold_prior * ones
+                    n = self.user_tower.history_count(features) if sc.history_half else None
+                    if n is not None:  # Scorer.user_prior: shrinks with the history
+                        cold = cold * (sc.history_half / (sc.history_half + n[:, None]))
+                    cols.append(tf.where(known, sc.prior * ones, cold))
                 else:
                     cols.append(sc.prior * ones)
             if sc.new_item_bias:
