@@ -43,6 +43,7 @@ from tfrs_coldstart.scoring import (
     evaluate_model,
     evaluate_unified,
     new_item_mask,
+    tune_unified,
     unified_score_fn,
 )
 from tfrs_coldstart.training import fit_student, fit_teacher
@@ -260,6 +261,24 @@ def test_mixed_catalogue_neither_buries_nor_floods_new_items(unified_run):
                                run.scorer(RECOMMEND).replace(new_item_bias=0.0), ds, prep.split)
     warm = prep.tasks["warm"]
     assert rank_metrics(warm, fn, (20,)) == rank_metrics(warm, no_bias, (20,))
+
+
+@pytestmark_slow
+def test_new_items_that_all_embed_alike_are_not_lifted(unified_run):
+    """Featureless new items (one embedding for all) could only be lifted in an arbitrary
+    order, which validation would measure as the items table's order: the bias stays 0."""
+    prep, teacher, student = unified_run["prep"], unified_run["teacher"], unified_run["student"]
+
+    class Featureless(UnifiedRecommender):
+        def cold_embed(self, side, table, schema, batch_size=4096):
+            out = super().cold_embed(side, table, schema, batch_size)
+            return np.repeat(out[:1], len(out), axis=0) if side == "item" else out
+
+    scorer, info = tune_unified(Featureless(teacher, student), prep)
+    assert scorer.new_item_bias == 0.0 and info["new_items_alike"]
+    assert list(info["new_item_bias_search"]) == ["0.0"]
+    with_content, info2 = tune_unified(UnifiedRecommender(teacher, student), prep)
+    assert "new_items_alike" not in info2 and len(info2["new_item_bias_search"]) > 1
 
 
 def test_weights_reach_the_teacher_loss():
