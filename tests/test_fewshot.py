@@ -189,6 +189,8 @@ def test_served_prior_shrinks_with_the_known_history_items(tiny_run: dict,
     rec = next(m for m in export_run(run.path, tmp_path / "export", models=("recommend",),
                                      index="brute-force", k=10, dataset=ds,
                                      log=lambda m: None) if m.kind == "recommend")
+    # the manifest counts the items outside the training catalogue, whatever the bias
+    assert rec.manifest["new_to_catalogue"] == int(run.item_new(ds.items).sum()) > 0
     warm = list(tiny_run["prep"].split.warm_items)
     n = 4
     rows = feature_arrays(ds.users.iloc[:n], ds.schema.user_features, "user_id")

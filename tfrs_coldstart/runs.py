@@ -130,7 +130,8 @@ class RunDir:
         save_config(cfg, self.path / CONFIG_FILE)
 
     def write_metadata(self, cfg: RunConfig, prep: Prepared) -> None:
-        """``config.yaml``, ``schema.yaml`` and ``split.json`` (cold ids, item counts)."""
+        """``config.yaml``, ``schema.yaml`` and ``split.json`` (cold ids, item counts and the
+        training catalogue: the counted items plus ``catalogue_uncounted``)."""
         self.path.mkdir(parents=True, exist_ok=True)
         self.write_config(cfg)
         prep.dataset.schema.to_yaml(self.path / SCHEMA_FILE)

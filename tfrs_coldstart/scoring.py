@@ -59,8 +59,9 @@ def log_counts(counts: Mapping[str, int] | pd.Series, item_ids: pd.Series) -> np
 
 def new_item_mask(items: pd.DataFrame, catalogue: Collection[str]) -> np.ndarray:
     """``new(i)`` of the served score: ``bool [n]``, whether each row of ``items`` is new to the
-    catalogue, i.e. not among ``catalogue``, the items the model was trained with (a split's
-    ``warm_items``; a run's saved catalogue, :meth:`runs.RunDir.item_new`).
+    catalogue, i.e. not among ``catalogue``, the items known when the model was trained, with
+    training interactions or not (a split's ``warm_items``; a run's saved catalogue,
+    :meth:`runs.RunDir.item_new`). The split's cold items and items added later are new.
 
     Not "count 0": an item of the training catalogue whose interactions all fell into the
     held-out part also has count 0, but it is not new, and a bias that lifts it floods every
@@ -81,8 +82,8 @@ class Scorer:
     on popularity. With ``history_half`` = h, a new user's prior shrinks as their request-time
     history grows, ``cold_user_prior * h / (h + n)`` for ``n`` history items the teacher knows
     (halved at n = h): a few clicks say more about a user than popularity does (issue 17).
-    ``new(i)`` is 1 for items new to the catalogue, added after the training data was cut
-    (:func:`new_item_mask`; their count is 0, so the prior alone would bury them in a
+    ``new(i)`` is 1 for items outside the training catalogue: the split's cold items and items
+    added later (:func:`new_item_mask`; their count is 0, so the prior alone would bury them in a
     catalogue shared with popular items).
     """
 
@@ -286,9 +287,9 @@ def unified_history_scorer(unified: UnifiedRecommender, scorer: Scorer, ds: Data
 
 
 def history_lengths(unified: UnifiedRecommender, history: np.ndarray) -> np.ndarray:
-    """``float64 [n]``: the items of each history (``string [n]``, IDs joined by
-    HISTORY_SEPARATOR) the teacher knows: what the served graph counts (the history column,
-    which ignores unknown IDs)."""
+    """``float64 [n]``: the entries of each history (``string [n]``, IDs joined by
+    HISTORY_SEPARATOR) the teacher knows, a repeated ID once per entry: what the served graph
+    counts (the history column, which ignores unknown IDs and empty entries)."""
     tokens = pd.Series(np.asarray(history, object)).str.split(HISTORY_SEPARATOR).explode()
     hit = unified.known("item", tokens.fillna("").to_numpy())
     return np.bincount(tokens.index.to_numpy(), weights=hit.astype(np.float64),
@@ -303,7 +304,11 @@ def _history_queries(unified: UnifiedRecommender, ds: Dataset, known_users: set[
     if known_users is not None:
         u_known &= ds.users["user_id"].astype(str).isin(known_users).to_numpy()
         users = np.where(u_known[:, None], users, unified.cold_embed("user", table, ds.schema))
-    return users, u_known, history_lengths(unified, history)
+    # as the served graph: a new user's history counts only where their tower reads it
+    reads = (unified.cold_paths["user"] == "student"
+             and HISTORY in unified.student.tower("user").encoder.columns)
+    return users, u_known, (history_lengths(unified, history) if reads
+                            else np.zeros(len(history)))
 
 
 def tune_history_prior(unified: UnifiedRecommender, scorer: Scorer, prep: Prepared,

@@ -755,8 +755,10 @@ def choose_cold_paths(vt: TeacherModel, model: StudentModel, prep: Prepared,
     combination gets its score tuned (:func:`scoring.tune_unified`) and the one with the best
     mean validation recall@k over the cold segments wins (ties: the student). Without a
     validation teacher (``validated=False``: ``vt`` saw the pseudo-cold entities, which would
-    flatter its content path) ``auto`` keeps the student. Returns the score and how it was
-    chosen (``cold_paths``, ``cold_path_search`` and the tuning's info).
+    flatter its content path) ``auto`` keeps the student. A user tower that reads the history
+    then gets its ``history_half`` (:func:`scoring.tune_history_prior`). Returns the score and
+    how it was chosen (``cold_paths``; ``cold_path_search`` when more than one combination was
+    tried; ``history_half_search``; the tuning's info).
     """
     options: dict[str, tuple[str, ...]] = {}
     for side in SIDES:

@@ -709,8 +709,12 @@ class IdsOfColumn(FeatureColumn):
         """``float32 [batch]``: how many IDs of each row :meth:`encode` averages (empty
         entries, and with ``ignore_unknown`` IDs the teacher does not know, left out)."""
         if self.name not in inputs:
+            if not inputs:
+                raise ValueError(f"{self.name}: no inputs to count")
             return tf.zeros(tf.shape(next(iter(inputs.values())))[:1])
-        tokens = _split(inputs[self.name], self.separator)
+        raw = inputs[self.name]
+        tokens = (_split(raw, self.separator) if self.multi  # as encode tokenises
+                  else tf.RaggedTensor.from_tensor(tf.reshape(raw, [-1, 1])))
         keep = tf.not_equal(tokens.flat_values, "")
         if self.ignore_unknown:
             keep = tf.logical_and(keep, layers["lookup"](tokens.flat_values) > 0)

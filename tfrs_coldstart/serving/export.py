@@ -64,7 +64,7 @@ from tfrs_coldstart.features.columns import HISTORY, HISTORY_SEPARATOR, history_
 from tfrs_coldstart.features.sources import SourceInputError, SourceInputs, served_arrays
 from tfrs_coldstart.fileio import atomic_write_text
 from tfrs_coldstart.runs import RunDir
-from tfrs_coldstart.scoring import Scorer
+from tfrs_coldstart.scoring import Scorer, new_item_mask
 from tfrs_coldstart.serving.index import (
     INDEX_KINDS,
     GatedIndex,
@@ -633,9 +633,9 @@ def export_run(
                 log_counts = item_log_counts(prepare(ds, cfg).split.train, ds.items)
         # The served score (scoring.Scorer) through one inner product, as evaluated.
         # new(i): not in the training catalogue (scoring.new_item_mask), as evaluated
-        item_new = run.item_new(ds.items) if scorer.new_item_bias else None
-        if item_new is None and log_counts is not None:  # a run saved before counts
-            item_new = log_counts == 0
+        item_new = run.item_new(ds.items)
+        if item_new is None:  # a run saved before counts were recorded: its split says
+            item_new = new_item_mask(ds.items, prepare(ds, cfg).split.warm_items)
         index_emb = scorer.index_vectors(item_emb, log_counts, item_new)
         index_queries = scorer.query_vectors(queries, user_known)
         params = None
@@ -668,8 +668,8 @@ def export_run(
                     "popularity_prior": scorer.prior, "temperature": scorer.temperature,
                     "scorer": scorer.to_dict(),
                     "new_items": (None if item_known is None else int((~item_known).sum())),
-                    # items the new-item bias lifts (outside the training catalogue)
-                    "new_to_catalogue": (None if item_new is None else int(item_new.sum())),
+                    # items outside the training catalogue (the new-item bias lifts them)
+                    "new_to_catalogue": int(item_new.sum()),
                     "index": index, "k": gated.k, "k_requested": k,
                     "index_fetch": fetch,
                     "catalogue_size": int(len(item_ids)),
