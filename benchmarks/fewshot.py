@@ -216,11 +216,9 @@ def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in label)[:60]
 
 
-def validation_student(prep: Prepared, vt, sc, alphas: dict[str, float],
-                       mixes: dict[str, float] | None = None):
+def validation_student(prep: Prepared, vt, sc, alphas: dict[str, float]):
     """The ridge student as chosen on validation: fit on the validation split's training
-    part to the validation teacher (pseudo-cold users unseen), with the chosen alphas and
-    target mixes."""
+    part to the validation teacher (pseudo-cold users unseen), with the chosen alphas."""
     from tfrs_coldstart.features.encoder import dummy_inputs
     from tfrs_coldstart.modeling.models import build_student, student_sides, student_states
     from tfrs_coldstart.training import (
@@ -239,7 +237,7 @@ def validation_student(prep: Prepared, vt, sc, alphas: dict[str, float],
     for side in sides:
         model.tower(side)(dummy_inputs(model.tower(side).encoder.state))
     fill_history_table(model, vt, ds.items, ds.schema)
-    _fit_ridge_sides(model, vt, prep, v.train, sides, sc, alphas, mixes)
+    _fit_ridge_sides(model, vt, prep, v.train, sides, sc, alphas)
     return model
 
 
@@ -367,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             info = srun.history("student")
             # validation: the student fit on the validation training part with the
             # validation teacher (as the settings were chosen), the same served score
-            vstudent = validation_student(prep, vt, sc, info["alpha"], info.get("mix"))
+            vstudent = validation_student(prep, vt, sc, info["alpha"])
             paths = srun.cold_paths()
             val[label] = ours(val_tasks, vt, vstudent, rec, prep.val, known_val, paths)
             val[label]["_alpha"] = info["alpha"]

@@ -93,28 +93,6 @@ def test_ridge_matches_the_normal_equations_and_weights_count():
     np.testing.assert_allclose(c1, primal, atol=1e-4)
 
 
-def test_projected_targets_recover_a_linear_answer_and_mix():
-    """p_i = argmin ||O p - r_i||^2 + l2 ||p||^2, unit length: with r_i = O p*_i exactly and a
-    vanishing l2 it is p*_i's direction; mixed targets are unit length and mix 0 is e."""
-    from tfrs_coldstart.modeling.mapper import mixed_targets, projected_targets
-
-    rng = np.random.default_rng(5)
-    o, p_star = rng.normal(size=(60, 4)), rng.normal(size=(9, 4))
-    import scipy.sparse as sp
-
-    got = projected_targets(sp.csr_matrix(p_star @ o.T), o, l2=1e-9)
-    want = p_star / np.linalg.norm(p_star, axis=1, keepdims=True)
-    np.testing.assert_allclose(got, want, atol=1e-6)
-    assert np.allclose(np.linalg.norm(projected_targets(sp.csr_matrix(p_star @ o.T), o, 50.0),
-                                      axis=1), 1.0)
-    e = rng.normal(size=(9, 4))
-    np.testing.assert_array_equal(mixed_targets(e, got, 0.0), e)
-    half = mixed_targets(e, got, 0.5)
-    np.testing.assert_allclose(np.linalg.norm(half, axis=1), 1.0)
-    np.testing.assert_allclose(half, (0.5 * e + 0.5 * got)
-                               / np.linalg.norm(0.5 * e + 0.5 * got, axis=1, keepdims=True))
-
-
 def test_index_form_reproduces_the_score_for_known_and_new_users_and_items():
     rng = np.random.default_rng(2)
     users, items = rng.normal(size=(7, 5)), rng.normal(size=(11, 5))

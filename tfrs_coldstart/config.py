@@ -83,7 +83,6 @@ DISTILL_SIDES = ("auto", "both", "user", "item")
 STUDENT_METHODS = ("ridge", "aligned", "own")
 COLD_PATH_CHOICES = ("auto", "student", "teacher")  # student.cold_path_*: see StudentConfig
 RIDGE_ALPHAS = (0.3, 1.0, 3.0, 10.0, 30.0)
-RIDGE_MIXES = (0.0, 0.25, 0.5, 0.75)
 ID_FEATURE_MODES = ("frozen", "finetune", "learned")
 TRAIN_STRATEGIES = ("none", "mirrored", "multi_worker")
 COLLECTIVES = ("auto", "ring", "nccl")
@@ -206,13 +205,6 @@ class StudentConfig:
 
     method: str = "ridge"  # ridge | aligned (trained in the teacher's space) | own
     ridge_alpha: float | None = None  # None: each side's from RIDGE_ALPHAS, on validation
-    # method=ridge: a warm entity's target is normalise((1 - mix) * e + mix * p), e its teacher
-    # embedding and p the vector that best reproduces its training interactions through the
-    # other side's teacher embeddings (least squares, L2 ridge_mix_l2; modeling/mapper.py,
-    # projected_targets). None: each side's mix from RIDGE_MIXES with its alpha, on validation
-    # (a user tower with a history and a streamed run keep 0).
-    ridge_mix: float | None = None
-    ridge_mix_l2: float = 1.0
     reliability: str = "tanh"  # weight of a warm entity in the fit: tanh | linear | none
     reliability_scale: float = 10.0  # tanh(count / scale)
     # method=aligned: which cross terms L_C trains (tu_si: teacher user . student item,
@@ -282,9 +274,6 @@ class StudentConfig:
         _positive(self, "reliability_scale")
         if self.ridge_alpha is not None:
             _positive(self, "ridge_alpha")
-        if self.ridge_mix is not None:
-            _check(self, "ridge_mix", 0.0 <= self.ridge_mix <= 1.0, "must be in [0, 1]")
-        _positive(self, "ridge_mix_l2")
         if self.popularity_prior is not None:
             _at_least(self, 0, "popularity_prior")
         if self.item_id_sink < 0:

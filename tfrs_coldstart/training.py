@@ -19,16 +19,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import tensorflow as tf
 
-from tfrs_coldstart.config import (
-    RIDGE_ALPHAS,
-    RIDGE_MIXES,
-    StudentConfig,
-    TeacherConfig,
-    TrainConfig,
-)
+from tfrs_coldstart.config import RIDGE_ALPHAS, StudentConfig, TeacherConfig, TrainConfig
 from tfrs_coldstart.console import log, phase, warn_once
 from tfrs_coldstart.data import SEGMENTS, entity_counts, known_ids
 from tfrs_coldstart.data.pipeline import (
@@ -52,14 +45,7 @@ from tfrs_coldstart.features.columns import HISTORY
 from tfrs_coldstart.features.encoder import dummy_inputs
 from tfrs_coldstart.fileio import atomic_write_text
 from tfrs_coldstart.modeling.aligned import AlignedConfig, AlignedStudent, fit_aligned
-from tfrs_coldstart.modeling.mapper import (
-    design_matrix,
-    fit_ridge_tower,
-    mixed_targets,
-    projected_targets,
-    reliability,
-    ridge,
-)
+from tfrs_coldstart.modeling.mapper import design_matrix, fit_ridge_tower, reliability, ridge
 from tfrs_coldstart.modeling.models import (
     SIDES,
     StudentModel,
@@ -654,36 +640,12 @@ def history_rows(table: pd.DataFrame, train_df: Rows, cfg: StudentConfig,
     return rows, src, np.concatenate(factor)
 
 
-def _projected(teacher: TeacherModel, ds: Any, train_df: Rows, side: str,
-               table: pd.DataFrame, l2: float) -> np.ndarray | None:
-    """:func:`mapper.projected_targets` of ``table``'s entities from their ``train_df``
-    interactions with the other side's training entities (None for a streamed part: the
-    interaction matrix is built in memory)."""
-    if not isinstance(train_df, pd.DataFrame):
-        warn_once("student.ridge_mix: a streamed run fits the teacher's embeddings alone (mix "
-                  "0): the interaction-projected targets need the interactions in memory")
-        return None
-    other = "item" if side == "user" else "user"
-    others = _entities(ds.users if other == "user" else ds.items, other, train_df)
-    rows = pd.Index(table[f"{side}_id"].astype(str)).get_indexer(
-        train_df[f"{side}_id"].astype(str))
-    cols = pd.Index(others[f"{other}_id"].astype(str)).get_indexer(
-        train_df[f"{other}_id"].astype(str))
-    keep = (rows >= 0) & (cols >= 0)
-    r = sp.csr_matrix((np.ones(int(keep.sum())), (rows[keep], cols[keep])),
-                      shape=(len(table), len(others)))
-    r.data[:] = 1.0  # a repeated pair counts once: every interaction is one positive
-    return projected_targets(r, teacher.embed(other, others, ds.schema), l2)
-
-
 def _fit_ridge_sides(model: StudentModel, teacher: TeacherModel, prep: Prepared,
                      train_df: Rows, sides: tuple[str, ...], cfg: StudentConfig,
-                     alphas: dict[str, float], mixes: dict[str, float] | None = None
-                     ) -> dict[str, Any]:
+                     alphas: dict[str, float]) -> dict[str, Any]:
     """Fit each content side's linear tower to ``teacher``'s embeddings of the entities of
-    ``train_df`` (mixed with their interaction-projected targets by ``mixes``, default 0),
-    weighted by the reliability of each (a function of its count there); a user tower with a
-    history also gets each user's truncated-history rows."""
+    ``train_df``, weighted by the reliability of each (a function of its count there); a
+    user tower with a history also gets each user's truncated-history rows."""
     ds = prep.dataset
     out = {}
     for side in sides:
@@ -691,10 +653,6 @@ def _fit_ridge_sides(model: StudentModel, teacher: TeacherModel, prep: Prepared,
         weights = reliability(entity_counts(train_df, side, table[f"{side}_id"]), cfg.reliability,
                               cfg.reliability_scale)
         targets = teacher.embed(side, table, ds.schema)
-        mix = (mixes or {}).get(side, 0.0)
-        if mix:
-            targets = mixed_targets(
-                targets, _projected(teacher, ds, train_df, side, table, cfg.ridge_mix_l2), mix)
         if side == "user" and has_history(model.tower(side)):
             table, src, factor = history_rows(table, train_df, cfg)
             targets, weights = targets[src], weights[src] * factor
@@ -742,12 +700,9 @@ def _history_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
 
 def _ridge_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
                         sides: tuple[str, ...], cfg: StudentConfig, grid: tuple[float, ...],
-                        k: int, mix_grid: tuple[float, ...] = (0.0,)
-                        ) -> tuple[dict[str, float], dict[str, float], dict[str, dict]]:
-    """Each side's ridge alpha and target mix on the validation segment that side alone
-    serves, in numpy: the design matrices and the teacher's embeddings are computed once.
-    Returns ``(alphas, mixes, search)``; ``search[side]`` holds each alpha's recall at its best
-    mix and ``search[side + "_mix"]`` each mix's at its best alpha."""
+                        k: int) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Each side's ridge alpha on the validation segment that side alone serves, in numpy:
+    the design matrices and the teacher's embeddings are computed once."""
     ds, v = prep.dataset, prep.val
     tables = {"user": ds.users, "item": ds.items}
     known = {s: tables[s][f"{s}_id"].astype(str).isin(known_ids(v.train, s))
@@ -760,11 +715,8 @@ def _ridge_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
     if "user" in sides and has_history(model.tower("user")):
         history_search = _history_alpha_search(model, vt, prep, cfg, grid, k, emb, counts)
         search["user"] = {a: r["mean"] for a, r in history_search.items()}
-    mixes = {side: 0.0 for side in sides}
-    alphas: dict[str, float] = {}
     for side in sides:
         if side == "user" and history_search is not None:
-            alphas[side] = max(grid, key=lambda a: search["user"][str(a)])
             continue
         x, _ = design_matrix(model.tower(side), tables[side], ds.schema.side(side),
                              f"{side}_id")
@@ -772,32 +724,22 @@ def _ridge_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
         weights = reliability(entity_counts(v.train, side, tables[side][f"{side}_id"][rows]),
                               cfg.reliability, cfg.reliability_scale)
         task = prep.val_tasks[segment[side]]
-        projected = (_projected(vt, ds, v.train, side, tables[side][rows], cfg.ridge_mix_l2)
-                     if any(mix_grid) else None)
-        side_mixes = mix_grid if projected is not None else (0.0,)
-        table: dict[tuple[float, float], float] = {}
-        for mix in side_mixes:
-            targets = mixed_targets(emb[side][rows], projected, mix)
-            for alpha in grid:
-                coef, bias = ridge(x[rows], targets, weights, alpha)
-                mapped = x @ coef + bias
-                mapped /= np.maximum(np.linalg.norm(mapped, axis=1, keepdims=True), 1e-12)
-                both = dict(emb)
-                both[side] = np.where(rows[:, None], emb[side], mapped).astype(np.float32)
-                best = 0.0
-                for prior in ((0.0,) if side == "item" else (0.0, 1.0, 4.0)):
-                    fn = Scorer(vt.temperature, prior).score_fn(both["user"], both["item"],
-                                                                counts)
-                    if len(task.user_rows):
-                        best = max(best, float(rank_metrics(task, fn, (k,))[f"recall@{k}"]))
-                table[(mix, alpha)] = best
-        # ties keep the smaller mix (the teacher's own embeddings), then the grid order
-        mixes[side], alphas[side] = max(table, key=lambda ma: (table[ma], -ma[0]))
-        search[side] = {str(a): max(table[(m, a)] for m in side_mixes) for a in grid}
-        search[f"{side}_mix"] = {str(m): max(table[(m, a)] for a in grid) for m in side_mixes}
+        for alpha in grid:
+            coef, bias = ridge(x[rows], emb[side][rows], weights, alpha)
+            mapped = x @ coef + bias
+            mapped /= np.maximum(np.linalg.norm(mapped, axis=1, keepdims=True), 1e-12)
+            both = dict(emb)
+            both[side] = np.where(rows[:, None], emb[side], mapped).astype(np.float32)
+            best = 0.0
+            for prior in ((0.0,) if side == "item" else (0.0, 1.0, 4.0)):
+                fn = Scorer(vt.temperature, prior).score_fn(both["user"], both["item"], counts)
+                if len(task.user_rows):
+                    best = max(best, float(rank_metrics(task, fn, (k,))[f"recall@{k}"]))
+            search[side][str(alpha)] = best
+    alphas = {side: max(grid, key=lambda a, s=side: search[s][str(a)]) for side in sides}
     if history_search is not None:
         search["user_history"] = history_search
-    return alphas, mixes, search
+    return alphas, search
 
 
 COLD_SEGMENTS = ("cold_item", "cold_user", "cold_both")
@@ -914,13 +856,9 @@ def fit_ridge_student(prep: Prepared, teacher: TeacherModel | None, cfg: Student
             model.tower(side)(dummy_inputs(model.tower(side).encoder.state))
         fill_history_table(model, vt, ds.items, ds.schema)
         grid = (cfg.ridge_alpha,) if cfg.ridge_alpha is not None else RIDGE_ALPHAS
-        mix_grid = (cfg.ridge_mix,) if cfg.ridge_mix is not None else RIDGE_MIXES
-        alphas, mixes, search = _ridge_alpha_search(model, vt, prep, sides, cfg, grid, k,
-                                                    mix_grid)
-        info["alpha"], info["mix"], info["alpha_search"] = alphas, mixes, search
-        log("ridge: " + ", ".join(f"{s} alpha {alphas[s]:g} mix {mixes[s]:g}" for s in sides)
-            + " (validation)")
-        _fit_ridge_sides(model, vt, prep, v.train, sides, cfg, alphas, mixes)
+        alphas, search = _ridge_alpha_search(model, vt, prep, sides, cfg, grid, k)
+        info["alpha"], info["alpha_search"] = alphas, search
+        _fit_ridge_sides(model, vt, prep, v.train, sides, cfg, alphas)
     with phase(f"{name}: cold path and score search (validation)"):
         rec_scorer, rec_info = choose_cold_paths(vt, model, prep, cfg, sides, k,
                                                    validated=val_teacher is not None)
@@ -939,7 +877,7 @@ def fit_ridge_student(prep: Prepared, teacher: TeacherModel | None, cfg: Student
         for side in sides:
             model.tower(side)(dummy_inputs(model.tower(side).encoder.state))
         fill_history_table(model, teacher, ds.items, ds.schema)
-        info["fit"] = _fit_ridge_sides(model, teacher, prep, full, sides, cfg, alphas, mixes)
+        info["fit"] = _fit_ridge_sides(model, teacher, prep, full, sides, cfg, alphas)
     info["best_epoch"] = info["epochs_run"] = 0
     run.save_model(name, model, states, info, Scorer(teacher.temperature, own.prior))
     if name == "student":  # a benchmark's extra students do not replace the served one

@@ -137,32 +137,6 @@ def design_matrix(tower: Tower, table: pd.DataFrame, specs: tuple[FeatureSpec, .
     return sp.hstack(parts, format="csr"), blocks
 
 
-def projected_targets(interactions: sp.spmatrix, other: np.ndarray, l2: float = 1.0
-                      ) -> np.ndarray:
-    """Each entity as the teacher's other side sees it: ``float64 [n, dim]``.
-
-    Row i is the unit-length ``p`` minimising ``||O p - r_i||^2 + l2 ||p||^2``, where ``r_i`` is
-    row i of ``interactions`` (``[n, n_other]``, 1 where entity i interacted with that other
-    entity) and ``O`` is ``other``, the other side's teacher embeddings ``[n_other, dim]``:
-    ``R O (O'O + l2 I)^-1``. It is the item vector under which the teacher's users rank the
-    item's own users first (for users, the mirror image), from the interactions rather than
-    from the ID table; a row without interactions stays 0.
-    """
-    o = np.asarray(other, np.float64)
-    gram = o.T @ o + float(l2) * np.eye(o.shape[1])
-    p = np.linalg.solve(gram, np.asarray(interactions @ o, np.float64).T).T
-    return p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
-
-
-def mixed_targets(emb: np.ndarray, projected: np.ndarray | None, mix: float) -> np.ndarray:
-    """``normalise((1 - mix) * emb + mix * projected)``: ``float64 [n, dim]`` (``emb`` when
-    ``mix`` is 0 or there is no projection)."""
-    if not mix or projected is None:
-        return np.asarray(emb, np.float64)
-    y = (1.0 - mix) * np.asarray(emb, np.float64) + mix * projected
-    return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-
-
 def ridge(x: sp.csr_matrix, y: np.ndarray, weights: np.ndarray | None,
           alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """Weighted ridge with an unpenalised intercept: ``(W [d, k], b [k])``.
