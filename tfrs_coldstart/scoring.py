@@ -407,7 +407,7 @@ def tune_unified(unified: UnifiedRecommender, prep: Prepared, grid: tuple[float,
     # order, and validation then measures the order of tied scores (the items table's, on
     # ML-100K close to popularity's, which flattered the bias: 0.11 -> 0.16 on validation,
     # 0.118 -> 0.068-0.117 on test): they are not lifted.
-    alike = bool(new.any()) and np.allclose(items[new], items[new][:1], atol=1e-5)
+    alike = int(new.sum()) > 1 and np.allclose(items[new], items[new][:1], atol=1e-5)
     grid_b = (0.0,) if alike else bias_grid
     mixed = prep.mixed(validation=True)
     bias = {str(b): float(rank_metrics(mixed, scorer.replace(new_item_bias=b).score_fn(

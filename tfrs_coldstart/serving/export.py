@@ -596,6 +596,10 @@ def export_run(
             loaded[which] = _load_model(run, which)
         return loaded[which]
 
+    item_new = run.item_new(ds.items)  # new(i): outside the training catalogue, as evaluated
+    if item_new is None:  # a run saved before counts were recorded: its split says
+        item_new = new_item_mask(ds.items, prepare(ds, cfg).split.warm_items)
+
     for which in models:
         name = chosen[which]
         user_known = item_known = None
@@ -632,10 +636,6 @@ def export_run(
             if log_counts is None:  # a run saved before counts were recorded
                 log_counts = item_log_counts(prepare(ds, cfg).split.train, ds.items)
         # The served score (scoring.Scorer) through one inner product, as evaluated.
-        # new(i): not in the training catalogue (scoring.new_item_mask), as evaluated
-        item_new = run.item_new(ds.items)
-        if item_new is None:  # a run saved before counts were recorded: its split says
-            item_new = new_item_mask(ds.items, prepare(ds, cfg).split.warm_items)
         index_emb = scorer.index_vectors(item_emb, log_counts, item_new)
         index_queries = scorer.query_vectors(queries, user_known)
         params = None
@@ -668,7 +668,7 @@ def export_run(
                     "popularity_prior": scorer.prior, "temperature": scorer.temperature,
                     "scorer": scorer.to_dict(),
                     "new_items": (None if item_known is None else int((~item_known).sum())),
-                    # items outside the training catalogue (the new-item bias lifts them)
+                    # items outside the training catalogue (lifted when new_item_bias != 0)
                     "new_to_catalogue": int(item_new.sum()),
                     "index": index, "k": gated.k, "k_requested": k,
                     "index_fetch": fetch,
