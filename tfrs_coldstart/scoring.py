@@ -144,8 +144,13 @@ class Scorer:
             return embedding_score_fn(queries, item_emb, bias)
 
         def fn(u: np.ndarray, i: np.ndarray) -> np.ndarray:
-            out = queries[u] @ item_emb[i].T + w[u][:, None] * logc[i][None, :]
-            return out + extra[i][None, :] if extra is not None else out
+            # in place: a chunk of scores is up to 2^25 floats (134 MB), so each temporary
+            # of its size shows in the run's peak memory
+            out = queries[u] @ item_emb[i].T
+            out += w[u][:, None] * logc[i][None, :]
+            if extra is not None:
+                out += extra[i][None, :]
+            return out
         return fn
 
     def scores(self, user_emb: np.ndarray, item_emb: np.ndarray,
