@@ -179,7 +179,6 @@ def test_served_prior_shrinks_with_the_known_history_items(tiny_run: dict,
 
     from tfrs_coldstart.data.pipeline import feature_arrays
     from tfrs_coldstart.runs import RECOMMEND, RunDir
-    from tfrs_coldstart.scoring import history_lengths
     from tfrs_coldstart.serving.export import export_run
 
     ds = tiny_run["ds"]
@@ -201,7 +200,7 @@ def test_served_prior_shrinks_with_the_known_history_items(tiny_run: dict,
     feats = {k: (history if k == HISTORY else rows[k]) for k in rec.module.specs}
     out = rec.module(feats)
     unified = run.load_unified()
-    lengths = history_lengths(unified, history)
+    lengths = unified.history_count(history)
     np.testing.assert_array_equal(lengths[:2], [0, 2])  # "" and the unknown ID count nothing
     table = ds.users.iloc[:n].assign(user_id=rows["user_id"], **{HISTORY: history})
     users, known = unified.embed("user", table, ds.schema)

@@ -38,7 +38,7 @@ from tfrs_coldstart.evaluation import (
     fewshot_tasks,
     rank_metrics,
 )
-from tfrs_coldstart.features.columns import HISTORY, HISTORY_SEPARATOR
+from tfrs_coldstart.features.columns import HISTORY
 from tfrs_coldstart.modeling.models import TwoTowerModel
 from tfrs_coldstart.modeling.unified import UnifiedRecommender
 
@@ -291,16 +291,6 @@ def unified_history_scorer(unified: UnifiedRecommender, scorer: Scorer, ds: Data
     return make
 
 
-def history_lengths(unified: UnifiedRecommender, history: np.ndarray) -> np.ndarray:
-    """``float64 [n]``: the entries of each history (``string [n]``, IDs joined by
-    HISTORY_SEPARATOR) the teacher knows, a repeated ID once per entry: what the served graph
-    counts (the history column, which ignores unknown IDs and empty entries)."""
-    tokens = pd.Series(np.asarray(history, object)).str.split(HISTORY_SEPARATOR).explode()
-    hit = unified.known("item", tokens.fillna("").to_numpy())
-    return np.bincount(tokens.index.to_numpy(), weights=hit.astype(np.float64),
-                       minlength=len(history))
-
-
 def _history_queries(unified: UnifiedRecommender, ds: Dataset, known_users: set[str] | None,
                      history: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each user's served embedding, whether it is known, and its history length."""
@@ -309,11 +299,7 @@ def _history_queries(unified: UnifiedRecommender, ds: Dataset, known_users: set[
     if known_users is not None:
         u_known &= ds.users["user_id"].astype(str).isin(known_users).to_numpy()
         users = np.where(u_known[:, None], users, unified.cold_embed("user", table, ds.schema))
-    # as the served graph: a new user's history counts only where their tower reads it
-    reads = (unified.cold_paths["user"] == "student"
-             and HISTORY in unified.student.tower("user").encoder.columns)
-    return users, u_known, (history_lengths(unified, history) if reads
-                            else np.zeros(len(history)))
+    return users, u_known, unified.history_count(history)
 
 
 def tune_history_prior(unified: UnifiedRecommender, scorer: Scorer, prep: Prepared,

@@ -26,7 +26,7 @@ import pandas as pd
 import tensorflow as tf
 
 from tfrs_coldstart.data.schema import Schema
-from tfrs_coldstart.features.columns import IdColumn
+from tfrs_coldstart.features.columns import HISTORY, IdColumn
 from tfrs_coldstart.modeling.models import TwoTowerModel
 from tfrs_coldstart.modeling.towers import Tower
 
@@ -127,6 +127,14 @@ class UnifiedRecommender:
     def temperature(self) -> float:
         """The served score's temperature: the teacher's (the student lives in its space)."""
         return float(self.teacher.temperature)
+
+    def history_count(self, history: np.ndarray) -> np.ndarray:
+        """``float64 [n]``: per request-time history (``string [n]``, IDs joined by
+        HISTORY_SEPARATOR), the entries a new user's tower reads, counted by the served graph's
+        own :meth:`UnifiedTower.history_count` (0 where that tower reads no history)."""
+        cells = np.asarray(history, object).astype(str)
+        n = self.towers["user"].history_count({HISTORY: tf.constant(cells)})
+        return np.zeros(len(cells)) if n is None else n.numpy().astype(np.float64)
 
     def known(self, side: str, ids: pd.Series | np.ndarray) -> np.ndarray:
         """``bool [n]``: whether the teacher was trained on each ID."""

@@ -588,7 +588,6 @@ def export_run(
               "dataset": ds.summary(), "libraries": _versions(__version__)}
 
     planned: list[_Planned] = []
-    log_counts = None
     loaded: dict[str, Any] = {}
 
     def load(which: str) -> Any:
@@ -596,9 +595,13 @@ def export_run(
             loaded[which] = _load_model(run, which)
         return loaded[which]
 
-    item_new = run.item_new(ds.items)  # new(i): outside the training catalogue, as evaluated
+    # The served score's inputs, as evaluated: log(1 + training count) (new items count 0)
+    # and new(i), outside the training catalogue (scoring.new_item_mask)
+    log_counts, item_new = run.item_log_counts(ds.items), run.item_new(ds.items)
     if item_new is None:  # a run saved before counts were recorded: its split says
-        item_new = new_item_mask(ds.items, prepare(ds, cfg).split.warm_items)
+        split = prepare(ds, cfg).split
+        log_counts = item_log_counts(split.train, ds.items)
+        item_new = new_item_mask(ds.items, split.warm_items)
 
     for which in models:
         name = chosen[which]
@@ -631,10 +634,6 @@ def export_run(
         else:
             item_emb = model.embed("item", ds.items, ds.schema)
             queries = model.embed("user", ds.users.iloc[q_rows], ds.schema)
-        if scorer.extra_columns and log_counts is None:  # saved with the run: new items count 0
-            log_counts = run.item_log_counts(ds.items)
-            if log_counts is None:  # a run saved before counts were recorded
-                log_counts = item_log_counts(prepare(ds, cfg).split.train, ds.items)
         # The served score (scoring.Scorer) through one inner product, as evaluated.
         index_emb = scorer.index_vectors(item_emb, log_counts, item_new)
         index_queries = scorer.query_vectors(queries, user_known)
