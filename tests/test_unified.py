@@ -33,6 +33,7 @@ from tfrs_coldstart.modeling.mapper import (
     design_matrix,
     linear_tower_config,
     ridge,
+    search_alphas,
     set_linear_weights,
 )
 from tfrs_coldstart.modeling.towers import Tower
@@ -91,6 +92,33 @@ def test_ridge_matches_the_normal_equations_and_weights_count():
     xc = xw.toarray() - xw.toarray().mean(0)
     primal = np.linalg.solve(xc.T @ xc + 2.0 * np.eye(30), xc.T @ (yw - yw.mean(0)))
     np.testing.assert_allclose(c1, primal, atol=1e-4)
+
+
+def test_alpha_search_follows_a_rising_edge_and_stops_at_the_peak():
+    calls = []
+
+    def peak_at(best: float):
+        def score(alpha: float) -> float:
+            calls.append(alpha)
+            return -abs(np.log10(alpha) - np.log10(best))
+        return score
+
+    grid = (0.3, 1.0, 3.0, 10.0, 30.0)
+    found = search_alphas(peak_at(300.0), grid)  # the grid's top edge is best: go on up
+    assert list(found) == [0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
+    assert max(found, key=found.get) == 300.0
+    found = search_alphas(peak_at(0.01), grid)  # and down
+    assert list(found)[:3] == [0.003, 0.01, 0.03] and max(found, key=found.get) == 0.01
+    calls.clear()
+    found = search_alphas(peak_at(3.0), grid)  # a peak inside the grid: the grid alone
+    assert list(found) == list(grid) and calls == list(grid)
+    # a flat curve (no edge strictly best) and a fixed alpha are not extended
+    assert list(search_alphas(lambda a: 0.5, grid)) == list(grid)
+    assert list(search_alphas(peak_at(1e6), (7.0,))) == [7.0]
+    # a curve still rising at the bound stops there; a key reads a structured score
+    found = search_alphas(lambda a: {"mean": a}, grid, key=lambda r: r["mean"],
+                          bounds=(0.1, 100.0))
+    assert list(found)[-1] == 100.0 and found[100.0] == {"mean": 100.0}
 
 
 def test_index_form_reproduces_the_score_for_known_and_new_users_and_items():

@@ -204,7 +204,8 @@ class StudentConfig:
     """
 
     method: str = "ridge"  # ridge | aligned (trained in the teacher's space) | own
-    ridge_alpha: float | None = None  # None: each side's from RIDGE_ALPHAS, on validation
+    # None: each side's on validation, from RIDGE_ALPHAS and past its ends while it still rises
+    ridge_alpha: float | None = None
     reliability: str = "tanh"  # weight of a warm entity in the fit: tanh | linear | none
     reliability_scale: float = 10.0  # tanh(count / scale)
     # method=aligned: which cross terms L_C trains (tu_si: teacher user . student item,

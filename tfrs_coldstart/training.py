@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -45,7 +46,13 @@ from tfrs_coldstart.features.columns import HISTORY
 from tfrs_coldstart.features.encoder import dummy_inputs
 from tfrs_coldstart.fileio import atomic_write_text
 from tfrs_coldstart.modeling.aligned import AlignedConfig, AlignedStudent, fit_aligned
-from tfrs_coldstart.modeling.mapper import design_matrix, fit_ridge_tower, reliability, ridge
+from tfrs_coldstart.modeling.mapper import (
+    design_matrix,
+    fit_ridge_tower,
+    reliability,
+    ridge,
+    search_alphas,
+)
 from tfrs_coldstart.modeling.models import (
     SIDES,
     StudentModel,
@@ -679,8 +686,8 @@ def _history_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
     designs = {n: design_matrix(tower, ds.users.assign(**{HISTORY: t.history}),
                                 ds.schema.user_features, "user_id")[0]
                for n, t in tasks.items()}
-    search: dict[str, dict[str, float]] = {}
-    for alpha in grid:
+
+    def score(alpha: float) -> dict[str, float]:
         coef, bias = ridge(x, y[src], w[src] * factor, alpha)
         per_n = {}
         for n, t in tasks.items():
@@ -694,8 +701,28 @@ def _history_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
                     best = max(best, float(rank_metrics(t.task, fn, (k,))[f"recall@{k}"]))
             per_n[f"n={n}"] = best
         per_n["mean"] = float(np.mean(list(per_n.values())))
-        search[str(alpha)] = per_n
-    return search
+        return per_n
+
+    found = search_alphas(score, grid, key=lambda r: r["mean"])
+    return {str(a): r for a, r in found.items()}
+
+
+def _side_alpha_score(alpha: float, side: str, x: Any, rows: np.ndarray, weights: np.ndarray,
+                      task: Any, emb: dict[str, np.ndarray], counts: np.ndarray,
+                      temperature: float, k: int) -> float:
+    """Validation recall@k of ``task`` with ``side``'s unseen entities (``~rows``) mapped by
+    the ridge fit at ``alpha`` (the user side: best of a few popularity priors)."""
+    coef, bias = ridge(x[rows], emb[side][rows], weights, alpha)
+    mapped = x @ coef + bias
+    mapped /= np.maximum(np.linalg.norm(mapped, axis=1, keepdims=True), 1e-12)
+    both = dict(emb)
+    both[side] = np.where(rows[:, None], emb[side], mapped).astype(np.float32)
+    best = 0.0
+    for prior in ((0.0,) if side == "item" else (0.0, 1.0, 4.0)):
+        fn = Scorer(temperature, prior).score_fn(both["user"], both["item"], counts)
+        if len(task.user_rows):
+            best = max(best, float(rank_metrics(task, fn, (k,))[f"recall@{k}"]))
+    return best
 
 
 def _ridge_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
@@ -724,19 +751,12 @@ def _ridge_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
         weights = reliability(entity_counts(v.train, side, tables[side][f"{side}_id"][rows]),
                               cfg.reliability, cfg.reliability_scale)
         task = prep.val_tasks[segment[side]]
-        for alpha in grid:
-            coef, bias = ridge(x[rows], emb[side][rows], weights, alpha)
-            mapped = x @ coef + bias
-            mapped /= np.maximum(np.linalg.norm(mapped, axis=1, keepdims=True), 1e-12)
-            both = dict(emb)
-            both[side] = np.where(rows[:, None], emb[side], mapped).astype(np.float32)
-            best = 0.0
-            for prior in ((0.0,) if side == "item" else (0.0, 1.0, 4.0)):
-                fn = Scorer(vt.temperature, prior).score_fn(both["user"], both["item"], counts)
-                if len(task.user_rows):
-                    best = max(best, float(rank_metrics(task, fn, (k,))[f"recall@{k}"]))
-            search[side][str(alpha)] = best
-    alphas = {side: max(grid, key=lambda a, s=side: search[s][str(a)]) for side in sides}
+        score = functools.partial(_side_alpha_score, side=side, x=x, rows=rows,
+                                  weights=weights, task=task, emb=emb, counts=counts,
+                                  temperature=vt.temperature, k=k)
+        search[side] = {str(a): r for a, r in search_alphas(score, grid).items()}
+    # the best alpha of each side's search (the first of equals: the searches are in order)
+    alphas = {side: float(max(search[side], key=search[side].get)) for side in sides}
     if history_search is not None:
         search["user_history"] = history_search
     return alphas, search

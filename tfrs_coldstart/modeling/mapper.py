@@ -23,7 +23,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -45,6 +46,9 @@ from tfrs_coldstart.features.columns import (
 from tfrs_coldstart.modeling.towers import Tower
 
 RELIABILITY = ("tanh", "linear", "log", "none")
+ALPHA_BOUNDS = (1e-3, 1e4)  # how far search_alphas follows a curve past its grid's edge
+
+R = TypeVar("R")
 
 
 def reliability(counts: np.ndarray, kind: str = "tanh", scale: float = 10.0) -> np.ndarray:
@@ -217,3 +221,37 @@ def fit_ridge_tower(tower: Tower, table: pd.DataFrame, specs: tuple[FeatureSpec,
     coef, intercept = ridge(x, targets, weights, alpha)
     set_linear_weights(tower, blocks, coef, intercept)
     return {"rows": int(x.shape[0]), "design_columns": int(x.shape[1]), "alpha": alpha}
+
+
+def _next_alpha(alpha: float, up: bool) -> float:
+    """The neighbour of ``alpha`` on the 1-3-10 log grid (0.3 -> 1 -> 3 -> 10 ...); an
+    alpha off that grid steps to the grid value past it."""
+    exponent = float(np.floor(np.log10(alpha) + 1e-9))
+    ladder = [m * 10.0 ** e for e in (exponent - 1, exponent, exponent + 1) for m in (1.0, 3.0)]
+    if up:
+        return float(f"{min(a for a in ladder if a > alpha * (1 + 1e-9)):.3g}")
+    return float(f"{max(a for a in ladder if a < alpha * (1 - 1e-9)):.3g}")
+
+
+def search_alphas(score: Callable[[float], R], grid: Sequence[float],
+                  key: Callable[[R], float] = float,  # type: ignore[assignment]
+                  bounds: tuple[float, float] = ALPHA_BOUNDS) -> dict[float, R]:
+    """``score`` at each alpha of ``grid``, and past the grid's edge while the edge is
+    strictly best (the validation curve still rising there), one 1-3-10 step at a time up
+    to ``bounds``: a grid that stops where its best value sits says nothing about the
+    alphas beyond it. A one-value grid (a fixed alpha) is scored as it is. Returns the
+    scores by alpha, in increasing order (``key`` makes a score a number)."""
+    found = {float(a): score(float(a)) for a in sorted(set(grid))}
+    while len(found) > 1:
+        alphas = list(found)
+        value = {a: key(r) for a, r in found.items()}
+        top, low = alphas[-1], alphas[0]
+        if all(value[top] > value[a] for a in alphas[:-1]) and top < bounds[1]:
+            nxt = min(_next_alpha(top, up=True), bounds[1])
+        elif all(value[low] > value[a] for a in alphas[1:]) and low > bounds[0]:
+            nxt = max(_next_alpha(low, up=False), bounds[0])
+        else:
+            break
+        found[nxt] = score(nxt)
+        found = dict(sorted(found.items()))
+    return found
