@@ -216,9 +216,11 @@ def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in label)[:60]
 
 
-def validation_student(prep: Prepared, vt, sc, alphas: dict[str, float]):
+def validation_student(prep: Prepared, vt, sc, alphas: dict[str, float],
+                       maps: dict[str, str] | None = None):
     """The ridge student as chosen on validation: fit on the validation split's training
-    part to the validation teacher (pseudo-cold users unseen), with the chosen alphas."""
+    part to the validation teacher (pseudo-cold users unseen), with the chosen alphas and
+    maps (linear or kernel per side)."""
     from tfrs_coldstart.features.encoder import dummy_inputs
     from tfrs_coldstart.modeling.models import build_student, student_sides, student_states
     from tfrs_coldstart.training import (
@@ -226,6 +228,7 @@ def validation_student(prep: Prepared, vt, sc, alphas: dict[str, float]):
         _fit_ridge_sides,
         fill_history_table,
         history_settings,
+        kernel_widths,
     )
 
     ds, v = prep.dataset, prep.val
@@ -233,11 +236,12 @@ def validation_student(prep: Prepared, vt, sc, alphas: dict[str, float]):
     states = student_states(ds.schema, _entities(ds.users, "user", v.train),
                             _entities(ds.items, "item", v.train), sc.tower, sides,
                             history=history_settings(sc, vt) if sc.history else None)
-    model = build_student(states, dataclasses.replace(sc, item_id_sink=0), vt)
+    model = build_student(states, dataclasses.replace(sc, item_id_sink=0), vt,
+                          kernel_widths(maps or {}, prep, v.train, sc))
     for side in sides:
         model.tower(side)(dummy_inputs(model.tower(side).encoder.state))
     fill_history_table(model, vt, ds.items, ds.schema)
-    _fit_ridge_sides(model, vt, prep, v.train, sides, sc, alphas)
+    _fit_ridge_sides(model, vt, prep, v.train, sides, sc, alphas, maps)
     return model
 
 
@@ -365,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             info = srun.history("student")
             # validation: the student fit on the validation training part with the
             # validation teacher (as the settings were chosen), the same served score
-            vstudent = validation_student(prep, vt, sc, info["alpha"])
+            vstudent = validation_student(prep, vt, sc, info["alpha"], info.get("maps"))
             paths = srun.cold_paths()
             val[label] = ours(val_tasks, vt, vstudent, rec, prep.val, known_val, paths)
             val[label]["_alpha"] = info["alpha"]

@@ -113,8 +113,8 @@ def make_tables_run(root: Path, *, n_users: int, n_items: int, n_interactions: i
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """ONE tiny trained run for the export, batch and fine-tuning tests: Parquet tables with
     every feature type (a 4-d dense vector too), teacher + student (2 epochs each), student
-    popularity prior 0.5, and a report.json. Read-only: copy it before changing it
-    (:func:`copy_run`).
+    popularity prior 0.5, the kernel item map, and a report.json. Read-only: copy it before
+    changing it (:func:`copy_run`).
 
     Keys: ``root``, ``run`` (the run folder), ``ds`` (its Dataset), ``prep``.
     """
@@ -125,7 +125,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("tiny_run")
     run, dataset, prep, _, student = make_tables_run(
         root, n_users=240, n_items=150, n_interactions=3600, seed=3, dense_dim=4,
-        overrides=("student.popularity_prior=0.5", "eval.ks=[10,20]"))
+        # the kernel item map (a hidden layer, every feature type through it), so the export,
+        # serving, batch and fine-tuning tests cover it; the linear map: test_unified
+        overrides=("student.popularity_prior=0.5", "eval.ks=[10,20]", "student.item_map=kernel"))
     from tfrs_coldstart.runs import RunDir
 
     report = {"dataset": dataset.name, "models": {

@@ -83,6 +83,7 @@ DISTILL_SIDES = ("auto", "both", "user", "item")
 STUDENT_METHODS = ("ridge", "aligned", "own")
 COLD_PATH_CHOICES = ("auto", "student", "teacher")  # student.cold_path_*: see StudentConfig
 RIDGE_ALPHAS = (0.3, 1.0, 3.0, 10.0, 30.0)
+ITEM_MAPS = ("auto", "linear", "kernel")  # student.item_map (method=ridge)
 ID_FEATURE_MODES = ("frozen", "finetune", "learned")
 TRAIN_STRATEGIES = ("none", "mirrored", "multi_worker")
 COLLECTIVES = ("auto", "ring", "nccl")
@@ -206,6 +207,11 @@ class StudentConfig:
     method: str = "ridge"  # ridge | aligned (trained in the teacher's space) | own
     # None: each side's on validation, from RIDGE_ALPHAS and past its ends while it still rises
     ridge_alpha: float | None = None
+    # method=ridge, the item side: a linear map, or kernel ridge with the degree-2 polynomial
+    # kernel over up to kernel_landmarks warm items (a seeded sample beyond that); auto: the
+    # better on validation (ridge_alpha then fixes both maps' penalty)
+    item_map: str = "auto"
+    kernel_landmarks: int = 2048
     reliability: str = "tanh"  # weight of a warm entity in the fit: tanh | linear | none
     reliability_scale: float = 10.0  # tanh(count / scale)
     # method=aligned: which cross terms L_C trains (tu_si: teacher user . student item,
@@ -275,6 +281,8 @@ class StudentConfig:
         _positive(self, "reliability_scale")
         if self.ridge_alpha is not None:
             _positive(self, "ridge_alpha")
+        _one_of(self, "item_map", ITEM_MAPS)
+        _at_least(self, 1, "kernel_landmarks")
         if self.popularity_prior is not None:
             _at_least(self, 0, "popularity_prior")
         if self.item_id_sink < 0:

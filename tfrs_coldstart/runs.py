@@ -293,9 +293,10 @@ class RunDir:
         else:
             teacher = self.load_model("teacher") if self.has_model("teacher") else None
             # the method it was made with (a benchmark's extra students differ from config)
-            method = self.history(which).get("method", "own")
+            record = self.history(which)
+            method = record.get("method", "own")
             model = build_student(states, dataclasses.replace(cfg.student, method=method),
-                                  teacher)
+                                  teacher, record.get("kernel"))
         for side in SIDES:
             tower = model.tower(side)
             tower(dummy_inputs(tower.encoder.state))

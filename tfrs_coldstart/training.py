@@ -48,7 +48,11 @@ from tfrs_coldstart.fileio import atomic_write_text
 from tfrs_coldstart.modeling.aligned import AlignedConfig, AlignedStudent, fit_aligned
 from tfrs_coldstart.modeling.mapper import (
     design_matrix,
+    fit_kernel_tower,
     fit_ridge_tower,
+    kernel_apply,
+    kernel_ridge,
+    landmark_rows,
     reliability,
     ridge,
     search_alphas,
@@ -647,12 +651,24 @@ def history_rows(table: pd.DataFrame, train_df: Rows, cfg: StudentConfig,
     return rows, src, np.concatenate(factor)
 
 
+def kernel_widths(maps: dict[str, str], prep: Prepared, train_df: Rows,
+                  cfg: StudentConfig) -> dict[str, int]:
+    """The landmarks of each side whose map is the kernel one: its warm entities in
+    ``train_df``, at most ``cfg.kernel_landmarks`` (``build_student``'s ``kernel``)."""
+    tables = {"user": prep.dataset.users, "item": prep.dataset.items}
+    return {side: min(cfg.kernel_landmarks, len(_entities(tables[side], side, train_df)))
+            for side, kind in maps.items() if kind == "kernel"}
+
+
 def _fit_ridge_sides(model: StudentModel, teacher: TeacherModel, prep: Prepared,
                      train_df: Rows, sides: tuple[str, ...], cfg: StudentConfig,
-                     alphas: dict[str, float]) -> dict[str, Any]:
-    """Fit each content side's linear tower to ``teacher``'s embeddings of the entities of
-    ``train_df``, weighted by the reliability of each (a function of its count there); a
-    user tower with a history also gets each user's truncated-history rows."""
+                     alphas: dict[str, float], maps: dict[str, str] | None = None
+                     ) -> dict[str, Any]:
+    """Fit each content side's tower to ``teacher``'s embeddings of the entities of
+    ``train_df``, weighted by the reliability of each (a function of its count there): a
+    linear map, or the kernel map where ``maps`` says so (the tower built for it, see
+    :func:`kernel_widths`); a user tower with a history also gets each user's
+    truncated-history rows."""
     ds = prep.dataset
     out = {}
     for side in sides:
@@ -663,8 +679,13 @@ def _fit_ridge_sides(model: StudentModel, teacher: TeacherModel, prep: Prepared,
         if side == "user" and has_history(model.tower(side)):
             table, src, factor = history_rows(table, train_df, cfg)
             targets, weights = targets[src], weights[src] * factor
-        out[side] = fit_ridge_tower(model.tower(side), table, ds.schema.side(side),
-                                    f"{side}_id", targets, weights, alphas[side])
+        if (maps or {}).get(side) == "kernel":
+            out[side] = fit_kernel_tower(model.tower(side), table, ds.schema.side(side),
+                                         f"{side}_id", targets, weights, alphas[side],
+                                         landmark_rows(len(table), cfg.kernel_landmarks))
+        else:
+            out[side] = fit_ridge_tower(model.tower(side), table, ds.schema.side(side),
+                                        f"{side}_id", targets, weights, alphas[side])
     return out
 
 
@@ -707,13 +728,27 @@ def _history_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
     return {str(a): r for a, r in found.items()}
 
 
-def _side_alpha_score(alpha: float, side: str, x: Any, rows: np.ndarray, weights: np.ndarray,
-                      task: Any, emb: dict[str, np.ndarray], counts: np.ndarray,
-                      temperature: float, k: int) -> float:
+def _linear_map(alpha: float, x: Any, rows: np.ndarray, y: np.ndarray,
+                weights: np.ndarray) -> np.ndarray:
+    """Every row of ``x`` mapped by the ridge fit on ``rows`` at ``alpha``."""
+    coef, bias = ridge(x[rows], y, weights, alpha)
+    return np.asarray(x @ coef + bias)
+
+
+def _kernel_map(alpha: float, x: Any, rows: np.ndarray, y: np.ndarray, weights: np.ndarray,
+                landmarks: np.ndarray) -> np.ndarray:
+    """Every row of ``x`` mapped by the kernel ridge fit on ``rows`` at ``alpha``."""
+    xr = x[rows]
+    beta, bias = kernel_ridge(xr, y, weights, alpha, landmarks)
+    return kernel_apply(x, xr[landmarks], beta, bias)
+
+
+def _side_alpha_score(alpha: float, side: str, fit: Any, rows: np.ndarray, task: Any,
+                      emb: dict[str, np.ndarray], counts: np.ndarray, temperature: float,
+                      k: int) -> float:
     """Validation recall@k of ``task`` with ``side``'s unseen entities (``~rows``) mapped by
-    the ridge fit at ``alpha`` (the user side: best of a few popularity priors)."""
-    coef, bias = ridge(x[rows], emb[side][rows], weights, alpha)
-    mapped = x @ coef + bias
+    ``fit(alpha)`` (the user side: best of a few popularity priors)."""
+    mapped = fit(alpha)
     mapped /= np.maximum(np.linalg.norm(mapped, axis=1, keepdims=True), 1e-12)
     both = dict(emb)
     both[side] = np.where(rows[:, None], emb[side], mapped).astype(np.float32)
@@ -727,9 +762,12 @@ def _side_alpha_score(alpha: float, side: str, x: Any, rows: np.ndarray, weights
 
 def _ridge_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
                         sides: tuple[str, ...], cfg: StudentConfig, grid: tuple[float, ...],
-                        k: int) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+                        k: int
+                        ) -> tuple[dict[str, float], dict[str, str], dict[str, dict[str, float]]]:
     """Each side's ridge alpha on the validation segment that side alone serves, in numpy:
-    the design matrices and the teacher's embeddings are computed once."""
+    the design matrices and the teacher's embeddings are computed once. The item side also
+    tries the kernel map (``cfg.item_map``); returns the alphas, each side's map (linear or
+    kernel) and the searches."""
     ds, v = prep.dataset, prep.val
     tables = {"user": ds.users, "item": ds.items}
     known = {s: tables[s][f"{s}_id"].astype(str).isin(known_ids(v.train, s))
@@ -737,7 +775,7 @@ def _ridge_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
     emb = {s: vt.embed(s, tables[s], ds.schema) for s in SIDES}
     counts = item_log_counts(v.train, ds.items)
     segment = {"item": "cold_item", "user": "cold_user"}
-    search: dict[str, dict[str, float]] = {side: {} for side in sides}
+    search: dict[str, dict[str, float]] = {}
     history_search = None
     if "user" in sides and has_history(model.tower("user")):
         history_search = _history_alpha_search(model, vt, prep, cfg, grid, k, emb, counts)
@@ -751,15 +789,33 @@ def _ridge_alpha_search(model: StudentModel, vt: TeacherModel, prep: Prepared,
         weights = reliability(entity_counts(v.train, side, tables[side][f"{side}_id"][rows]),
                               cfg.reliability, cfg.reliability_scale)
         task = prep.val_tasks[segment[side]]
-        score = functools.partial(_side_alpha_score, side=side, x=x, rows=rows,
-                                  weights=weights, task=task, emb=emb, counts=counts,
-                                  temperature=vt.temperature, k=k)
-        search[side] = {str(a): r for a, r in search_alphas(score, grid).items()}
-    # the best alpha of each side's search (the first of equals: the searches are in order)
-    alphas = {side: float(max(search[side], key=search[side].get)) for side in sides}
+        kinds = ("linear", "kernel") if side == "item" else ("linear",)
+        if side == "item" and cfg.item_map != "auto":
+            kinds = (cfg.item_map,)
+        for kind in kinds:
+            fit = (functools.partial(_linear_map, x=x, rows=rows, y=emb[side][rows],
+                                     weights=weights) if kind == "linear" else
+                   functools.partial(_kernel_map, x=x, rows=rows, y=emb[side][rows],
+                                     weights=weights,
+                                     landmarks=landmark_rows(int(rows.sum()),
+                                                             cfg.kernel_landmarks)))
+            score = functools.partial(_side_alpha_score, side=side, fit=fit, rows=rows,
+                                      task=task, emb=emb, counts=counts,
+                                      temperature=vt.temperature, k=k)
+            key = side if kind == "linear" else f"{side}_kernel"
+            search[key] = {str(a): r for a, r in search_alphas(score, grid).items()}
+    # the best alpha of each side's search (the first of equals: the searches are in order);
+    # the item side's map: the kernel only where it beats the linear one
+    alphas, maps = {}, {}
+    for side in sides:
+        options = [(kind, search[key]) for kind, key in (("linear", side),
+                                                        ("kernel", f"{side}_kernel"))
+                   if search.get(key)]
+        kind, found = max(options, key=lambda o: max(o[1].values()))
+        alphas[side], maps[side] = float(max(found, key=found.get)), kind
     if history_search is not None:
         search["user_history"] = history_search
-    return alphas, search
+    return alphas, maps, search
 
 
 COLD_SEGMENTS = ("cold_item", "cold_user", "cold_both")
@@ -876,9 +932,17 @@ def fit_ridge_student(prep: Prepared, teacher: TeacherModel | None, cfg: Student
             model.tower(side)(dummy_inputs(model.tower(side).encoder.state))
         fill_history_table(model, vt, ds.items, ds.schema)
         grid = (cfg.ridge_alpha,) if cfg.ridge_alpha is not None else RIDGE_ALPHAS
-        alphas, search = _ridge_alpha_search(model, vt, prep, sides, cfg, grid, k)
-        info["alpha"], info["alpha_search"] = alphas, search
-        _fit_ridge_sides(model, vt, prep, v.train, sides, cfg, alphas)
+        alphas, maps, search = _ridge_alpha_search(model, vt, prep, sides, cfg, grid, k)
+        info["alpha"], info["alpha_search"], info["maps"] = alphas, search, maps
+        if kernel := kernel_widths(maps, prep, v.train, cfg):
+            model = build_student(states, no_sink, vt, kernel)
+            for side in sides:
+                model.tower(side)(dummy_inputs(model.tower(side).encoder.state))
+            fill_history_table(model, vt, ds.items, ds.schema)
+            log(f"{name}: the item side's map is the kernel one (validation recall@{k} "
+                f"{max(search['item_kernel'].values()):.4f} against the linear map's "
+                f"{max(search['item'].values()) if search.get('item') else float('nan'):.4f})")
+        _fit_ridge_sides(model, vt, prep, v.train, sides, cfg, alphas, maps)
     with phase(f"{name}: cold path and score search (validation)"):
         rec_scorer, rec_info = choose_cold_paths(vt, model, prep, cfg, sides, k,
                                                    validated=val_teacher is not None)
@@ -893,11 +957,12 @@ def fit_ridge_student(prep: Prepared, teacher: TeacherModel | None, cfg: Student
         states = student_states(ds.schema, _entities(ds.users, "user", full),
                                 _entities(ds.items, "item", full), cfg.tower, sides,
                                 history=history)
-        model = build_student(states, no_sink, teacher)
+        info["kernel"] = kernel_widths(maps, prep, full, cfg)
+        model = build_student(states, no_sink, teacher, info["kernel"])
         for side in sides:
             model.tower(side)(dummy_inputs(model.tower(side).encoder.state))
         fill_history_table(model, teacher, ds.items, ds.schema)
-        info["fit"] = _fit_ridge_sides(model, teacher, prep, full, sides, cfg, alphas)
+        info["fit"] = _fit_ridge_sides(model, teacher, prep, full, sides, cfg, alphas, maps)
     info["best_epoch"] = info["epochs_run"] = 0
     run.save_model(name, model, states, info, Scorer(teacher.temperature, own.prior))
     if name == "student":  # a benchmark's extra students do not replace the served one

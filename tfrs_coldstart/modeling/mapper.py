@@ -47,6 +47,7 @@ from tfrs_coldstart.modeling.towers import Tower
 
 RELIABILITY = ("tanh", "linear", "log", "none")
 ALPHA_BOUNDS = (1e-3, 1e4)  # how far search_alphas follows a curve past its grid's edge
+KERNEL_FIT_ROWS = 100_000  # kernel_ridge's rows at most (its time grows as rows x landmarks^2)
 
 R = TypeVar("R")
 
@@ -178,13 +179,17 @@ def ridge(x: sp.csr_matrix, y: np.ndarray, weights: np.ndarray | None,
 
 
 def set_linear_weights(tower: Tower, blocks: list[tuple[str, int]], coef: np.ndarray,
-                       intercept: np.ndarray) -> None:
-    """Write a linear map into a linear tower (see the module docstring)."""
+                       intercept: np.ndarray, dense: tf.keras.layers.Dense | None = None
+                       ) -> None:
+    """Write a linear map into a linear tower (see the module docstring); ``dense``: the
+    layer that sums the blocks when it is not the output layer (a kernel tower's hidden
+    layer, whose width is the map's)."""
     enc = tower.encoder
-    width = tower.cfg.output_dim
-    dense = tower.mlp.layers[-1]
-    if tower.cfg.hidden or tower.cfg.feature_dim != width:
-        raise ValueError("set_linear_weights needs a linear tower (linear_tower_config)")
+    width = int(coef.shape[1])
+    if dense is None:
+        dense = tower.mlp.layers[-1]
+        if tower.cfg.hidden or tower.cfg.feature_dim != width:
+            raise ValueError("set_linear_weights needs a linear tower (linear_tower_config)")
     offsets = dict(zip([b[0] for b in blocks], np.cumsum([0] + [b[1] for b in blocks]),
                        strict=False))
     kernel_rows = []
@@ -221,6 +226,114 @@ def fit_ridge_tower(tower: Tower, table: pd.DataFrame, specs: tuple[FeatureSpec,
     coef, intercept = ridge(x, targets, weights, alpha)
     set_linear_weights(tower, blocks, coef, intercept)
     return {"rows": int(x.shape[0]), "design_columns": int(x.shape[1]), "alpha": alpha}
+
+
+# ---- the kernel map: degree-2 polynomial kernel ridge on the same design -----------------
+
+
+def kernel_tower_config(width: int, landmarks: int, base: TowerConfig | None = None
+                        ) -> TowerConfig:
+    """The tower of a kernel map (:func:`fit_kernel_tower`): every feature embedded at
+    ``landmarks`` (its block of the landmarks' design rows, transposed), one hidden layer of
+    that width whose activation is the square (built with ``activation=KERNEL_ACTIVATION``),
+    output ``width``."""
+    return dataclasses.replace(linear_tower_config(width, base), feature_dim=landmarks,
+                               hidden=(landmarks,))
+
+
+def kernel_activation(x: tf.Tensor) -> tf.Tensor:
+    """``(1 + x . l)^2`` once the hidden layer has added its bias of 1: the polynomial kernel."""
+    return tf.math.square(x)
+
+
+def _poly2(x: sp.csr_matrix, landmarks: sp.csr_matrix, chunk: int = 8192) -> np.ndarray:
+    """``(1 + x l')^2``: ``float64 [n_rows, n_landmarks]``, in chunks of rows."""
+    lt = landmarks.T.tocsc()
+    parts = [np.square(1.0 + np.asarray((x[i:i + chunk] @ lt).todense()))
+             for i in range(0, x.shape[0], chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0, landmarks.shape[0]))
+
+
+def landmark_rows(n: int, limit: int, seed: int = 0) -> np.ndarray:
+    """Which of ``n`` training rows span the kernel map: all of them, or a seeded uniform
+    sample of ``limit`` (the Nystrom approximation), sorted."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def kernel_ridge(x: sp.csr_matrix, y: np.ndarray, weights: np.ndarray | None, lam: float,
+                 landmarks: np.ndarray, chunk: int = 8192,
+                 max_rows: int = KERNEL_FIT_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted kernel ridge with the polynomial kernel ``k(a, b) = (1 + a.b)^2`` over the
+    rows ``landmarks`` of ``x`` (Nystrom when they are a sample):
+    ``min sum_e r_e |k(x_e, L) beta + b - t_e|^2 + lam beta' K_LL beta``. Returns ``(beta
+    [m, k], b [k])``; the map is ``k(x, L) beta + b``.
+
+    Why: on MovieLens-100K validation the linear map leaves what *combinations* of content
+    say (a genre in one decade, two genres together) to the teacher's ID, and the kernel
+    reads them (BENCHMARKS.md, "The kernel item map"). The ``m x m`` system is accumulated
+    over chunks of rows, so memory is ``n x nnz + m^2``, not ``n x m``; time is ``n m^2``,
+    so beyond ``max_rows`` rows the fit reads a seeded sample of that many (the landmarks
+    are rows of ``x`` either way).
+    """
+    x = sp.csr_matrix(x, dtype=np.float64)
+    y = np.asarray(y, np.float64)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, np.float64)
+    lm = x[landmarks]
+    if x.shape[0] > max_rows:
+        keep = landmark_rows(x.shape[0], max_rows, seed=1)
+        x, y, w = x[keep], y[keep], w[keep]
+    w = w / max(w.mean(), 1e-12)
+    y_mean = (w @ y) / w.sum()
+    gram = np.zeros((len(landmarks), len(landmarks)))
+    rhs = np.zeros((len(landmarks), y.shape[1]))
+    for i in range(0, x.shape[0], chunk):
+        c = _poly2(x[i:i + chunk], lm)
+        cw = c * w[i:i + chunk, None]
+        gram += cw.T @ c
+        rhs += cw.T @ (y[i:i + chunk] - y_mean)
+    k_ll = _poly2(lm, lm)
+    system = gram + lam * k_ll
+    system += np.eye(len(system)) * 1e-9 * max(np.trace(system) / len(system), 1e-12)
+    beta = np.linalg.solve(system, rhs)
+    return beta.astype(np.float32), y_mean.astype(np.float32)
+
+
+def kernel_apply(x: sp.csr_matrix, landmarks_x: sp.csr_matrix, beta: np.ndarray,
+                 intercept: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """The kernel map of every row of ``x``: ``float32 [n_rows, k]`` (not normalised)."""
+    out = [(_poly2(x[i:i + chunk], landmarks_x) @ beta + intercept).astype(np.float32)
+           for i in range(0, x.shape[0], chunk)]
+    return np.concatenate(out) if out else np.zeros((0, beta.shape[1]), np.float32)
+
+
+def set_kernel_weights(tower: Tower, blocks: list[tuple[str, int]],
+                       landmarks_x: sp.csr_matrix, beta: np.ndarray,
+                       intercept: np.ndarray) -> None:
+    """Write a kernel map into a kernel tower: the encoder and the hidden layer compute
+    ``1 + x L'`` (the landmarks' design rows, as :func:`set_linear_weights` writes a linear
+    map, with a bias of 1), the activation squares it, the output layer is ``beta``."""
+    m = landmarks_x.shape[0]
+    if tower.cfg.hidden != (m,) or tower.cfg.feature_dim != m:
+        raise ValueError(f"set_kernel_weights needs a kernel tower of {m} landmarks "
+                         "(kernel_tower_config)")
+    coef = np.asarray(landmarks_x.T.todense(), np.float32)  # [d, m]
+    set_linear_weights(tower, blocks, coef, np.ones(m, np.float32), dense=tower.mlp.layers[0])
+    tower.mlp.layers[-1].set_weights([np.asarray(beta, np.float32),
+                                      np.asarray(intercept, np.float32)])
+
+
+def fit_kernel_tower(tower: Tower, table: pd.DataFrame, specs: tuple[FeatureSpec, ...],
+                     id_column: str, targets: np.ndarray, weights: np.ndarray | None,
+                     lam: float, landmarks: np.ndarray) -> dict[str, Any]:
+    """Fit the kernel map on ``table``'s rows to ``targets`` over the rows ``landmarks`` and
+    write it into ``tower`` (built with :func:`kernel_tower_config` for that many)."""
+    x, blocks = design_matrix(tower, table, specs, id_column)
+    beta, intercept = kernel_ridge(x, targets, weights, lam, landmarks)
+    set_kernel_weights(tower, blocks, x[landmarks], beta, intercept)
+    return {"rows": int(x.shape[0]), "design_columns": int(x.shape[1]), "alpha": lam,
+            "map": "kernel", "landmarks": int(len(landmarks))}
 
 
 def _next_alpha(alpha: float, up: bool) -> float:

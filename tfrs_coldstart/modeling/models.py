@@ -7,7 +7,7 @@ as made by :func:`tfrs_coldstart.data.pipeline.interaction_dataset`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,11 @@ from tfrs_coldstart.data.schema import Schema
 from tfrs_coldstart.features.columns import IdColumn, history_column
 from tfrs_coldstart.features.encoder import Untracked, build_state
 from tfrs_coldstart.modeling.losses import contrastive_and_kl
-from tfrs_coldstart.modeling.mapper import linear_tower_config
+from tfrs_coldstart.modeling.mapper import (
+    kernel_activation,
+    kernel_tower_config,
+    linear_tower_config,
+)
 from tfrs_coldstart.modeling.towers import Tower
 
 SIDES = ("user", "item")
@@ -305,11 +309,17 @@ def build_teacher(states: dict[str, dict[str, Any]], cfg: TeacherConfig) -> Teac
 
 
 def build_student(states: dict[str, dict[str, Any]], cfg: StudentConfig,
-                  teacher: TeacherModel | None) -> StudentModel:
+                  teacher: TeacherModel | None,
+                  kernel: Mapping[str, int] | None = None) -> StudentModel:
     """Content-only towers for the sides in ``states``; the teacher's ID tower for the others.
 
     A student's ``ids_of`` features embed through the teacher's ID layers (shared_ids).
+    ``kernel`` (side -> landmarks; ridge students only) makes that side's tower a kernel
+    map's (``modeling.mapper.kernel_tower_config``) instead of a linear one.
     """
+    kernel = dict(kernel or {})
+    if kernel and cfg.method != "ridge":
+        raise ValueError("a kernel map is a closed-form student's (student.method=ridge)")
     towers = {}
     shared_ids = None
     if teacher is not None:
@@ -335,7 +345,11 @@ def build_student(states: dict[str, dict[str, Any]], cfg: StudentConfig,
         other = next(s for s in SIDES if s not in states)
         tower_cfg = dataclasses.replace(cfg.tower, output_dim=teacher.tower(other).cfg.output_dim)
     for side in SIDES:
-        if side in states:
+        if side in states and kernel.get(side):
+            towers[side] = Tower(states[side],
+                                 kernel_tower_config(tower_cfg.output_dim, kernel[side], cfg.tower),
+                                 shared_ids, activation=kernel_activation, name=f"{side}_tower")
+        elif side in states:
             towers[side] = Tower(states[side], tower_cfg, shared_ids, name=f"{side}_tower")
         elif teacher is not None:
             towers[side] = teacher.tower(side)

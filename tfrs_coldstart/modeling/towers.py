@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,13 +23,15 @@ class Tower(tf.keras.Model):
     """
 
     def __init__(self, state: dict[str, Any], cfg: TowerConfig,
-                 shared_ids: SharedIds | None = None, **kwargs: Any) -> None:
+                 shared_ids: SharedIds | None = None,
+                 activation: str | Callable[[tf.Tensor], tf.Tensor] = "relu",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.cfg = cfg
         self.encoder = FeatureEncoder(state, cfg, shared_ids)
         layers: list[tf.keras.layers.Layer] = []
-        for width in cfg.hidden:
-            layers.append(tf.keras.layers.Dense(width, activation="relu"))
+        for width in cfg.hidden:  # activation: a kernel map's squares its hidden layer
+            layers.append(tf.keras.layers.Dense(width, activation=activation))
             if cfg.dropout:
                 layers.append(tf.keras.layers.Dropout(cfg.dropout))
         layers.append(tf.keras.layers.Dense(cfg.output_dim))
