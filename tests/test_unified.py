@@ -31,7 +31,6 @@ from tfrs_coldstart.evaluation import (
 from tfrs_coldstart.features.encoder import build_state, dummy_inputs
 from tfrs_coldstart.modeling.mapper import (
     design_matrix,
-    kernel_activation,
     kernel_apply,
     kernel_ridge,
     kernel_tower_config,
@@ -111,7 +110,7 @@ def test_kernel_tower_computes_the_fitted_kernel_map_exactly(side):
     assert len(marks) == 50 and list(landmark_rows(30, 50)) == list(range(30))
     cfg = kernel_tower_config(16, len(marks))
     state = build_state(specs, table.iloc[:120], f"{side}_id", False, cfg)  # the rest: OOV
-    tower = Tower(state, cfg, activation=kernel_activation)
+    tower = Tower(state, cfg, kernel=True)
     tower(dummy_inputs(state))
     x, blocks = design_matrix(tower, table, specs, f"{side}_id")
     rng = np.random.default_rng(0)

@@ -143,6 +143,12 @@ class FeatureEncoder(tf.keras.layers.Layer):
         """The raw input keys this encoder reads (the ID column included if it uses IDs)."""
         return [col.input_key for col in self.columns.values() if col.served]
 
+    def column_outputs(self, inputs: Mapping[str, tf.Tensor]) -> list[tf.Tensor]:
+        """Each column's output ``[batch, width]`` at inference, in column order (what
+        :meth:`call` concatenates): a kernel map's tower sums them instead."""
+        return [col.encode(self._parts[name], inputs, False)
+                for name, col in self.columns.items()]
+
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         cols = list(self.columns.items())
         outs = [col.encode(self._parts[name], inputs, training) for name, col in cols]

@@ -43,7 +43,7 @@ from tfrs_coldstart.features.columns import (
     NumericColumn,
     TextColumn,
 )
-from tfrs_coldstart.modeling.towers import Tower
+from tfrs_coldstart.modeling.towers import KernelHidden, Tower
 
 RELIABILITY = ("tanh", "linear", "log", "none")
 ALPHA_BOUNDS = (1e-3, 1e4)  # how far search_alphas follows a curve past its grid's edge
@@ -179,8 +179,8 @@ def ridge(x: sp.csr_matrix, y: np.ndarray, weights: np.ndarray | None,
 
 
 def set_linear_weights(tower: Tower, blocks: list[tuple[str, int]], coef: np.ndarray,
-                       intercept: np.ndarray, dense: tf.keras.layers.Dense | None = None
-                       ) -> None:
+                       intercept: np.ndarray,
+                       dense: tf.keras.layers.Dense | KernelHidden | None = None) -> None:
     """Write a linear map into a linear tower (see the module docstring); ``dense``: the
     layer that sums the blocks when it is not the output layer (a kernel tower's hidden
     layer, whose width is the map's)."""
@@ -214,7 +214,10 @@ def set_linear_weights(tower: Tower, blocks: list[tuple[str, int]], coef: np.nda
             size = int(layers["emb"].input_dim)
             layers["emb"].set_weights([coef[start:start + size]])
             kernel_rows.append(np.eye(width, dtype=np.float32))
-    dense.set_weights([np.concatenate(kernel_rows, axis=0), intercept])
+    if isinstance(dense, KernelHidden):  # only the rows that are not identity blocks
+        dense.assign_stacked(np.concatenate(kernel_rows, axis=0), intercept)
+    else:
+        dense.set_weights([np.concatenate(kernel_rows, axis=0), intercept])
 
 
 def fit_ridge_tower(tower: Tower, table: pd.DataFrame, specs: tuple[FeatureSpec, ...],
@@ -233,17 +236,12 @@ def fit_ridge_tower(tower: Tower, table: pd.DataFrame, specs: tuple[FeatureSpec,
 
 def kernel_tower_config(width: int, landmarks: int, base: TowerConfig | None = None
                         ) -> TowerConfig:
-    """The tower of a kernel map (:func:`fit_kernel_tower`): every feature embedded at
-    ``landmarks`` (its block of the landmarks' design rows, transposed), one hidden layer of
-    that width whose activation is the square (built with ``activation=KERNEL_ACTIVATION``),
-    output ``width``."""
+    """The tower of a kernel map (:func:`fit_kernel_tower`; built with ``kernel=True``):
+    every feature embedded at ``landmarks`` (its block of the landmarks' design rows,
+    transposed), one hidden layer of that width (``towers.KernelHidden``: the sum of the
+    blocks plus 1, squared), output ``width``."""
     return dataclasses.replace(linear_tower_config(width, base), feature_dim=landmarks,
                                hidden=(landmarks,))
-
-
-def kernel_activation(x: tf.Tensor) -> tf.Tensor:
-    """``(1 + x . l)^2`` once the hidden layer has added its bias of 1: the polynomial kernel."""
-    return tf.math.square(x)
 
 
 def _poly2(x: sp.csr_matrix, landmarks: sp.csr_matrix, chunk: int = 8192) -> np.ndarray:
@@ -318,8 +316,10 @@ def set_kernel_weights(tower: Tower, blocks: list[tuple[str, int]],
     if tower.cfg.hidden != (m,) or tower.cfg.feature_dim != m:
         raise ValueError(f"set_kernel_weights needs a kernel tower of {m} landmarks "
                          "(kernel_tower_config)")
+    if tower.kernel is None:
+        raise ValueError("set_kernel_weights needs a tower built with kernel=True")
     coef = np.asarray(landmarks_x.T.todense(), np.float32)  # [d, m]
-    set_linear_weights(tower, blocks, coef, np.ones(m, np.float32), dense=tower.mlp.layers[0])
+    set_linear_weights(tower, blocks, coef, np.ones(m, np.float32), dense=tower.kernel)
     tower.mlp.layers[-1].set_weights([np.asarray(beta, np.float32),
                                       np.asarray(intercept, np.float32)])
 

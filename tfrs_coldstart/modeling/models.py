@@ -22,7 +22,6 @@ from tfrs_coldstart.features.columns import IdColumn, history_column
 from tfrs_coldstart.features.encoder import Untracked, build_state
 from tfrs_coldstart.modeling.losses import contrastive_and_kl
 from tfrs_coldstart.modeling.mapper import (
-    kernel_activation,
     kernel_tower_config,
     linear_tower_config,
 )
@@ -348,7 +347,7 @@ def build_student(states: dict[str, dict[str, Any]], cfg: StudentConfig,
         if side in states and kernel.get(side):
             towers[side] = Tower(states[side],
                                  kernel_tower_config(tower_cfg.output_dim, kernel[side], cfg.tower),
-                                 shared_ids, activation=kernel_activation, name=f"{side}_tower")
+                                 shared_ids, kernel=True, name=f"{side}_tower")
         elif side in states:
             towers[side] = Tower(states[side], tower_cfg, shared_ids, name=f"{side}_tower")
         elif teacher is not None:
