@@ -939,9 +939,9 @@ def fit_ridge_student(prep: Prepared, teacher: TeacherModel | None, cfg: Student
             for side in sides:
                 model.tower(side)(dummy_inputs(model.tower(side).encoder.state))
             fill_history_table(model, vt, ds.items, ds.schema)
+            linear = max(search.get("item", {}).values(), default=float("nan"))
             log(f"{name}: the item side's map is the kernel one (validation recall@{k} "
-                f"{max(search['item_kernel'].values()):.4f} against the linear map's "
-                f"{max(search['item'].values()) if search.get('item') else float('nan'):.4f})")
+                f"{max(search['item_kernel'].values()):.4f}, the linear map's {linear:.4f})")
         _fit_ridge_sides(model, vt, prep, v.train, sides, cfg, alphas, maps)
     with phase(f"{name}: cold path and score search (validation)"):
         rec_scorer, rec_info = choose_cold_paths(vt, model, prep, cfg, sides, k,

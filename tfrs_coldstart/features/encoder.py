@@ -143,15 +143,16 @@ class FeatureEncoder(tf.keras.layers.Layer):
         """The raw input keys this encoder reads (the ID column included if it uses IDs)."""
         return [col.input_key for col in self.columns.values() if col.served]
 
-    def column_outputs(self, inputs: Mapping[str, tf.Tensor]) -> list[tf.Tensor]:
-        """Each column's output ``[batch, width]`` at inference, in column order (what
-        :meth:`call` concatenates): a kernel map's tower sums them instead."""
-        return [col.encode(self._parts[name], inputs, False)
+    def column_outputs(self, inputs: Mapping[str, tf.Tensor],
+                       training: bool = False) -> list[tf.Tensor]:
+        """Each column's output ``[batch, width]``, in column order (what :meth:`call`
+        concatenates): a kernel map's tower sums them instead."""
+        return [col.encode(self._parts[name], inputs, training)
                 for name, col in self.columns.items()]
 
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         cols = list(self.columns.items())
-        outs = [col.encode(self._parts[name], inputs, training) for name, col in cols]
+        outs = self.column_outputs(inputs, training)
         if not outs:
             raise ValueError("a tower needs at least one input: this side has no features "
                              "and no IDs")

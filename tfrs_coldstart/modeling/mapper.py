@@ -192,7 +192,7 @@ def set_linear_weights(tower: Tower, blocks: list[tuple[str, int]], coef: np.nda
             raise ValueError("set_linear_weights needs a linear tower (linear_tower_config)")
     offsets = dict(zip([b[0] for b in blocks], np.cumsum([0] + [b[1] for b in blocks]),
                        strict=False))
-    kernel_rows = []
+    kernel_rows: list[np.ndarray | None] = []  # None: an identity block
     for name, col in enc.columns.items():
         layers = enc._parts[name]
         if not col.served:  # a training-only sink: zeros at inference, no weight needed
@@ -203,21 +203,23 @@ def set_linear_weights(tower: Tower, blocks: list[tuple[str, int]], coef: np.nda
         if isinstance(col, NumericColumn):
             n_b = int(layers["emb"].input_dim)
             layers["emb"].set_weights([coef[start:start + n_b]])
-            kernel_rows += [np.eye(width, dtype=np.float32), coef[start + n_b:start + n_b + 1]]
+            kernel_rows += [None, coef[start + n_b:start + n_b + 1]]
         elif isinstance(col, DenseVectorColumn):
             layers["proj"].set_weights([coef[start:start + col.dim], np.zeros(width, np.float32)])
-            kernel_rows.append(np.eye(width, dtype=np.float32))
+            kernel_rows.append(None)
         elif isinstance(col, IdsOfColumn):
             size = int(blocks[[b[0] for b in blocks].index(name)][1])
             kernel_rows.append(coef[start:start + size])
         else:
             size = int(layers["emb"].input_dim)
             layers["emb"].set_weights([coef[start:start + size]])
-            kernel_rows.append(np.eye(width, dtype=np.float32))
-    if isinstance(dense, KernelHidden):  # only the rows that are not identity blocks
-        dense.assign_stacked(np.concatenate(kernel_rows, axis=0), intercept)
+            kernel_rows.append(None)
+    if isinstance(dense, KernelHidden):  # it adds the identity blocks without storing them
+        dense.assign_blocks([r for r in kernel_rows if r is not None], intercept)
     else:
-        dense.set_weights([np.concatenate(kernel_rows, axis=0), intercept])
+        eye = np.eye(width, dtype=np.float32)
+        dense.set_weights([np.concatenate([eye if r is None else r for r in kernel_rows]),
+                           intercept])
 
 
 def fit_ridge_tower(tower: Tower, table: pd.DataFrame, specs: tuple[FeatureSpec, ...],
@@ -313,11 +315,9 @@ def set_kernel_weights(tower: Tower, blocks: list[tuple[str, int]],
     ``1 + x L'`` (the landmarks' design rows, as :func:`set_linear_weights` writes a linear
     map, with a bias of 1), the activation squares it, the output layer is ``beta``."""
     m = landmarks_x.shape[0]
-    if tower.cfg.hidden != (m,) or tower.cfg.feature_dim != m:
+    if tower.kernel is None or tower.cfg.hidden != (m,) or tower.cfg.feature_dim != m:
         raise ValueError(f"set_kernel_weights needs a kernel tower of {m} landmarks "
-                         "(kernel_tower_config)")
-    if tower.kernel is None:
-        raise ValueError("set_kernel_weights needs a tower built with kernel=True")
+                         "(kernel_tower_config, built with kernel=True)")
     coef = np.asarray(landmarks_x.T.todense(), np.float32)  # [d, m]
     set_linear_weights(tower, blocks, coef, np.ones(m, np.float32), dense=tower.kernel)
     tower.mlp.layers[-1].set_weights([np.asarray(beta, np.float32),

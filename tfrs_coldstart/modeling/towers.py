@@ -50,20 +50,15 @@ class KernelHidden(tf.keras.layers.Layer):
                     total = total + tf.matmul(out[:, self.units:], w)
         return tf.math.square(total)
 
-    def assign_stacked(self, kernel: np.ndarray, bias: np.ndarray) -> None:
-        """Take the weights a ``Dense`` over the concatenated columns would have
-        (``kernel [sum of widths, units]``): keep the non-identity rows, check the rest."""
-        start = 0
-        for kind, w in zip(self.kinds, self.blocks, strict=True):
-            n_id = 0 if kind == "dense" else self.units
-            if n_id and not np.allclose(kernel[start:start + n_id], np.eye(self.units)):
-                raise ValueError("a kernel tower's column blocks must be identities")
-            start += n_id
-            if w is not None:
-                w.assign(kernel[start:start + int(w.shape[0])])
-                start += int(w.shape[0])
-        if start != len(kernel):
-            raise ValueError(f"kernel rows {len(kernel)} do not match the columns' {start}")
+    def assign_blocks(self, blocks: list[np.ndarray], bias: np.ndarray) -> None:
+        """The weighted parts, in column order (a ``Dense`` over the concatenated columns
+        minus its identity blocks), and the bias."""
+        weights = [w for w in self.blocks if w is not None]
+        if len(blocks) != len(weights):
+            raise ValueError(f"{len(blocks)} blocks for the {len(weights)} weighted parts of "
+                             "a kernel tower")
+        for w, b in zip(weights, blocks, strict=True):
+            w.assign(b)
         self.bias.assign(bias)
 
 
